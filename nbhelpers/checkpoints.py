@@ -58,7 +58,7 @@ __all__ = [
 
 FORMAT = "nbhelpers-network"
 FORMAT_VERSION = 1
-NETWORK_CLASSES = ("VPPrecond", "VEPrecond", "EDMPrecond", "SongUNet", "DhariwalUNet", "MLP")
+NETWORK_CLASSES = ("VPPrecond", "VEPrecond", "EDMPrecond", "SongUNet", "DhariwalUNet", "MLP", "LowRankDenoiser")
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
@@ -237,9 +237,14 @@ def _plain(value: Any) -> Any:
 
 
 def _network_classes() -> dict[str, type]:
-    from . import networks
+    from . import molrg, networks
 
-    return {name: getattr(networks, name) for name in NETWORK_CLASSES if hasattr(networks, name)}
+    return {
+        name: getattr(module, name)
+        for name in NETWORK_CLASSES
+        for module in (networks, molrg)
+        if hasattr(module, name)
+    }
 
 
 def _construct(class_name: str, init_args: Any, init_kwargs: Any, source: str) -> torch.nn.Module:
@@ -373,7 +378,7 @@ def save_network(net: torch.nn.Module, path: str | os.PathLike) -> Path:
     init_kwargs = getattr(net, "_init_kwargs", None)
     if name not in NETWORK_CLASSES or not isinstance(init_kwargs, dict):
         raise ValueError(
-            f"save_network: {name} is not a network of nbhelpers.networks with recorded _init_kwargs"
+            f"save_network: {name} is not a network of nbhelpers (networks, molrg.LowRankDenoiser) with recorded _init_kwargs"
         )
     from . import __version__
 

@@ -332,3 +332,15 @@ def test_own_format_mlp_and_device(tmp_path):
     x = torch.randn(4, 2, 2, 2, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(x, 0.7), net.eval()(x, 0.7))
+
+
+def test_lowrank_denoiser_round_trip(tmp_path):
+    from nbhelpers.checkpoints import load_network, save_network
+    from nbhelpers.molrg import LowRankDenoiser
+
+    net = LowRankDenoiser(2, 3, 4, 3, generator=torch.Generator().manual_seed(5))
+    path = save_network(net, tmp_path / "lowrank.nbh")
+    back = load_network(path)
+    assert type(back) is LowRankDenoiser and torch.equal(back.U, net.U)
+    x = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(back(x, 0.5), net(x, 0.5))

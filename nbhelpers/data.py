@@ -1,0 +1,636 @@
+"""Image data sets: EDM's folder/zip format, CIFAR-10 and Fashion-MNIST loaders, teacher data sets.
+
+Images are uint8 arrays shaped (N, C, H, W). A data set on disk is a folder or a zip of PNG/JPEG
+files (any depth), ordered by relative path as EDM's ``ImageFolderDataset`` orders them, with an
+optional ``dataset.json`` holding ``{"labels": [[name, label], ...]}``. A nested subset of size N is
+the first N images in that order (the authors' ``dataset_tool.py --max-images``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import gzip
+import io
+import json
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .atomic import atomic_path
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+DATASET_JSON = "dataset.json"
+
+_PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+# ----------------------------------------------------------------------------
+# Conversions between uint8 images and model space.
+
+
+def to_model(x: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> float32 tensor in [-1, 1] (x / 127.5 - 1)."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    return t.to(device=device, dtype=torch.float32) / 127.5 - 1
+
+
+def to_uint8(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Model-space images in [-1, 1] -> uint8 with EDM's quantisation (x * 127.5 + 128, clipped).
+
+    A tensor gives a tensor (same device), an array gives an array.
+    """
+    if isinstance(x, torch.Tensor):
+        x = x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
+        return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    return (np.asarray(x, dtype=np.float64) * 127.5 + 128).clip(0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------
+# Reading EDM-style data sets (folder or zip).
+
+
+def _image_extensions() -> set[str]:
+    PIL.Image.init()
+    return {ext.lower() for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN}
+
+
+class _ImageSource:
+    """A folder or zip of images: sorted image names, raw bytes of a member, the labels file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+        self._zip: zipfile.ZipFile | None = None
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such file or directory")
+        if self.path.is_dir():
+            all_names = {
+                Path(os.path.relpath(os.path.join(root, f), self.path)).as_posix()
+                for root, _dirs, files in os.walk(self.path)
+                for f in files
+            }
+        else:
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError) as e:
+                raise ValueError(f"{self.path}: not a folder and not a readable zip archive ({e})") from e
+            all_names = {n for n in self._zip.namelist() if not n.endswith("/")}
+        exts = _image_extensions()
+        self.names = sorted(n for n in all_names if os.path.splitext(n)[1].lower() in exts)
+        self.has_json = DATASET_JSON in all_names
+        if not self.names:
+            self.close()
+            raise ValueError(f"{self.path}: empty data set (no image files found)")
+
+    def read(self, name: str) -> bytes:
+        if self._zip is not None:
+            try:
+                return self._zip.read(name)
+            except (zipfile.BadZipFile, OSError, KeyError) as e:
+                raise ValueError(f"{self.path}: cannot read member {name!r} ({e})") from e
+        return (self.path / name).read_bytes()
+
+    def where(self, name: str) -> str:
+        return f"{self.path}:{name}" if self._zip is not None else str(self.path / name)
+
+    def decode(self, name: str) -> np.ndarray:
+        """One image as uint8 (C, H, W)."""
+        try:
+            with PIL.Image.open(io.BytesIO(self.read(name))) as img:
+                arr = np.asarray(img)
+        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{self.where(name)}: unreadable image ({e})") from e
+        if arr.dtype != np.uint8:
+            raise ValueError(f"{self.where(name)}: not an 8-bit image (pixel type {arr.dtype})")
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    def labels(self) -> np.ndarray | None:
+        """Labels aligned with ``names`` (int64 (N,) or float32 (N, L)), or None; checked against the images."""
+        if not self.has_json:
+            return None
+        where = self.where(DATASET_JSON)
+        try:
+            meta = json.loads(self.read(DATASET_JSON).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from e
+        if not isinstance(meta, dict) or "labels" not in meta:
+            raise ValueError(f"{where}: expected an object with a 'labels' entry")
+        entries = meta["labels"]
+        if entries is None:
+            return None
+        if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) == 2 for e in entries):
+            raise ValueError(f"{where}: 'labels' must be a list of [file name, label] pairs")
+        table = {str(name).replace("\\", "/"): label for name, label in entries}
+        if len(table) != len(entries):
+            raise ValueError(
+                f"{where}: {len(entries)} label entries but only {len(table)} distinct file names"
+            )
+        missing = [n for n in self.names if n not in table]
+        extra = sorted(set(table) - set(self.names))
+        if missing:
+            raise ValueError(f"{where}: no label for {len(missing)} image(s), e.g. {missing[0]!r}")
+        if extra:
+            raise ValueError(
+                f"{where}: labels for {len(extra)} file(s) that are not images here, e.g. {extra[0]!r}"
+            )
+        values = [table[n] for n in self.names]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return np.asarray(values, dtype=np.int64)
+        if all(isinstance(v, list) for v in values):
+            try:
+                arr = np.asarray(values, dtype=np.float32)
+            except ValueError as e:
+                raise ValueError(f"{where}: label vectors of different lengths or types ({e})") from e
+            if arr.ndim == 2:
+                return arr
+        raise ValueError(f"{where}: labels must be all integers or all equal-length lists of numbers")
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+
+@contextlib.contextmanager
+def _open_source(path: str | os.PathLike) -> Iterator[_ImageSource]:
+    src = _ImageSource(path)
+    try:
+        yield src
+    finally:
+        src.close()
+
+
+def image_names(path: str | os.PathLike) -> list[str]:
+    """Relative names (``/`` separated) of the images in a folder or zip, in data-set order."""
+    with _open_source(path) as src:
+        return list(src.names)
+
+
+def _check_max_images(max_images: int | None) -> None:
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be positive or None, got {max_images}")
+
+
+def iter_image_batches(
+    path: str | os.PathLike, batch_size: int, max_images: int | None = None
+) -> Iterator[np.ndarray]:
+    """Stream the images of a folder or zip as uint8 batches (B, C, H, W), the last one possibly shorter.
+
+    Only one batch is decoded at a time, so data sets larger than memory can be scanned.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    _check_max_images(max_images)
+    with _open_source(path) as src:
+        names = src.names[:max_images]
+        shape = None
+        for start in range(0, len(names), batch_size):
+            batch = []
+            for name in names[start : start + batch_size]:
+                img = src.decode(name)
+                if shape is None:
+                    shape = img.shape
+                elif img.shape != shape:
+                    raise ValueError(
+                        f"{src.where(name)}: image shape (C, H, W) = {img.shape} differs from "
+                        f"{shape} of {src.where(names[0])} (mixed sizes or channel counts)"
+                    )
+                batch.append(img)
+            yield np.stack(batch)
+
+
+def load_images(
+    path: str | os.PathLike, max_images: int | None = None, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Load a folder or zip: uint8 images (N, C, H, W) and labels (int64 (N,), float32 (N, L) or None).
+
+    ``max_images`` keeps the first N images (a nested subset); labels are validated against all images.
+    """
+    _check_max_images(max_images)
+    with _open_source(path) as src:
+        labels = src.labels()
+    images = np.concatenate(list(iter_image_batches(path, batch_size, max_images)))
+    if labels is not None:
+        labels = labels[: len(images)]
+    return images, labels
+
+
+# ----------------------------------------------------------------------------
+# Writing data sets in the layout of EDM's dataset_tool.py.
+
+
+def edm_image_name(idx: int) -> str:
+    """Archive name of image ``idx`` as EDM's dataset_tool writes it: ``00001/img00001234.png``."""
+    return f"{idx // 1000:05d}/img{idx:08d}.png"
+
+
+def _as_uint8_batch(batch: np.ndarray | torch.Tensor, dest: Path) -> np.ndarray:
+    arr = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{dest}: images must be uint8, got {arr.dtype} (use to_uint8 first)")
+    if arr.ndim != 4 or arr.shape[1] not in _PNG_MODES:
+        raise ValueError(f"{dest}: images must be shaped (N, C, H, W) with C in (1, 3, 4), got {arr.shape}")
+    return arr
+
+
+def _encode_png(img_chw: np.ndarray) -> bytes:
+    c = img_chw.shape[0]
+    hwc = img_chw.transpose(1, 2, 0)
+    pil = PIL.Image.fromarray(hwc[:, :, 0] if c == 1 else np.ascontiguousarray(hwc), _PNG_MODES[c])
+    buf = io.BytesIO()
+    pil.save(buf, format="png", compress_level=0, optimize=False)
+    return buf.getvalue()
+
+
+def _label_json(label) -> int | list[float]:
+    arr = np.asarray(label)
+    if arr.ndim == 0:
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"scalar labels must be integers, got {arr.dtype}")
+        return int(arr)
+    return [float(v) for v in arr.reshape(-1)]
+
+
+def write_dataset(
+    images: np.ndarray | torch.Tensor | Iterable[np.ndarray | torch.Tensor],
+    dest: str | os.PathLike,
+    labels: Sequence | np.ndarray | torch.Tensor | None = None,
+    names: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write uint8 images (N, C, H, W), or an iterable of such batches, as an EDM data set.
+
+    ``dest`` ending in ``.zip`` gives a zip (replaced atomically), anything else a folder (written
+    beside it, then renamed; an existing non-empty folder needs ``overwrite=True``). Images are
+    PNGs named ``edm_image_name(idx)`` unless ``names`` is given; ``dataset.json`` holds the labels
+    (int or vector per image) or ``null``.
+    """
+    dest = Path(dest).expanduser()
+    is_zip = dest.suffix.lower() == ".zip"
+    if not is_zip and dest.exists():
+        if not dest.is_dir():
+            raise ValueError(f"{dest}: exists and is not a folder")
+        if any(dest.iterdir()) and not overwrite:
+            raise FileExistsError(f"{dest}: folder is not empty (pass overwrite=True to replace it)")
+    if names is not None:
+        names = [str(n).replace("\\", "/") for n in names]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{dest}: duplicate image names")
+        bad = [
+            n for n in names if not n.lower().endswith(".png") or n.startswith("/") or ".." in n.split("/")
+        ]
+        if bad:
+            raise ValueError(f"{dest}: image names must be relative paths ending in .png, got {bad[0]!r}")
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        batches: Iterable = [images]
+    else:
+        batches = images
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+
+    def members() -> Iterator[tuple[str, bytes]]:
+        idx = 0
+        shape = None
+        written: list[str] = []
+        for batch in batches:
+            arr = _as_uint8_batch(batch, dest)
+            if shape is None:
+                shape = arr.shape[1:]
+            elif arr.shape[1:] != shape:
+                raise ValueError(f"{dest}: batch of shape {arr.shape[1:]} differs from {shape} (mixed sizes)")
+            for img in arr:
+                if names is not None and idx >= len(names):
+                    raise ValueError(f"{dest}: more images than names ({len(names)})")
+                name = names[idx] if names is not None else edm_image_name(idx)
+                written.append(name)
+                yield name, _encode_png(img)
+                idx += 1
+        if idx == 0:
+            raise ValueError(f"{dest}: no images to write (empty data set)")
+        if names is not None and idx != len(names):
+            raise ValueError(f"{dest}: {idx} images but {len(names)} names")
+        table = None
+        if labels is not None:
+            if len(labels) != idx:
+                raise ValueError(f"{dest}: {idx} images but {len(labels)} labels")
+            table = [[n, _label_json(lab)] for n, lab in zip(written, labels)]
+        yield DATASET_JSON, json.dumps({"labels": table}).encode("utf-8")
+
+    if is_zip:
+        with atomic_path(dest) as tmp:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+                for name, data in members():
+                    zf.writestr(name, data)
+        return dest
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        for name, data in members():
+            (tmp_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_dir / name).write_bytes(data)
+        if dest.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".old-{dest.name}-", dir=dest.parent))
+            os.replace(dest, trash / dest.name)
+            os.replace(tmp_dir, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp_dir, dest)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return dest
+
+
+# ----------------------------------------------------------------------------
+# Resizing.
+
+
+def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights: fraction of output pixel i covered by input pixel j (rows sum to 1)."""
+    scale = n_in / n_out
+    lo = np.arange(n_out)[:, None] * scale
+    hi = lo + scale
+    j = np.arange(n_in)[None, :]
+    overlap = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0, None)
+    return overlap / scale
+
+
+def resize_images(images: np.ndarray, resolution: int) -> np.ndarray:
+    """Resize uint8 (N, C, H, W) to (N, C, resolution, resolution) by exact area averaging, batched.
+
+    Each output pixel is the mean of the input area it covers (fractional pixels weighted by
+    coverage), like OpenCV's INTER_AREA; for integer factors this equals Pillow's BOX filter.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {images.shape}")
+    if resolution < 1:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    h, w = images.shape[2:]
+    if (h, w) == (resolution, resolution):
+        return images.copy()
+    a_h = _area_matrix(h, resolution).astype(np.float32)
+    a_w = _area_matrix(w, resolution).astype(np.float32)
+    out = np.empty(images.shape[:2] + (resolution, resolution), dtype=np.uint8)
+    for start in range(0, len(images), 4096):
+        chunk = images[start : start + 4096].astype(np.float32)
+        res = np.einsum("ih,nchw,jw->ncij", a_h, chunk, a_w, optimize=True)
+        out[start : start + 4096] = np.floor(res + 0.5).clip(0, 255).astype(np.uint8)
+    return out
+
+
+def _pad_images(images: np.ndarray, resolution: int) -> np.ndarray:
+    h, w = images.shape[2:]
+    if resolution < max(h, w):
+        raise ValueError(f"cannot pad {h}x{w} images to the smaller size {resolution}")
+    top, left = (resolution - h) // 2, (resolution - w) // 2
+    out = np.zeros(images.shape[:2] + (resolution, resolution), dtype=images.dtype)
+    out[:, :, top : top + h, left : left + w] = images
+    return out
+
+
+# ----------------------------------------------------------------------------
+# CIFAR-10 (python tarball).
+
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the globals a pickled numpy array needs; anything else is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed (only numpy array data)")
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.empty(0, dtype=np.uint8))[0]
+        if name == "encode":
+            return codecs.encode
+        return getattr(np, name)
+
+
+def _safe_unpickle(data: bytes, where: str):
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{where}: cannot read this pickle safely ({e})") from e
+
+
+def load_cifar10(
+    path_or_url: str | os.PathLike | None = None,
+    train: bool = True,
+    download: bool = False,
+    max_images: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from the python tarball: uint8 images (N, 3, 32, 32) and int64 labels (N,).
+
+    ``train`` picks ``data_batch_1..5`` (50,000 images, in order) or ``test_batch`` (10,000). The
+    default source is ``CIFAR10_URL``, fetched (into the cache) only when ``download`` is true.
+    """
+    from .download import resolve
+
+    _check_max_images(max_images)
+    path = resolve(CIFAR10_URL if path_or_url is None else path_or_url, download=download)
+    wanted = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    images, labels = [], []
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            for batch in wanted:
+                where = f"{path}:{batch}"
+                if batch not in members:
+                    raise ValueError(f"{path}: no member {batch!r} (not the CIFAR-10 python tarball?)")
+                f = tar.extractfile(members[batch])
+                d = _safe_unpickle(f.read(), where)
+                if not isinstance(d, dict):
+                    raise ValueError(f"{where}: expected a dict, got {type(d).__name__}")
+                d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+                data, labs = d.get("data"), d.get("labels")
+                if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+                    raise ValueError(f"{where}: 'data' must be a uint8 array (N, 3072)")
+                if data.shape[1] != 3 * 32 * 32 or labs is None or len(labs) != len(data):
+                    raise ValueError(f"{where}: data {data.shape} and {len(labs or [])} labels do not match")
+                images.append(data.reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(labs, dtype=np.int64))
+                if max_images is not None and sum(len(x) for x in images) >= max_images:
+                    break
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable tar archive ({e})") from e
+    return np.concatenate(images)[:max_images], np.concatenate(labels)[:max_images]
+
+
+# ----------------------------------------------------------------------------
+# Fashion-MNIST (IDX files).
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (gzipped or not) into a numpy array, checking the header against the size."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: corrupt gzip data ({e})") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path}: bad IDX magic number {raw[:4].hex() or '(empty)'}")
+    ndim = raw[3]
+    if ndim < 1 or len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header")
+    dims = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    expected = 4 + 4 * ndim + int(np.prod(dims)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(f"{path}: {len(raw)} bytes, but the header {dims} implies {expected}")
+    return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (root / name).exists():
+            return root / name
+    raise FileNotFoundError(f"{root}: neither {stem} nor {stem}.gz found")
+
+
+def load_fashion_mnist(
+    root: str | os.PathLike = FASHION_MNIST_ROOT,
+    train: bool = True,
+    max_images: int | None = None,
+    resolution: int | None = None,
+    channels: int = 1,
+    upscale: str = "pad",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST (or MNIST) from IDX files: uint8 images (N, channels, R, R) and int64 labels (N,).
+
+    ``resolution`` below 28 averages areas (``resize_images``); above 28 it zero-pads centred
+    (``upscale="pad"``, e.g. 28 -> 32) or area-resizes (``upscale="area"``). ``channels=3``
+    replicates the grey channel. ``max_images`` keeps the first N.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (Debian: apt install dataset-fashion-mnist)")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if upscale not in ("pad", "area"):
+        raise ValueError(f"upscale must be 'pad' or 'area', got {upscale!r}")
+    _check_max_images(max_images)
+    prefix = "train" if train else "t10k"
+    img_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
+    lab_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(img_path), read_idx(lab_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{img_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    if labels.ndim != 1:
+        raise ValueError(f"{lab_path}: expected labels (N,), got shape {labels.shape}")
+    if len(images) != len(labels):
+        raise ValueError(f"{img_path}: {len(images)} images but {lab_path} has {len(labels)} labels")
+    images = images[:max_images, None]
+    labels = labels[:max_images].astype(np.int64)
+    if resolution is not None and resolution != images.shape[-1]:
+        if resolution > max(images.shape[2:]) and upscale == "pad":
+            images = _pad_images(images, resolution)
+        else:
+            images = resize_images(images, resolution)
+    if channels == 3:
+        images = np.repeat(images, 3, axis=1)
+    return np.ascontiguousarray(images), labels
+
+
+# ----------------------------------------------------------------------------
+# Conversion (dataset_tool.py) and teacher-generated data sets.
+
+
+def _is_cifar_tarball(path: Path) -> bool:
+    return path.is_file() and tarfile.is_tarfile(path)
+
+
+def _is_idx_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / f"train-images-idx3-ubyte{ext}").exists() for ext in ("", ".gz"))
+
+
+def convert_dataset(
+    source: str | os.PathLike,
+    dest: str | os.PathLike,
+    max_images: int | None = None,
+    resolution: int | None = None,
+    batch_size: int = 1024,
+    overwrite: bool = False,
+) -> Path:
+    """The authors' ``dataset_tool.py --source --dest --max-images``: copy the first N images to an EDM data set.
+
+    ``source``: a folder or zip of images (labels kept), the CIFAR-10 python tarball (training
+    split) or a folder of (Fashion-)MNIST IDX files (training split). ``resolution`` resizes
+    square images by area averaging (``resize_images``); non-square sources are refused.
+    """
+    source = Path(source).expanduser()
+    _check_max_images(max_images)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file or directory")
+
+    def fit(batch: np.ndarray) -> np.ndarray:
+        if resolution is None:
+            return batch
+        if batch.shape[2] != batch.shape[3]:
+            raise ValueError(f"{source}: images are {batch.shape[2]}x{batch.shape[3]}, not square")
+        return resize_images(batch, resolution)
+
+    if _is_idx_folder(source) or (
+        source.is_file() and not zipfile.is_zipfile(source) and _is_cifar_tarball(source)
+    ):
+        if source.is_dir():
+            images, labels = load_fashion_mnist(source, train=True, max_images=max_images)
+        else:
+            images, labels = load_cifar10(source, train=True, max_images=max_images)
+        return write_dataset(fit(images), dest, labels=labels, overwrite=overwrite)
+
+    with _open_source(source) as src:
+        labels = src.labels()
+        count = len(src.names[:max_images])
+    if labels is not None:
+        labels = labels[:count]
+    batches = (fit(b) for b in iter_image_batches(source, batch_size, max_images))
+    return write_dataset(batches, dest, labels=labels, overwrite=overwrite)
+
+
+def synthetic_dataset(
+    net: torch.nn.Module,
+    n_images: int,
+    dest: str | os.PathLike,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """The authors' teacher data set: images for seeds 0..n_images-1 from ``net``, written as a zip/folder.
+
+    Nested subsets of it (first N images) are then exactly the teacher's samples for seeds 0..N-1.
+    """
+    from .sampling import generate
+
+    if n_images < 1:
+        raise ValueError(f"n_images must be positive, got {n_images}")
+    images = generate(net, list(range(n_images)), batch_size, device, output="uint8")
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    return write_dataset(images, dest, overwrite=overwrite)
