@@ -20,6 +20,7 @@ setup: $(BIN)/.installed            ## virtualenv with the package, test and boo
 system-deps:                          ## Debian packages: Fashion-MNIST files, Chromium for the page checks
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist chromium >/dev/null; \
+	  command -v npm >/dev/null || apt-get install -y -qq npm >/dev/null; \
 	else echo "skipping apt packages (not root or no apt): install dataset-fashion-mnist and chromium yourself"; fi
 
 companion: setup system-deps          ## execute every notebook (companion profile) into book/ and build the HTML
