@@ -1,0 +1,444 @@
+"""Similarity scores of P1: reproducibility (RP), generalization (GL), MAE, and model-free criteria.
+
+Scores that compare two samplers pair their samples BY SEED (the shared initial noise), never by
+position: inputs are ``FeatureSet``s or ``(data, seeds)`` pairs, and ``pair_by_seed`` aligns them.
+Per-pair functions (``paired_cosine``, ``relative_distance``, ``mean_abs_difference``) work on rows
+that are already aligned. Nearest-neighbour searches are chunked over both queries and keys, so
+memory stays bounded (a few blocks of ``chunk_size`` x ``chunk_size``) at any size.
+
+Names say what they return: ``memorized_fraction`` is the fraction flagged as copies,
+``generalization_score`` is 1 minus it (the authors' ``mscore`` prints the latter but returns the
+former).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .features import FeatureSet
+
+__all__ = [
+    "MAE_THRESHOLD",
+    "ThresholdInterval",
+    "calibrate_threshold",
+    "flag_rates",
+    "generalization_score",
+    "mae_score",
+    "max_similarity",
+    "mean_abs_difference",
+    "memorized_by_nn_ratio",
+    "memorized_fraction",
+    "nearest_neighbors",
+    "nn_ratio",
+    "pair_by_seed",
+    "paired_cosine",
+    "pairwise_agreement",
+    "relative_distance",
+    "reproducibility_score",
+    "rp_relative",
+]
+
+# Mean absolute pixel difference, in [0, 1] units, below which two images count as the same. The
+# authors' threshold is not in their release. 0.1 (about 25 grey levels on average) sits well above
+# what rendering noise or small colour/texture differences give (an image plus N(0, 0.05) noise
+# has MAE ~0.03) and below unrelated images: random pairs of Fashion-MNIST training images have a
+# median MAE of 0.28 and only ~1% fall under 0.1; natural colour images such as CIFAR-10 differ more.
+MAE_THRESHOLD = 0.1
+
+Seeded = FeatureSet | tuple[Any, Any]
+
+
+# ----------------------------------------------------------------------------
+# Inputs.
+
+
+def _tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, FeatureSet):
+        return x.features
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.as_tensor(x)
+
+
+def _flat(x: Any, what: str) -> torch.Tensor:
+    """Rows of data (N, ...) flattened to (N, D), left in their dtype (uint8 or floating)."""
+    t = _tensor(x)
+    if t.ndim < 2:
+        raise ValueError(f"{what} must be batched (N, ...), got shape {tuple(t.shape)}")
+    if t.dtype != torch.uint8 and not t.is_floating_point():
+        raise ValueError(f"{what} must be uint8 or floating point, got {t.dtype}")
+    return t.reshape(t.shape[0], -1)
+
+
+def _rows(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A chunk of rows from ``_flat`` in ``dtype`` on ``device``; uint8 is mapped to model space [-1, 1]."""
+    if t.dtype == torch.uint8:
+        return t.to(device).to(dtype) / 127.5 - 1
+    return t.to(device=device, dtype=dtype)
+
+
+def _unit_interval(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] units, float64: uint8 / 255; floats are taken as model space [-1, 1]."""
+    if x.dtype == torch.uint8:
+        return x.to(torch.float64) / 255
+    if not x.is_floating_point():
+        raise ValueError(f"images must be uint8 or floating point, got {x.dtype}")
+    return (x.to(torch.float64) + 1) / 2
+
+
+def _seeded(x: Seeded, what: str) -> tuple[torch.Tensor, np.ndarray]:
+    if isinstance(x, FeatureSet):
+        data, seeds = x.features, x.seeds
+        if seeds is None:
+            raise ValueError(f"{what} is a FeatureSet without seeds: scores pair samples by seed")
+    elif isinstance(x, (tuple, list)) and len(x) == 2:
+        data, seeds = x
+    else:
+        raise ValueError(
+            f"{what} must be a FeatureSet or a (data, seeds) pair, so that samples are paired by seed, "
+            f"got {type(x).__name__}"
+        )
+    data = _tensor(data)
+    seeds = np.asarray(seeds.cpu() if isinstance(seeds, torch.Tensor) else seeds)
+    if seeds.ndim != 1 or not np.issubdtype(seeds.dtype, np.integer) or len(seeds) != len(data):
+        raise ValueError(f"{what}: seeds must be {len(data)} integers, got {seeds.dtype} {seeds.shape}")
+    uniq, counts = np.unique(seeds, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{what}: repeated seeds {uniq[counts > 1][:5].tolist()}")
+    return data, seeds.astype(np.int64)
+
+
+def _few(values: np.ndarray, k: int = 5) -> str:
+    head = ", ".join(str(v) for v in values[:k].tolist())
+    return head + (f", ... ({len(values)} in all)" if len(values) > k else "")
+
+
+def pair_by_seed(
+    a: Seeded, b: Seeded, on_mismatch: str = "error"
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Align two seeded sets: (common seeds sorted (M,), a's rows (M, ...), b's rows (M, ...)).
+
+    ``on_mismatch='error'`` raises a ValueError naming seeds present on one side only;
+    ``'intersect'`` keeps the common seeds.
+    """
+    if on_mismatch not in ("error", "intersect"):
+        raise ValueError(f"on_mismatch must be 'error' or 'intersect', got {on_mismatch!r}")
+    xa, sa = _seeded(a, "a")
+    xb, sb = _seeded(b, "b")
+    common, ia, ib = np.intersect1d(sa, sb, assume_unique=True, return_indices=True)
+    if on_mismatch == "error" and (len(common) != len(sa) or len(common) != len(sb)):
+        only_a, only_b = np.setdiff1d(sa, sb), np.setdiff1d(sb, sa)
+        parts = [
+            f"seeds only in a: {_few(only_a)}" if len(only_a) else "",
+            f"seeds only in b: {_few(only_b)}" if len(only_b) else "",
+        ]
+        raise ValueError(
+            "the two sets have different seeds (" + "; ".join(p for p in parts if p) + "); "
+            "pass on_mismatch='intersect' to score the common ones"
+        )
+    if len(common) == 0:
+        raise ValueError("the two sets have no seed in common")
+    return common, xa[torch.from_numpy(ia)], xb[torch.from_numpy(ib)]
+
+
+# ----------------------------------------------------------------------------
+# Per-pair criteria on aligned rows.
+
+
+def paired_cosine(xa: Any, xb: Any) -> torch.Tensor:
+    """Cosine similarity of row j of xa and row j of xb, (M,) float64 (0 for a zero row)."""
+    a, b = _rows(_flat(xa, "xa"), "cpu", torch.float64), _rows(_flat(xb, "xb"), "cpu", torch.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"xa and xb must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1)
+
+
+def relative_distance(xa: Any, xb: Any) -> torch.Tensor:
+    """||xa_j - xb_j|| / ||xb_j|| per aligned row, (M,) float64; uint8 is compared in model space."""
+    a, b = _rows(_flat(xa, "xa"), "cpu", torch.float64), _rows(_flat(xb, "xb"), "cpu", torch.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"xa and xb must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    num, den = (a - b).norm(dim=1), b.norm(dim=1)
+    return torch.where(num == 0, 0.0, num / den)
+
+
+def mean_abs_difference(xa: Any, xb: Any) -> torch.Tensor:
+    """Mean absolute pixel difference per aligned pair of images in [0, 1] units, (M,) float64.
+
+    uint8 images are divided by 255; float images are taken as model space [-1, 1].
+    """
+    a, b = _unit_interval(_tensor(xa)), _unit_interval(_tensor(xb))
+    if a.shape != b.shape or a.ndim < 2:
+        raise ValueError(
+            f"xa and xb must be batches of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    return (a - b).abs().reshape(a.shape[0], -1).mean(1)
+
+
+# ----------------------------------------------------------------------------
+# Scores between two samplers (paired by seed).
+
+
+def pairwise_agreement(
+    a: Seeded, b: Seeded, criterion: Callable[[torch.Tensor, torch.Tensor], Any], on_mismatch: str = "error"
+) -> float:
+    """Fraction of common seeds whose pair satisfies ``criterion(xa, xb) -> (M,) bool`` on aligned rows."""
+    _, xa, xb = pair_by_seed(a, b, on_mismatch)
+    flags = torch.as_tensor(criterion(xa, xb))
+    if flags.shape != (len(xa),):
+        raise ValueError(
+            f"criterion must return one flag per pair, shape ({len(xa)},), got {tuple(flags.shape)}"
+        )
+    return float(flags.to(torch.float64).mean())
+
+
+def reproducibility_score(a: Seeded, b: Seeded, threshold: float = 0.6, on_mismatch: str = "error") -> float:
+    """RP = fraction of seeds j with cos(f(xa_j), f(xb_j)) > threshold (P1; SSCD features, 0.6)."""
+    return pairwise_agreement(a, b, lambda xa, xb: paired_cosine(xa, xb) > threshold, on_mismatch)
+
+
+def rp_relative(a: Seeded, b: Seeded, threshold: float = 0.1, on_mismatch: str = "error") -> float:
+    """Model-free RP: fraction of seeds with ||xa - xb|| / ||xb|| < threshold (samples in model space).
+
+    0.1 gave a clean drop with training-set size in the CPU pilot on MoLRG; 1/3 is looser.
+    """
+    return pairwise_agreement(a, b, lambda xa, xb: relative_distance(xa, xb) < threshold, on_mismatch)
+
+
+def mae_score(
+    a_images: Seeded, b_images: Seeded, threshold: float = MAE_THRESHOLD, on_mismatch: str = "error"
+) -> float:
+    """MAE score: fraction of seeds whose images differ by a mean absolute difference (in [0, 1]
+    units) below ``threshold`` (default ``MAE_THRESHOLD`` = 0.1; the authors' value is not published)."""
+    return pairwise_agreement(
+        a_images, b_images, lambda xa, xb: mean_abs_difference(xa, xb) < threshold, on_mismatch
+    )
+
+
+# ----------------------------------------------------------------------------
+# Nearest neighbours against a training set.
+
+
+def _chunks(chunk_size: int | tuple[int, int]) -> tuple[int, int]:
+    cq, ck = (chunk_size, chunk_size) if isinstance(chunk_size, int) else chunk_size
+    if cq < 1 or ck < 1:
+        raise ValueError(f"chunk sizes must be positive, got {chunk_size}")
+    return int(cq), int(ck)
+
+
+def max_similarity(
+    query: Any,
+    keys: Any,
+    chunk_size: int | tuple[int, int] = 4096,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query row, the largest cosine similarity to any key row and that key's index.
+
+    query (Nq, F), keys (Nk, F) (tensors, arrays or FeatureSets; rows need not be unit-norm).
+    Returns (values (Nq,) ``dtype``, indices (Nq,) int64) on the CPU; ties keep the first index.
+    Both sides are processed in chunks of ``chunk_size`` (or (query_chunk, key_chunk)) rows, so
+    the working memory is about query_chunk x key_chunk similarities plus the two chunks.
+    The products run on ``device`` (default: where the query is), in ``dtype``.
+    """
+    q_all, k_all = _flat(query, "query"), _flat(keys, "keys")
+    if q_all.shape[1] != k_all.shape[1]:
+        raise ValueError(f"query has {q_all.shape[1]} features per row, keys have {k_all.shape[1]}")
+    if len(k_all) == 0:
+        raise ValueError("keys is empty")
+    cq, ck = _chunks(chunk_size)
+    device = torch.device(device) if device is not None else q_all.device
+    values, indices = [], []
+    for qs in range(0, len(q_all), cq):
+        q = F.normalize(_rows(q_all[qs : qs + cq], device, dtype), dim=1)
+        best = torch.full((len(q),), -math.inf, dtype=dtype, device=device)
+        arg = torch.zeros(len(q), dtype=torch.int64, device=device)
+        for ks in range(0, len(k_all), ck):
+            k = F.normalize(_rows(k_all[ks : ks + ck], device, dtype), dim=1)
+            v, i = (q @ k.T).max(1)
+            better = v > best
+            best = torch.where(better, v, best)
+            arg = torch.where(better, i + ks, arg)
+        values.append(best.cpu())
+        indices.append(arg.cpu())
+    if not values:
+        return torch.zeros(0, dtype=dtype), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(values), torch.cat(indices)
+
+
+def memorized_fraction(
+    generated: Any, train: Any, threshold: float = 0.6, chunk_size: int | tuple[int, int] = 4096,
+    device: str | torch.device | None = None,
+) -> float:  # fmt: skip
+    """Fraction of generated samples whose max cosine similarity to the training set exceeds ``threshold``."""
+    values, _ = max_similarity(generated, train, chunk_size, device)
+    if len(values) == 0:
+        raise ValueError("generated is empty")
+    return float((values > threshold).double().mean())
+
+
+def generalization_score(
+    generated: Any, train: Any, threshold: float = 0.6, chunk_size: int | tuple[int, int] = 4096,
+    device: str | torch.device | None = None,
+) -> float:  # fmt: skip
+    """GL = 1 - memorized fraction: the share of samples that copy no training image (P1; SSCD, 0.6)."""
+    return 1.0 - memorized_fraction(generated, train, threshold, chunk_size, device)
+
+
+def nearest_neighbors(
+    query: Any,
+    keys: Any,
+    k: int = 2,
+    chunk_size: int | tuple[int, int] = 2048,
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest keys of each query row in L2: (distances (Nq, k) float64 ascending, indices (Nq, k)).
+
+    Candidates come from chunked float64 matrix products (||q||^2 - 2 q.k + ||k||^2); the returned
+    distances are then recomputed from the differences, so an exact copy has distance 0.
+    uint8 rows are compared in model space; any (N, ...) shape is flattened. The products run on
+    ``device`` (default: where the query is).
+    """
+    q_all, k_all = _flat(query, "query"), _flat(keys, "keys")
+    if q_all.shape[1] != k_all.shape[1]:
+        raise ValueError(f"query rows have {q_all.shape[1]} values, keys rows {k_all.shape[1]}")
+    if not 1 <= k <= len(k_all):
+        raise ValueError(f"k must be between 1 and the number of keys ({len(k_all)}), got {k}")
+    cq, ck = _chunks(chunk_size)
+    device = torch.device(device) if device is not None else q_all.device
+    k_sq = torch.cat([_rows(c, device, torch.float64).square().sum(1) for c in k_all.split(ck)])
+    dists, indices = [], []
+    for qs in range(0, len(q_all), cq):
+        q = _rows(q_all[qs : qs + cq], device, torch.float64)
+        best_d = torch.empty(len(q), 0, dtype=torch.float64, device=device)
+        best_i = torch.empty(len(q), 0, dtype=torch.int64, device=device)
+        for ks in range(0, len(k_all), ck):
+            kc = _rows(k_all[ks : ks + ck], device, torch.float64)
+            d2 = k_sq[ks : ks + ck] - 2 * (q @ kc.T)  # ||q||^2 is constant per row: left out
+            v, i = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False)
+            best_d, order = torch.topk(
+                torch.cat([best_d, v], 1), min(k, best_d.shape[1] + v.shape[1]), dim=1, largest=False
+            )
+            best_i = torch.gather(torch.cat([best_i, i + ks], 1), 1, order)
+        cand = _rows(k_all[best_i.to(k_all.device)], device, torch.float64)  # (cq, k, D)
+        d = (q[:, None, :] - cand).norm(dim=2)
+        d, order = d.sort(1)
+        dists.append(d.cpu())
+        indices.append(torch.gather(best_i, 1, order).cpu())
+    if not dists:
+        return torch.zeros(0, k, dtype=torch.float64), torch.zeros(0, k, dtype=torch.int64)
+    return torch.cat(dists), torch.cat(indices)
+
+
+def nn_ratio(
+    generated: Any,
+    train: Any,
+    chunk_size: int | tuple[int, int] = 2048,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """||x - NN1(x)|| / ||x - NN2(x)|| per generated sample, (N,) float64 (0 for an exact copy).
+
+    NN1, NN2: nearest and second-nearest training points in L2 (model space). Small means the
+    sample sits on one training point rather than between several.
+    """
+    d, _ = nearest_neighbors(generated, train, k=2, chunk_size=chunk_size, device=device)
+    return torch.where(d[:, 0] == 0, 0.0, d[:, 0] / d[:, 1])
+
+
+def memorized_by_nn_ratio(
+    generated: Any, train: Any, threshold: float = 1 / 3, chunk_size: int | tuple[int, int] = 2048,
+    device: str | torch.device | None = None,
+) -> float:  # fmt: skip
+    """Fraction of generated samples with ``nn_ratio < threshold`` (memorized; the CPU pilot's GL criterion)."""
+    r = nn_ratio(generated, train, chunk_size, device)
+    if len(r) == 0:
+        raise ValueError("generated is empty")
+    return float((r < threshold).double().mean())
+
+
+# ----------------------------------------------------------------------------
+# Threshold calibration.
+
+
+def _scores(x: Any, what: str) -> np.ndarray:
+    a = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64).reshape(-1)
+    if len(a) == 0 or not np.isfinite(a).all():
+        raise ValueError(f"{what} must be a non-empty set of finite scores")
+    return a
+
+
+def _flag_direction(fresh: np.ndarray, copies: np.ndarray, flag: str) -> str:
+    if flag == "auto":
+        return "below" if np.median(copies) < np.median(fresh) else "above"
+    if flag not in ("below", "above"):
+        raise ValueError(f"flag must be 'below', 'above' or 'auto', got {flag!r}")
+    return flag
+
+
+def flag_rates(
+    fresh: Any, copies: Any, thresholds: Sequence[float] | np.ndarray, flag: str = "below"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(false-flag rate on ``fresh``, true-flag rate on ``copies``) at each threshold, for plotting.
+
+    ``flag='below'`` flags a score < t (distances, ratios); ``'above'`` flags a score > t (cosines).
+    """
+    f, c = _scores(fresh, "fresh"), _scores(copies, "copies")
+    t = np.asarray(thresholds, dtype=np.float64).reshape(-1, 1)
+    if _flag_direction(f, c, flag) == "below":
+        return (f < t).mean(1), (c < t).mean(1)
+    return (f > t).mean(1), (c > t).mean(1)
+
+
+@dataclass(frozen=True)
+class ThresholdInterval:
+    """The thresholds t for which a criterion meets both targets: low < t <= high ('below') or
+    low <= t < high ('above'), with a suggested value and the rates it gives."""
+
+    low: float
+    high: float
+    flag: str  # 'below': a score < t is flagged; 'above': a score > t is flagged
+    suggested: float  # the interval's midpoint (an end point if the other one is infinite)
+    false_rate: float  # fraction of fresh samples flagged at ``suggested``
+    true_rate: float  # fraction of copies flagged at ``suggested``
+
+    def contains(self, t: float) -> bool:
+        if self.flag == "below":
+            return self.low < t <= self.high
+        return self.low <= t < self.high
+
+
+def calibrate_threshold(
+    fresh: Any,                  # scores of fresh samples from the true distribution: must not be flagged
+    copies: Any,                 # scores of (noisy) copies of training points: must be flagged
+    flag: str = "auto",          # 'below' (score < t flags), 'above' (score > t flags), 'auto' from medians
+    max_false_rate: float = 0.01,
+    min_true_rate: float = 0.99,
+) -> ThresholdInterval | None:  # fmt: skip
+    """The interval of thresholds flagging <= ``max_false_rate`` of ``fresh`` and >= ``min_true_rate``
+    of ``copies``, or None if no threshold does both."""
+    f, c = _scores(fresh, "fresh"), _scores(copies, "copies")
+    flag = _flag_direction(f, c, flag)
+    if flag == "above":  # score > t  <=>  -score < -t
+        f, c = -f, -c
+    allowed = math.floor(max_false_rate * len(f) + 1e-9)  # fresh scores allowed below t
+    needed = math.ceil(min_true_rate * len(c) - 1e-9)  # copies needed below t
+    fs, cs = np.sort(f), np.sort(c)
+    high = float(fs[allowed]) if allowed < len(fs) else math.inf  # t <= high
+    low = float(cs[needed - 1]) if needed > 0 else -math.inf  # t > low
+    if not low < high:
+        return None
+    if math.isfinite(low) and math.isfinite(high):
+        t = 0.5 * (low + high)
+    else:
+        t = high if math.isfinite(high) else float(np.nextafter(low, math.inf))
+    false_rate, true_rate = float((f < t).mean()), float((c < t).mean())
+    if flag == "above":
+        low, high, t = -high, -low, -t
+    return ThresholdInterval(low, high, flag, t, false_rate, true_rate)
