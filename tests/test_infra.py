@@ -136,3 +136,12 @@ def test_results_round_trip(tmp_path):
     with pytest.raises(ValueError, match="demo.json"):
         results.load_results(tmp_path / "r")
     assert os.path.exists(path)
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic.atomic_write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
