@@ -1,0 +1,698 @@
+"""Training loop for denoisers with EDM's recipe: loss, Adam with lr ramp-up, EMA with ramp-up.
+
+One loop trains image networks (``make_network``) and any other trainable denoiser (e.g.
+``molrg.LowRankDenoiser``) on an in-memory data set that lives on the device. It supports gradient
+accumulation, bf16/fp16 autocast, ``torch.compile``, DDP under ``torchrun``, snapshots, state dumps
+and exact resume.
+
+Randomness is counter-based: each draw is seeded from (seed, purpose, step, ...), never from the
+global RNG and never carried over from an earlier step:
+
+- initial weights (when ``train`` builds the network): a CPU generator seeded by (seed, init).
+- data order: epoch shuffles. The stream of training indices is the concatenation of permutations
+  ``randperm(N)`` seeded by (seed, epoch); step ``s`` takes positions ``[s*B, (s+1)*B)``. Every image
+  is seen once per epoch.
+- loss: one generator seeded by (seed, step) draws sigma, augmentation and noise for the whole
+  global batch; each process and accumulation round evaluates its slice. The draws therefore do not
+  depend on ``batch_gpu`` or the number of processes.
+- dropout inside the network uses the global RNG (as in EDM); the loop seeds it from
+  (seed, step, global round index) inside ``torch.random.fork_rng`` right before each forward pass,
+  so the caller's global RNG state is left untouched. With dropout, results depend on batch_gpu.
+
+A state dump then needs only the weights, the optimizer state and the step count to continue
+bit-identically (on the CPU; on CUDA as far as the kernels are deterministic); it stores the
+seed and batch size to check. The non-finite-loss check runs every step on a single CPU process,
+otherwise at log lines and before every save, so nothing is saved after a divergence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nbhelpers.atomic import atomic_path, atomic_write_text
+from nbhelpers.augment import AugmentPipe, make_augment_pipe
+from nbhelpers.devices import default_device
+from nbhelpers.losses import LOSSES, DenoisingLoss, make_loss
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "train",
+    "init_distributed",
+    "learning_rate",
+    "edm_ema_beta",
+    "load_training_state",
+    "find_latest_state",
+    "snapshot_path",
+    "state_dump_path",
+]
+
+STATE_FORMAT = "nbhelpers.training-state"
+STATE_VERSION = 1
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Purposes that seeds are derived for; part of the on-disk contract of exact resume.
+_INIT, _DATA, _LOSS, _DROPOUT = 1, 2, 3, 4
+_MASK64 = (1 << 64) - 1
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; nothing after the last good save was written."""
+
+    def __init__(self, message: str, step: int, last_snapshot: Path | None, last_state_dump: Path | None):
+        super().__init__(message)
+        self.step = step  # Optimizer step at which the non-finite loss was detected.
+        self.last_snapshot = last_snapshot  # Last snapshot written by this run, if any.
+        self.last_state_dump = last_state_dump  # Last state dump written by this run, if any.
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; JSON-serialisable via ``to_dict``/``from_dict``.
+
+    Defaults follow EDM's ``train.py`` for CIFAR-10 where it has one. Give exactly one of
+    ``duration_kimg`` and ``total_steps``, at most one of each ``*_kimg``/``*_steps`` pair.
+    """
+
+    arch: str = "ddpmpp"  # make_network preset: 'ddpmpp', 'ncsnpp', 'adm', 'mlp'.
+    precond: str = "edm"  # Preconditioning: 'vp', 've', 'edm'.
+    loss: str | None = None  # Loss: 'vp', 've', 'edm'; None = same as precond.
+    network: dict = field(default_factory=dict)  # Extra make_network arguments (model_channels, ...).
+    img_resolution: int | None = None  # None = from the data.
+    img_channels: int | None = None  # None = from the data.
+    label_dim: int | None = None  # Class-label width; None = from the labels (0 without labels).
+    batch_size: int = 512  # Images per optimizer step, all processes together.
+    batch_gpu: int | None = None  # Images per forward pass per process; None = batch_size / world size.
+    duration_kimg: float | None = None  # Training length in thousands of images ...
+    total_steps: int | None = None  # ... or in optimizer steps.
+    lr: float = 1e-3  # Adam learning rate after the ramp-up.
+    lr_rampup_kimg: float = 10000.0  # Linear learning-rate ramp-up, kimg; 0 = none.
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas.
+    eps: float = 1e-8  # Adam epsilon.
+    ema_halflife_kimg: float | None = 500.0  # EMA half-life, kimg (used when ema_beta is None).
+    ema_rampup_ratio: float | None = 0.05  # EMA half-life ramp-up ratio; None = no ramp-up.
+    ema_beta: float | None = None  # Fixed per-step EMA decay (e.g. 0.999); overrides the half-life.
+    dropout: float | None = None  # Network dropout; None = the preset's value.
+    augment_p: float = 0.0  # Augmentation probability (EDM CIFAR-10: 0.12); 0 = no augmentation.
+    augment_kwargs: dict = field(default_factory=dict)  # Overrides of EDM's augmentation set.
+    seed: int = 0  # Seed of every random draw (init, data order, noise, dropout).
+    snapshot_kimg: float | None = None  # Save an EMA snapshot every this many kimg ...
+    snapshot_steps: int | None = None  # ... or steps; the final snapshot is always saved.
+    state_dump_kimg: float | None = None  # Save the full training state every this many kimg ...
+    state_dump_steps: int | None = None  # ... or steps (also at the end when enabled).
+    log_every: int = 100  # Steps between log lines (stats.jsonl, history, progress bar).
+    grad_clip: float | None = None  # Max gradient norm; None = no clipping.
+    precision: str = "fp32"  # 'fp32', 'bf16' or 'fp16' autocast; weights and optimizer stay fp32.
+    compile: bool = False  # Run the network under torch.compile.
+    num_threads: int | None = None  # torch.set_num_threads for this process; None = leave as is.
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        self.network = dict(self.network)
+        self.augment_kwargs = dict(self.augment_kwargs)
+        errors = []
+        if self.precond not in ("vp", "ve", "edm"):
+            errors.append(f"precond must be 'vp', 've' or 'edm', got {self.precond!r}")
+        if self.loss is not None and self.loss not in LOSSES:
+            errors.append(f"loss must be one of {sorted(LOSSES)} or None, got {self.loss!r}")
+        if (self.duration_kimg is None) == (self.total_steps is None):
+            errors.append("give exactly one of duration_kimg and total_steps")
+        if self.duration_kimg is not None and not self.duration_kimg > 0:
+            errors.append(f"duration_kimg must be positive, got {self.duration_kimg}")
+        if self.total_steps is not None and self.total_steps < 1:
+            errors.append(f"total_steps must be at least 1, got {self.total_steps}")
+        for a, b in [("snapshot_kimg", "snapshot_steps"), ("state_dump_kimg", "state_dump_steps")]:
+            va, vb = getattr(self, a), getattr(self, b)
+            if va is not None and vb is not None:
+                errors.append(f"give at most one of {a} and {b}")
+            if (va is not None and not va > 0) or (vb is not None and vb < 1):
+                errors.append(f"{a}/{b} must be positive")
+        if self.batch_size < 1 or (self.batch_gpu is not None and self.batch_gpu < 1):
+            errors.append("batch_size and batch_gpu must be positive")
+        if self.ema_beta is not None and not 0 <= self.ema_beta < 1:
+            errors.append(f"ema_beta must be in [0, 1), got {self.ema_beta}")
+        if self.ema_beta is None and (self.ema_halflife_kimg is None or self.ema_halflife_kimg < 0):
+            errors.append("give ema_beta or a non-negative ema_halflife_kimg")
+        if self.precision not in PRECISIONS:
+            errors.append(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if not 0 <= self.augment_p <= 1:
+            errors.append(f"augment_p must be in [0, 1], got {self.augment_p}")
+        if self.log_every < 1:
+            errors.append(f"log_every must be at least 1, got {self.log_every}")
+        if errors:
+            raise ValueError("TrainConfig: " + "; ".join(errors))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict of all fields."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return json.loads(json.dumps(d))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of ``to_dict``; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"TrainConfig.from_dict: unknown keys {unknown}")
+        return cls(**d)
+
+    def num_steps(self) -> int:
+        """Number of optimizer steps of the run (``duration_kimg`` rounded up to whole batches)."""
+        if self.total_steps is not None:
+            return int(self.total_steps)
+        return max(1, math.ceil(self.duration_kimg * 1000 / self.batch_size))
+
+
+@dataclass
+class TrainResult:
+    """Outcome of ``train``: the trained network, its EMA, the log lines and the progress reached."""
+
+    net: torch.nn.Module  # Trained weights (unwrapped from DDP/compile), in train mode.
+    ema: torch.nn.Module  # EMA weights, in eval mode; what snapshots hold.
+    history: list[dict]  # One dict per log line: step, kimg, loss, lr, images_per_sec, time_s.
+    steps: int  # Optimizer steps done.
+    kimg: float  # Thousands of training images seen.
+
+
+# ----------------------------------------------------------------------------
+# Schedules.
+
+
+def learning_rate(base_lr: float, cur_nimg: int, rampup_kimg: float) -> float:
+    """EDM's linear ramp-up: ``base_lr * min(cur_nimg / (rampup_kimg * 1000), 1)``; ``base_lr`` if no ramp-up."""
+    if rampup_kimg <= 0:
+        return base_lr
+    return base_lr * min(cur_nimg / (rampup_kimg * 1000), 1.0)
+
+
+def edm_ema_beta(batch_size: int, cur_nimg: int, halflife_kimg: float, rampup_ratio: float | None) -> float:
+    """EDM's per-step EMA decay: half-life ``min(halflife_kimg*1000, cur_nimg*rampup_ratio)`` images."""
+    halflife_nimg = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+
+# ----------------------------------------------------------------------------
+# Seeds and data order.
+
+
+def _derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers with SplitMix64 (stable across runs and platforms)."""
+    h = 0x243F6A8885A308D3
+    for p in parts:
+        h = (h ^ (int(p) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+class _EpochOrder:
+    """Infinite stream of data indices made of seeded per-epoch permutations, on ``device``."""
+
+    def __init__(self, n: int, seed: int, device: torch.device):
+        self.n, self.seed, self.device = n, seed, device
+        self.generator = torch.Generator(device=device)
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self.cache:
+            self.generator.manual_seed(_derive_seed(self.seed, _DATA, epoch))
+            self.cache[epoch] = torch.randperm(self.n, generator=self.generator, device=self.device)
+        return self.cache[epoch]
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        """Indices at stream positions ``[start, start + count)``, shape (count,), int64."""
+        e0, e1 = start // self.n, (start + count - 1) // self.n
+        for e in [e for e in self.cache if e < e0]:
+            del self.cache[e]
+        perms = torch.cat([self._perm(e) for e in range(e0, e1 + 1)])
+        offset = start - e0 * self.n
+        return perms[offset : offset + count]
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed the global RNG of ``device`` (for dropout) and restore the caller's state afterwards."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"), torch.cuda.device(index):
+            torch.default_generator.manual_seed(seed)
+            torch.cuda.manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+
+
+# ----------------------------------------------------------------------------
+# Distributed helpers.
+
+
+def init_distributed(device: torch.device | str | None = None) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment; returns (rank, world_size).
+
+    Uses NCCL (and selects GPU ``LOCAL_RANK``) when ``device`` is CUDA, or is None and CUDA is
+    available; gloo otherwise. A process without torchrun variables gets (0, 1) and no group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if default_device(device).type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl")
+    else:
+        dist.init_process_group(backend="gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _resolve_device(device: torch.device | str | None, distributed: bool) -> torch.device:
+    dev = default_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        index = int(os.environ.get("LOCAL_RANK", "0")) if distributed else torch.cuda.current_device()
+        dev = torch.device("cuda", index)
+    return dev
+
+
+# ----------------------------------------------------------------------------
+# Files.
+
+
+def snapshot_path(outdir: str | os.PathLike, nimg: int) -> Path:
+    """Path of the EMA snapshot taken after ``nimg`` training images."""
+    return Path(outdir) / f"network-snapshot-{nimg // 1000:06d}.nbh"
+
+
+def state_dump_path(outdir: str | os.PathLike, step: int) -> Path:
+    """Path of the training-state dump taken after ``step`` optimizer steps."""
+    return Path(outdir) / f"training-state-{step:09d}.pt"
+
+
+def find_latest_state(outdir: str | os.PathLike) -> Path | None:
+    """The state dump with the most steps in ``outdir``, or None."""
+    outdir = Path(outdir)
+    if not outdir.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), p)
+        for p in outdir.iterdir()
+        if (m := re.fullmatch(r"training-state-(\d+)\.pt", p.name))
+    ]
+    return max(found)[1] if found else None
+
+
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a state dump with ``torch.load(weights_only=True)``: tensors and plain containers only."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training state {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"training state {path} cannot be read: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not an nbhelpers training state (format tag missing)")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"{path}: unsupported training-state version {state.get('version')}")
+    return state
+
+
+def _save_snapshot(ema: torch.nn.Module, path: Path) -> bool:
+    """Save the EMA network with checkpoints.save_network; warn and return False if it cannot."""
+    from nbhelpers.checkpoints import save_network
+
+    try:
+        save_network(ema, path)
+    except ValueError as e:
+        warnings.warn(
+            f"no network snapshots for this run ({e}); state dumps still hold the EMA", stacklevel=3
+        )
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------
+# Setup.
+
+
+def _prepare_data(
+    data: torch.Tensor | tuple, label_dim: int | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images (N,C,H,W) on ``device`` (uint8 kept as uint8, floats as float32) and one-hot labels or None."""
+    if isinstance(data, tuple | list):
+        if len(data) != 2:
+            raise ValueError(f"data must be images or (images, labels), got a sequence of {len(data)}")
+        images, labels = data
+    else:
+        images, labels = data, None
+    images = torch.as_tensor(images)
+    if images.ndim != 4:
+        raise ValueError(f"training images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if images.shape[0] < 1:
+        raise ValueError("training data is empty")
+    if images.dtype == torch.uint8:
+        images = images.to(device)
+    elif images.is_floating_point():
+        images = images.to(device=device, dtype=torch.float32)
+    else:
+        raise ValueError(f"training images must be uint8 or floating point, got {images.dtype}")
+    if labels is None:
+        if label_dim:
+            raise ValueError(f"label_dim={label_dim} but no labels were given")
+        return images, None
+    labels = torch.as_tensor(labels, device=device)
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for {images.shape[0]} images")
+    if labels.ndim == 1 and not labels.is_floating_point():
+        dim = label_dim if label_dim is not None else int(labels.max()) + 1
+        labels = F.one_hot(labels.long(), dim)
+    elif labels.ndim != 2:
+        raise ValueError(f"labels must be (N,) class indices or (N, label_dim), got {tuple(labels.shape)}")
+    if label_dim is not None and labels.shape[1] != label_dim:
+        raise ValueError(f"labels have width {labels.shape[1]} but label_dim={label_dim}")
+    return images, labels.to(torch.float32)
+
+
+def _build_network(config: TrainConfig, augment_pipe: AugmentPipe | None) -> torch.nn.Module:
+    from nbhelpers.networks import make_network
+
+    overrides = dict(config.network)
+    if config.dropout is not None:
+        overrides["dropout"] = config.dropout
+    overrides.setdefault("augment_dim", augment_pipe.label_dim if augment_pipe is not None else 0)
+    generator = torch.Generator().manual_seed(_derive_seed(config.seed, _INIT))
+    return make_network(
+        config.arch, config.precond, config.img_resolution, config.img_channels, config.label_dim,
+        generator=generator, **overrides,
+    )  # fmt: skip
+
+
+def _make_optimizer(net: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in net.parameters() if p.requires_grad]
+    kwargs: dict[str, Any] = dict(lr=config.lr, betas=config.betas, eps=config.eps)
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    return torch.optim.Adam(params, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+def train(
+    config: TrainConfig,
+    data: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    outdir: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    resume: str | os.PathLike | None = None,
+    progress: bool = True,
+    net: torch.nn.Module | None = None,
+) -> TrainResult:
+    """Train a denoiser on in-memory ``data``; returns the network, its EMA and the log.
+
+    data:    (N,C,H,W) float in model space [-1, 1] or uint8 (converted as x/127.5 - 1), optionally
+             with labels as ``(images, labels)`` (class indices (N,) or one-hot (N, label_dim)).
+    outdir:  where to write training_options.json, stats.jsonl, snapshots and state dumps (rank 0).
+    resume:  a state-dump path, 'latest' (newest dump in outdir, which must exist) or 'auto'
+             (newest dump if any, else a fresh start).
+    net:     a prebuilt trainable denoiser (e.g. molrg.LowRankDenoiser); default make_network(config).
+    Under torchrun the process group is joined (``init_distributed``) and each rank trains on its
+    slice of every global batch. Raises TrainingDivergedError on a non-finite loss.
+    """
+    rank, world_size = init_distributed(device)
+    device = _resolve_device(device, world_size > 1)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+
+    # Data and derived configuration.
+    images, labels = _prepare_data(data, config.label_dim, device)
+    n_data, C, H, W = images.shape
+    if H != W:
+        raise ValueError(f"training images must be square, got {H}x{W}")
+    for name, value in [("img_resolution", H), ("img_channels", C)]:
+        if getattr(config, name) not in (None, value):
+            raise ValueError(f"config.{name}={getattr(config, name)} but the data has {value}")
+    config = dataclasses.replace(
+        config, img_resolution=H, img_channels=C, label_dim=0 if labels is None else labels.shape[1]
+    )
+    B = config.batch_size
+    if B % world_size:
+        raise ValueError(f"batch_size {B} is not divisible by the world size {world_size}")
+    batch_local = B // world_size
+    batch_gpu = min(config.batch_gpu or batch_local, batch_local)
+    if batch_local % batch_gpu:
+        raise ValueError(f"batch_size/world_size = {batch_local} is not a multiple of batch_gpu {batch_gpu}")
+    rounds = batch_local // batch_gpu
+    total_steps = config.num_steps()
+
+    # Model, EMA, optimizer, loss.
+    augment_pipe = make_augment_pipe(config.augment_p, **config.augment_kwargs)
+    loss_fn: DenoisingLoss = make_loss(config.loss or config.precond)
+    if net is None:
+        net = _build_network(config, augment_pipe)
+    for name, value in [("img_resolution", H), ("img_channels", C)]:
+        if getattr(net, name, value) != value:
+            raise ValueError(f"net.{name}={getattr(net, name)} does not match the data ({value})")
+    net.train().requires_grad_(True).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = _make_optimizer(net, config, device)
+    amp_dtype = PRECISIONS[config.precision]
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+
+    # Resume.
+    step, history = 0, []
+    resumed_window = (torch.zeros(()), 0)
+    outdir = Path(outdir) if outdir is not None else None
+    if resume in ("latest", "auto"):
+        if outdir is None:
+            raise ValueError(f"resume={resume!r} needs an outdir")
+        found = find_latest_state(outdir)
+        if found is None and resume == "latest":
+            raise FileNotFoundError(f"no training-state-*.pt in {outdir} to resume from")
+        resume = found
+    if resume is not None:
+        state = load_training_state(resume)
+        for key in ("seed", "batch_size"):
+            if state["config"][key] != getattr(config, key):
+                raise ValueError(
+                    f"{resume}: saved {key}={state['config'][key]} differs from this run's {getattr(config, key)}"
+                )
+        try:
+            net.load_state_dict(state["net"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"{resume}: state does not fit this network/optimizer: {e}") from e
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, history = int(state["step"]), list(state["history"])
+        resumed_window = (state["window_loss"], int(state["window_steps"]))
+        del state
+
+    # Wrappers.
+    ddp = None
+    model: torch.nn.Module = net
+    if world_size > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        model = ddp
+    if config.compile:
+        model = torch.compile(model)
+
+    # Output files.
+    is_main = rank == 0
+    stats_file = None
+    if outdir is not None and is_main:
+        outdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(outdir / "training_options.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        atomic_write_text(outdir / "stats.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        stats_file = open(outdir / "stats.jsonl", "a")
+
+    order = _EpochOrder(n_data, config.seed, device)
+    loss_gen = torch.Generator(device=device)
+    ema_params = list(ema.parameters())
+    net_params = list(net.parameters())
+    ema_buffers, net_buffers = list(ema.buffers()), list(net.buffers())
+    last_snapshot: Path | None = None
+    snapshots_ok = True
+    last_dump: Path | None = None
+    window_loss = resumed_window[0].to(device=device, dtype=torch.float32)
+    window_steps = resumed_window[1]
+    window_start = time.perf_counter()
+    t0 = time.perf_counter()
+    check_every_step = world_size == 1 and device.type == "cpu"
+
+    def nimg_at(s: int) -> int:
+        return s * B
+
+    def due(prev: int, cur: int, every_kimg: float | None, every_steps: int | None) -> bool:
+        if every_steps is not None:
+            return cur % every_steps == 0
+        if every_kimg is not None:
+            every = every_kimg * 1000
+            return math.floor(nimg_at(cur) / every) > math.floor(nimg_at(prev) / every)
+        return False
+
+    def reduced_window_loss() -> float:
+        value = window_loss.clone()
+        if world_size > 1:
+            dist.all_reduce(value)
+            value /= world_size
+        return value.item() / max(window_steps, 1)
+
+    def check_finite(value: float, at_step: int) -> None:
+        if not math.isfinite(value):
+            raise TrainingDivergedError(
+                f"training diverged: loss is {value} by step {at_step} (kimg {nimg_at(at_step) / 1000:g}); "
+                f"last snapshot: {last_snapshot}, last state dump: {last_dump}",
+                at_step, last_snapshot, last_dump,
+            )  # fmt: skip
+
+    def write_dump(at_step: int) -> Path:
+        path = state_dump_path(outdir, at_step)
+        state = dict(
+            format=STATE_FORMAT, version=STATE_VERSION, step=at_step, nimg=nimg_at(at_step),
+            world_size=world_size, data_shape=list(images.shape), config=config.to_dict(),
+            net={k: v.detach().cpu() for k, v in net.state_dict().items()},
+            ema={k: v.detach().cpu() for k, v in ema.state_dict().items()},
+            optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
+            history=history, window_loss=window_loss.detach().cpu(), window_steps=window_steps,
+        )  # fmt: skip
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        return path
+
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, unit="step", mininterval=0.5, dynamic_ncols=True)
+
+    try:
+        while step < total_steps:
+            cur_nimg = nimg_at(step)
+            lr = learning_rate(config.lr, cur_nimg, config.lr_rampup_kimg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # Global batch: indices and random draws, identical on every rank.
+            idx = order.indices(cur_nimg, B)
+            loss_gen.manual_seed(_derive_seed(config.seed, _LOSS, step))
+            draws = loss_fn.draw((B, C, H, W), loss_gen, device, augment_pipe)
+
+            # Accumulate gradients over this rank's rounds.
+            optimizer.zero_grad(set_to_none=True)
+            for r in range(rounds):
+                lo = rank * batch_local + r * batch_gpu
+                sl = slice(lo, lo + batch_gpu)
+                bidx = idx[sl]
+                x = images[bidx]
+                x = x.to(torch.float32) / 127.5 - 1 if x.dtype == torch.uint8 else x
+                y = labels[bidx] if labels is not None else None
+                no_sync = ddp.no_sync() if (ddp is not None and r < rounds - 1) else contextlib.nullcontext()
+                with (
+                    no_sync,
+                    _seeded_global_rng(_derive_seed(config.seed, _DROPOUT, step, rank * rounds + r), device),
+                ):
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss = loss_fn.evaluate(model, x, y, draws[sl], augment_pipe)
+                    scaled = loss.sum() / batch_local
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                window_loss += loss.detach().mean() / rounds
+
+            if check_every_step:
+                check_finite(window_loss.item(), step + 1)
+            if config.grad_clip is not None:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(net_params, config.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+
+            # EMA (beta from the image count before this step, as EDM).
+            if config.ema_beta is not None:
+                beta = config.ema_beta
+            else:
+                beta = edm_ema_beta(B, cur_nimg, config.ema_halflife_kimg, config.ema_rampup_ratio)
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
+                if ema_buffers:
+                    torch._foreach_copy_(ema_buffers, net_buffers)
+
+            prev, step = step, step + 1
+            window_steps += 1
+            done = step >= total_steps
+
+            # Logging.
+            if step % config.log_every == 0 or done:
+                mean_loss = reduced_window_loss()
+                check_finite(mean_loss, step)
+                elapsed = time.perf_counter() - window_start
+                entry = dict(
+                    step=step, kimg=nimg_at(step) / 1000, loss=mean_loss, lr=lr,
+                    images_per_sec=window_steps * B / max(elapsed, 1e-9), time_s=time.perf_counter() - t0,
+                )  # fmt: skip
+                history.append(entry)
+                if stats_file is not None:
+                    stats_file.write(json.dumps(entry) + "\n")
+                    stats_file.flush()
+                if bar is not None:
+                    bar.set_postfix(
+                        kimg=f"{entry['kimg']:.1f}", loss=f"{mean_loss:.4g}",
+                        img_s=f"{entry['images_per_sec']:.0f}", refresh=False,
+                    )  # fmt: skip
+                window_loss.zero_()
+                window_steps = 0
+                window_start = time.perf_counter()
+
+            # Snapshots and state dumps (only after a finite-loss check covering every step so far).
+            # Decided identically on every rank (the check below is collective), whatever outdir is.
+            snap = done or due(prev, step, config.snapshot_kimg, config.snapshot_steps)
+            dumps_on = config.state_dump_kimg is not None or config.state_dump_steps is not None
+            dump = (done and dumps_on) or due(prev, step, config.state_dump_kimg, config.state_dump_steps)
+            if (snap or dump) and window_steps:
+                check_finite(reduced_window_loss(), step)
+            if outdir is not None and is_main:
+                if snap and snapshots_ok:
+                    path = snapshot_path(outdir, nimg_at(step))
+                    snapshots_ok = _save_snapshot(ema, path)
+                    last_snapshot = path if snapshots_ok else last_snapshot
+                if dump:
+                    last_dump = write_dump(step)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if stats_file is not None:
+            stats_file.close()
+
+    return TrainResult(net=net, ema=ema, history=history, steps=step, kimg=nimg_at(step) / 1000)
