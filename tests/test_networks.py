@@ -493,3 +493,11 @@ def _compare_cuda_cpu(cpu, x):
         assert half.dtype == torch.float32
         torch.testing.assert_close(half.cpu(), ref, rtol=0.05, atol=0.05)
         torch.testing.assert_close(gpu(x.cuda(), 0.8, force_fp32=True).cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mlp_runs_under_bf16_autocast():
+    net = make_network("mlp", "edm", 4, 3)
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = net(x, torch.ones(4))
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
