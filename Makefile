@@ -42,7 +42,7 @@ lint: setup
 	$(BIN)/ruff check nbhelpers tests benchmarks tools
 
 bench: setup                          ## every benchmark, ratios against plain references
-	for f in benchmarks/bench_*.py; do $(BIN)/python $$f --quick || exit 1; done
+	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean:
 	rm -rf book/_build .pytest_cache
