@@ -12,8 +12,23 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "atomic", "download", "devices", "networks", "checkpoints", "sampling", "training", "data",
-    "molrg", "optimal", "features", "scores", "jacobian", "runs", "profiles", "plotting", "cli",
+    "atomic",
+    "download",
+    "devices",
+    "networks",
+    "checkpoints",
+    "sampling",
+    "training",
+    "data",
+    "molrg",
+    "optimal",
+    "features",
+    "scores",
+    "jacobian",
+    "runs",
+    "profiles",
+    "plotting",
+    "cli",
 }
 
 

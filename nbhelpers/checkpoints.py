@@ -58,7 +58,15 @@ __all__ = [
 
 FORMAT = "nbhelpers-network"
 FORMAT_VERSION = 1
-NETWORK_CLASSES = ("VPPrecond", "VEPrecond", "EDMPrecond", "SongUNet", "DhariwalUNet", "MLP", "LowRankDenoiser")
+NETWORK_CLASSES = (
+    "VPPrecond",
+    "VEPrecond",
+    "EDMPrecond",
+    "SongUNet",
+    "DhariwalUNet",
+    "MLP",
+    "LowRankDenoiser",
+)
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 

@@ -85,9 +85,13 @@ def _load_net(path_or_url: str, device):
     return load_network(path_or_url, device=device)
 
 
-def _parser(sub, name: str, help: str, example: str, description: str | None = None) -> argparse.ArgumentParser:
+def _parser(
+    sub, name: str, help: str, example: str, description: str | None = None
+) -> argparse.ArgumentParser:
     return sub.add_parser(
-        name, help=help, description=(description or help) + "\n\nExample:\n  " + example,
+        name,
+        help=help,
+        description=(description or help) + "\n\nExample:\n  " + example,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
@@ -98,29 +102,55 @@ def _parser(sub, name: str, help: str, example: str, description: str | None = N
 
 def _add_generate(sub) -> None:
     p = _parser(
-        sub, "generate", "Generate images from a network (or the optimal denoiser) with EDM's sampler.",
+        sub,
+        "generate",
+        "Generate images from a network (or the optimal denoiser) with EDM's sampler.",
         "nbhelpers generate --outdir=out --seeds=0-49999 --batch=64 "
         "--network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl",
     )
     p.add_argument("--network", metavar="PKL|URL", help="network snapshot (EDM .pkl or nbhelpers checkpoint)")
-    p.add_argument("--outdir", required=True, metavar="DIR|ZIP", help="where to save PNGs (a folder, or a .zip)")
-    p.add_argument("--seeds", type=_int_list, default=_int_list("0-63"), metavar="LIST", help="e.g. 0-49999 (default 0-63)")
+    p.add_argument(
+        "--outdir", required=True, metavar="DIR|ZIP", help="where to save PNGs (a folder, or a .zip)"
+    )
+    p.add_argument(
+        "--seeds",
+        type=_int_list,
+        default=_int_list("0-63"),
+        metavar="LIST",
+        help="e.g. 0-49999 (default 0-63)",
+    )
     p.add_argument("--subdirs", action="store_true", help="one subfolder per 1000 seeds")
     p.add_argument("--class", dest="class_idx", type=int, metavar="INT", help="class label (default: random)")
     p.add_argument("--batch", type=int, default=64, metavar="INT", help="maximum batch size (default 64)")
-    p.add_argument("--steps", type=int, default=18, metavar="INT", help="number of sampling steps (default 18)")
-    p.add_argument("--sigma_min", type=float, default=0.002, metavar="FLOAT", help="lowest noise level (default 0.002)")
-    p.add_argument("--sigma_max", type=float, default=80.0, metavar="FLOAT", help="highest noise level (default 80)")
+    p.add_argument(
+        "--steps", type=int, default=18, metavar="INT", help="number of sampling steps (default 18)"
+    )
+    p.add_argument(
+        "--sigma_min", type=float, default=0.002, metavar="FLOAT", help="lowest noise level (default 0.002)"
+    )
+    p.add_argument(
+        "--sigma_max", type=float, default=80.0, metavar="FLOAT", help="highest noise level (default 80)"
+    )
     p.add_argument("--rho", type=float, default=7.0, metavar="FLOAT", help="time step exponent (default 7)")
-    p.add_argument("--S_churn", type=float, default=0.0, metavar="FLOAT", help="stochasticity strength (default 0)")
+    p.add_argument(
+        "--S_churn", type=float, default=0.0, metavar="FLOAT", help="stochasticity strength (default 0)"
+    )
     p.add_argument("--S_min", type=float, default=0.0, metavar="FLOAT", help="stoch. min noise level")
     p.add_argument("--S_max", type=float, default=math.inf, metavar="FLOAT", help="stoch. max noise level")
     p.add_argument("--S_noise", type=float, default=1.0, metavar="FLOAT", help="stoch. noise inflation")
-    p.add_argument("--solver", choices=["euler", "heun"], help="ODE solver (default heun; euler with --optimal_denoiser)")
-    p.add_argument("--optimal_denoiser", action="store_true", help="sample the empirical optimal denoiser of --dataset")
+    p.add_argument(
+        "--solver", choices=["euler", "heun"], help="ODE solver (default heun; euler with --optimal_denoiser)"
+    )
+    p.add_argument(
+        "--optimal_denoiser", action="store_true", help="sample the empirical optimal denoiser of --dataset"
+    )
     p.add_argument("--dataset", metavar="ZIP|DIR", help="training set of the optimal denoiser")
-    p.add_argument("--max-images", dest="max_images", type=int, metavar="INT", help="first N images of --dataset")
-    p.add_argument("--export-noise", dest="export_noise", metavar="NPZ", help="also write the initial noise per seed")
+    p.add_argument(
+        "--max-images", dest="max_images", type=int, metavar="INT", help="first N images of --dataset"
+    )
+    p.add_argument(
+        "--export-noise", dest="export_noise", metavar="NPZ", help="also write the initial noise per seed"
+    )
     p.add_argument("--noise", metavar="NPZ", help="start from this exported noise instead of the seeds' own")
     p.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=cmd_generate)
@@ -139,7 +169,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         images, _ = load_images(a.dataset, max_images=a.max_images)
         net = OptimalDenoiser(images, device=device)
         order = 2 if a.solver == "heun" else 1
-        _print0(f"Optimal denoiser of {a.dataset} ({len(images)} images), {'Heun' if order == 2 else 'Euler'} steps")
+        _print0(
+            f"Optimal denoiser of {a.dataset} ({len(images)} images), {'Heun' if order == 2 else 'Euler'} steps"
+        )
     else:
         if not a.network:
             raise CLIError("--network is required (or use --optimal_denoiser --dataset)")
@@ -160,9 +192,23 @@ def cmd_generate(a: argparse.Namespace) -> int:
         _print0(f"Initial noise for {len(seeds)} seeds written to {a.export_noise}")
     _print0(f"Generating {len(seeds)} images to {a.outdir} ...")
     generate(
-        net, seeds, batch_size=a.batch, device=device, class_labels=a.class_idx, num_steps=a.steps,
-        sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho, order=order, S_churn=a.S_churn,
-        S_min=a.S_min, S_max=a.S_max, S_noise=a.S_noise, latents=latents, out=a.outdir, subdirs=a.subdirs,
+        net,
+        seeds,
+        batch_size=a.batch,
+        device=device,
+        class_labels=a.class_idx,
+        num_steps=a.steps,
+        sigma_min=a.sigma_min,
+        sigma_max=a.sigma_max,
+        rho=a.rho,
+        order=order,
+        S_churn=a.S_churn,
+        S_min=a.S_min,
+        S_max=a.S_max,
+        S_noise=a.S_noise,
+        latents=latents,
+        out=a.outdir,
+        subdirs=a.subdirs,
         progress=True,
     )
     _print0("Done.")
@@ -175,11 +221,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 def _add_dataset(sub) -> None:
     p = _parser(
-        sub, "dataset", "Convert images to EDM's dataset format (folder or zip), e.g. a nested subset.",
+        sub,
+        "dataset",
+        "Convert images to EDM's dataset format (folder or zip), e.g. a nested subset.",
         "nbhelpers dataset --source=out --max-images=128 --dest=datasets/synthetic-cifar10-32x32-n128.zip",
         "Convert a folder/zip of images, the CIFAR-10 python tarball or a folder of Fashion-MNIST IDX files.",
     )
-    p.add_argument("--source", required=True, metavar="PATH", help="input folder, zip, CIFAR-10 tarball or IDX folder")
+    p.add_argument(
+        "--source", required=True, metavar="PATH", help="input folder, zip, CIFAR-10 tarball or IDX folder"
+    )
     p.add_argument("--dest", required=True, metavar="PATH", help="output folder or .zip")
     p.add_argument("--max-images", dest="max_images", type=int, metavar="INT", help="keep the first N images")
     p.add_argument("--resolution", type=_resolution, metavar="R|RxR", help="downscale square images to R x R")
@@ -193,7 +243,9 @@ def cmd_dataset(a: argparse.Namespace) -> int:
     dest = Path(a.dest)
     if dest.exists() and not a.overwrite:
         raise CLIError(f"{dest}: already exists (use --overwrite)")
-    out = convert_dataset(a.source, a.dest, max_images=a.max_images, resolution=a.resolution, overwrite=a.overwrite)
+    out = convert_dataset(
+        a.source, a.dest, max_images=a.max_images, resolution=a.resolution, overwrite=a.overwrite
+    )
     print(f"Wrote {out}")
     return 0
 
@@ -204,33 +256,86 @@ def cmd_dataset(a: argparse.Namespace) -> int:
 
 def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     g = p.add_argument_group("hyperparameters (EDM's names and units)")
-    g.add_argument("--cond", type=_bool, default=False, metavar="BOOL", help="class-conditional (labels from dataset.json)")
-    g.add_argument("--precond", choices=["vp", "ve", "edm"], default=defaults["precond"], help="preconditioning and loss")
-    g.add_argument("--duration", type=float, default=defaults["duration"], metavar="MIMG", help="training length in Mimg")
+    g.add_argument(
+        "--cond",
+        type=_bool,
+        default=False,
+        metavar="BOOL",
+        help="class-conditional (labels from dataset.json)",
+    )
+    g.add_argument(
+        "--precond", choices=["vp", "ve", "edm"], default=defaults["precond"], help="preconditioning and loss"
+    )
+    g.add_argument(
+        "--duration", type=float, default=defaults["duration"], metavar="MIMG", help="training length in Mimg"
+    )
     g.add_argument("--batch", type=int, default=defaults["batch"], metavar="INT", help="total batch size")
-    g.add_argument("--batch-gpu", dest="batch_gpu", type=int, metavar="INT", help="limit batch size per GPU/process")
-    g.add_argument("--cbase", "--model_channels", dest="model_channels", type=int, metavar="INT", help="channel multiplier (model_channels)")
-    g.add_argument("--cres", type=lambda s: [int(v) for v in s.split(",")], metavar="LIST", help="channels per resolution (channel_mult)")
+    g.add_argument(
+        "--batch-gpu", dest="batch_gpu", type=int, metavar="INT", help="limit batch size per GPU/process"
+    )
+    g.add_argument(
+        "--cbase",
+        "--model_channels",
+        dest="model_channels",
+        type=int,
+        metavar="INT",
+        help="channel multiplier (model_channels)",
+    )
+    g.add_argument(
+        "--cres",
+        type=lambda s: [int(v) for v in s.split(",")],
+        metavar="LIST",
+        help="channels per resolution (channel_mult)",
+    )
     g.add_argument("--lr", type=float, default=1e-3, metavar="FLOAT", help="learning rate (default 1e-3)")
-    g.add_argument("--lr-rampup", dest="lr_rampup", type=float, default=10.0, metavar="MIMG", help="lr ramp-up (default 10 Mimg)")
+    g.add_argument(
+        "--lr-rampup",
+        dest="lr_rampup",
+        type=float,
+        default=10.0,
+        metavar="MIMG",
+        help="lr ramp-up (default 10 Mimg)",
+    )
     g.add_argument("--ema", type=float, default=0.5, metavar="MIMG", help="EMA half-life (default 0.5 Mimg)")
-    g.add_argument("--dropout", type=float, default=0.13, metavar="FLOAT", help="dropout probability (default 0.13)")
-    g.add_argument("--augment", type=float, default=defaults["augment"], metavar="FLOAT", help="augmentation probability")
-    g.add_argument("--xflip", type=_bool, default=False, metavar="BOOL", help="dataset x-flips (augmentation)")
+    g.add_argument(
+        "--dropout", type=float, default=0.13, metavar="FLOAT", help="dropout probability (default 0.13)"
+    )
+    g.add_argument(
+        "--augment", type=float, default=defaults["augment"], metavar="FLOAT", help="augmentation probability"
+    )
+    g.add_argument(
+        "--xflip", type=_bool, default=False, metavar="BOOL", help="dataset x-flips (augmentation)"
+    )
     g = p.add_argument_group("performance")
-    g.add_argument("--fp16", type=_bool, default=False, metavar="BOOL", help="mixed precision (fp16 autocast)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (overrides --fp16)")
+    g.add_argument(
+        "--fp16", type=_bool, default=False, metavar="BOOL", help="mixed precision (fp16 autocast)"
+    )
+    g.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (overrides --fp16)"
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
     g.add_argument("--device", help="cuda, cpu ... (default: cuda if available; LOCAL_RANK under torchrun)")
     g = p.add_argument_group("I/O")
     g.add_argument("--desc", metavar="STR", help="string to include in the result folder name")
     g.add_argument("--nosubdir", action="store_true", help="do not create a numbered subfolder for the run")
-    g.add_argument("--tick", type=float, default=50, metavar="KIMG", help="progress interval (default 50 kimg)")
-    g.add_argument("--snap", type=int, default=defaults["snap"], metavar="TICKS", help="snapshot interval in ticks")
-    g.add_argument("--dump", type=int, default=500, metavar="TICKS", help="state dump interval in ticks (default 500)")
-    g.add_argument("--seed", type=int, default=0, metavar="INT", help="random seed (default 0; EDM's is random)")
+    g.add_argument(
+        "--tick", type=float, default=50, metavar="KIMG", help="progress interval (default 50 kimg)"
+    )
+    g.add_argument(
+        "--snap", type=int, default=defaults["snap"], metavar="TICKS", help="snapshot interval in ticks"
+    )
+    g.add_argument(
+        "--dump", type=int, default=500, metavar="TICKS", help="state dump interval in ticks (default 500)"
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, metavar="INT", help="random seed (default 0; EDM's is random)"
+    )
     g.add_argument("--transfer", metavar="PKL|URL", help="initialise from a network snapshot (fine-tuning)")
-    g.add_argument("--resume", metavar="PT|latest", help="resume from a training-state file, or 'latest' in the run folder")
+    g.add_argument(
+        "--resume",
+        metavar="PT|latest",
+        help="resume from a training-state file, or 'latest' in the run folder",
+    )
     g.add_argument("-n", "--dry-run", dest="dry_run", action="store_true", help="print the options and exit")
 
 
@@ -245,12 +350,25 @@ def _train_config(a: argparse.Namespace, arch: str, network: dict[str, Any]):
     augment_kwargs = {"xflip": 1e8} if a.xflip and a.augment == 0 else {}
     augment_p = a.augment if a.augment > 0 else (1.0 if a.xflip else 0.0)
     return TrainConfig(
-        arch=arch, precond=a.precond, network=network, batch_size=a.batch, batch_gpu=a.batch_gpu,
-        duration_kimg=a.duration * 1000, lr=a.lr, lr_rampup_kimg=a.lr_rampup * 1000,
-        ema_halflife_kimg=a.ema * 1000, ema_rampup_ratio=None if a.transfer else 0.05,
-        dropout=a.dropout, augment_p=augment_p, augment_kwargs=augment_kwargs, seed=a.seed,
-        snapshot_kimg=a.snap * a.tick, state_dump_kimg=a.dump * a.tick,
-        log_every=max(1, round(a.tick * 1000 / a.batch)), precision=precision, compile=a.compile,
+        arch=arch,
+        precond=a.precond,
+        network=network,
+        batch_size=a.batch,
+        batch_gpu=a.batch_gpu,
+        duration_kimg=a.duration * 1000,
+        lr=a.lr,
+        lr_rampup_kimg=a.lr_rampup * 1000,
+        ema_halflife_kimg=a.ema * 1000,
+        ema_rampup_ratio=None if a.transfer else 0.05,
+        dropout=a.dropout,
+        augment_p=augment_p,
+        augment_kwargs=augment_kwargs,
+        seed=a.seed,
+        snapshot_kimg=a.snap * a.tick,
+        state_dump_kimg=a.dump * a.tick,
+        log_every=max(1, round(a.tick * 1000 / a.batch)),
+        precision=precision,
+        compile=a.compile,
     )
 
 
@@ -276,7 +394,9 @@ def _train_common(a: argparse.Namespace, config, data, desc: str, net=None, extr
     from .training import train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    desc = f"{desc}-gpus{world}-batch{config.batch_size}-{config.precision}" + (f"-{a.desc}" if a.desc else "")
+    desc = f"{desc}-gpus{world}-batch{config.batch_size}-{config.precision}" + (
+        f"-{a.desc}" if a.desc else ""
+    )
     run_dir = _run_dir(a.outdir, desc, a.nosubdir, a.resume)
     options = {"config": config.to_dict(), "run_dir": str(run_dir), "world_size": world, **(extra or {})}
     _print0("Training options:\n" + json.dumps(options, indent=2))
@@ -299,7 +419,9 @@ def _train_common(a: argparse.Namespace, config, data, desc: str, net=None, extr
 
 def _add_train(sub) -> None:
     p = _parser(
-        sub, "train", "Train a diffusion model on an image data set (EDM's train.py; runs under torchrun).",
+        sub,
+        "train",
+        "Train a diffusion model on an image data set (EDM's train.py; runs under torchrun).",
         "torchrun --standalone --nproc_per_node=1 -m nbhelpers train --outdir=training "
         "--data=datasets/synthetic-cifar10-32x32-n128.zip --cond=0 --arch=ddpmpp --duration 50 --batch 128 "
         "--snap 500 --dump 500 --precond vp --model_channels 64",
@@ -307,9 +429,16 @@ def _add_train(sub) -> None:
     p.add_argument("--outdir", required=True, metavar="DIR", help="where to save the results")
     p.add_argument("--data", required=True, metavar="ZIP|DIR", help="path to the dataset")
     p.add_argument("--max-images", dest="max_images", type=int, metavar="INT", help="use the first N images")
-    p.add_argument("--arch", choices=["ddpmpp", "ncsnpp", "adm", "mlp"], default="ddpmpp", help="network architecture")
+    p.add_argument(
+        "--arch", choices=["ddpmpp", "ncsnpp", "adm", "mlp"], default="ddpmpp", help="network architecture"
+    )
     p.add_argument("--num_blocks", type=int, metavar="INT", help="residual blocks per resolution")
-    p.add_argument("--attn", type=lambda s: [int(v) for v in s.split(",") if v], metavar="LIST", help="attention resolutions")
+    p.add_argument(
+        "--attn",
+        type=lambda s: [int(v) for v in s.split(",") if v],
+        metavar="LIST",
+        help="attention resolutions",
+    )
     _add_training_options(p, {"precond": "vp", "duration": 200.0, "batch": 512, "augment": 0.12, "snap": 50})
     p.set_defaults(func=cmd_train)
 
@@ -334,21 +463,33 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def _add_train_molrg(sub) -> None:
     p = _parser(
-        sub, "train-molrg", "Train a diffusion model on a mixture of low-rank Gaussians (the authors' trainMoLRG.py).",
+        sub,
+        "train-molrg",
+        "Train a diffusion model on a mixture of low-rank Gaussians (the authors' trainMoLRG.py).",
         "torchrun --standalone --nproc_per_node=1 -m nbhelpers train-molrg --outdir training --path datasets "
         "--img_res 4 --class_num 2 --per_class_dim 7 --sample_per_class 350 --embed_channels 128",
     )
     p.add_argument("--outdir", required=True, metavar="DIR", help="where to save the results")
-    p.add_argument("--path", required=True, metavar="DIR", help="folder for the MoLRG data set (bases and samples)")
+    p.add_argument(
+        "--path", required=True, metavar="DIR", help="folder for the MoLRG data set (bases and samples)"
+    )
     p.add_argument("--img_res", type=int, default=32, metavar="INT", help="image resolution R (n = 3 R^2)")
     p.add_argument("--img_channels", type=int, default=3, metavar="INT", help="image channels C")
     p.add_argument("--class_num", type=int, default=10, metavar="INT", help="number of subspaces K")
     p.add_argument("--per_class_dim", type=int, default=100, metavar="INT", help="intrinsic dimension d")
-    p.add_argument("--sample_per_class", type=int, default=5000, metavar="INT", help="training samples per class")
+    p.add_argument(
+        "--sample_per_class", type=int, default=5000, metavar="INT", help="training samples per class"
+    )
     p.add_argument("--data_seed", type=int, default=0, metavar="INT", help="seed of the bases and samples")
-    p.add_argument("--arch", choices=["ddpmpp", "ncsnpp", "adm", "mlp", "lowrank", "param-mlp"], default="ddpmpp",
-                   help="network; lowrank (alias param-mlp) is P2's low-rank parameterised denoiser")
-    p.add_argument("--embed_channels", type=int, default=1024, metavar="INT", help="model_channels of the network")
+    p.add_argument(
+        "--arch",
+        choices=["ddpmpp", "ncsnpp", "adm", "mlp", "lowrank", "param-mlp"],
+        default="ddpmpp",
+        help="network; lowrank (alias param-mlp) is P2's low-rank parameterised denoiser",
+    )
+    p.add_argument(
+        "--embed_channels", type=int, default=1024, metavar="INT", help="model_channels of the network"
+    )
     _add_training_options(p, {"precond": "edm", "duration": 6.0, "batch": 512, "augment": 0.0, "snap": 10})
     p.set_defaults(func=cmd_train_molrg)
 
@@ -358,8 +499,10 @@ def cmd_train_molrg(a: argparse.Namespace) -> int:
 
     from .molrg import LowRankDenoiser, MoLRG
 
-    name = (f"MoLRG_dataset_resolution{a.img_res}_classnum{a.class_num}_perclassdim{a.per_class_dim}"
-            f"_sample{a.sample_per_class}")
+    name = (
+        f"MoLRG_dataset_resolution{a.img_res}_classnum{a.class_num}_perclassdim{a.per_class_dim}"
+        f"_sample{a.sample_per_class}"
+    )
     data_file = Path(a.path) / f"{name}_seed{a.data_seed}.npz"
     if data_file.exists():
         mix = MoLRG.load(data_file)
@@ -377,8 +520,13 @@ def cmd_train_molrg(a: argparse.Namespace) -> int:
     arch = "lowrank" if a.arch in ("lowrank", "param-mlp") else a.arch
     net = None
     if arch == "lowrank":
-        net = LowRankDenoiser(a.class_num, a.per_class_dim, a.img_res, a.img_channels,
-                              generator=torch.Generator().manual_seed(a.seed))
+        net = LowRankDenoiser(
+            a.class_num,
+            a.per_class_dim,
+            a.img_res,
+            a.img_channels,
+            generator=torch.Generator().manual_seed(a.seed),
+        )
         network: dict[str, Any] = {}
     else:
         network = {"model_channels": a.embed_channels}
@@ -387,8 +535,14 @@ def cmd_train_molrg(a: argparse.Namespace) -> int:
     config = _train_config(a, "mlp" if arch == "lowrank" else arch, network)
     data = (x, labels) if a.cond else x
     a.outdir = str(Path(a.outdir) / name)
-    return _train_common(a, config, data, f"molrg-{'cond' if a.cond else 'uncond'}-{a.arch}-{a.precond}", net=net,
-                         extra={"molrg": str(data_file), "arch": a.arch})
+    return _train_common(
+        a,
+        config,
+        data,
+        f"molrg-{'cond' if a.cond else 'uncond'}-{a.arch}-{a.precond}",
+        net=net,
+        extra={"molrg": str(data_file), "arch": a.arch},
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -397,15 +551,29 @@ def cmd_train_molrg(a: argparse.Namespace) -> int:
 
 def _add_jacobian(sub) -> None:
     p = _parser(
-        sub, "jacobian", "Rank of the denoiser's Jacobian vs SNR (the authors' jacobian.py).",
+        sub,
+        "jacobian",
+        "Rank of the denoiser's Jacobian vs SNR (the authors' jacobian.py).",
         "nbhelpers jacobian --network_pkl https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl",
     )
     p.add_argument("--network_pkl", required=True, metavar="PKL|URL", help="network snapshot")
-    p.add_argument("--seeds", type=_int_list, default=_int_list("0-4"), metavar="LIST", help="starting noise seeds (default 0-4)")
-    p.add_argument("--sigmas", type=_float_list, metavar="LIST", help="noise levels; default: the authors' SNR grid")
-    p.add_argument("--trajectory", action="store_true", help="evaluate along 18-step sampling trajectories instead")
+    p.add_argument(
+        "--seeds",
+        type=_int_list,
+        default=_int_list("0-4"),
+        metavar="LIST",
+        help="starting noise seeds (default 0-4)",
+    )
+    p.add_argument(
+        "--sigmas", type=_float_list, metavar="LIST", help="noise levels; default: the authors' SNR grid"
+    )
+    p.add_argument(
+        "--trajectory", action="store_true", help="evaluate along 18-step sampling trajectories instead"
+    )
     p.add_argument("--ratio", type=float, default=0.99, metavar="FLOAT", help="rank threshold (default 0.99)")
-    p.add_argument("--rule", choices=["authors", "energy"], default="authors", help="rank rule (default: the authors')")
+    p.add_argument(
+        "--rule", choices=["authors", "energy"], default="authors", help="rank rule (default: the authors')"
+    )
     p.add_argument("--chunk", type=int, metavar="INT", help="basis vectors per batched VJP (memory bound)")
     p.add_argument("--out", metavar="CSV|JSON", help="write the table to this file")
     p.add_argument("--device", help="cuda, cpu ... (default: cuda if available)")
@@ -422,23 +590,47 @@ def cmd_jacobian(a: argparse.Namespace) -> int:
     net = _load_net(a.network_pkl, device)
     shape = [int(net.img_channels), int(net.img_resolution), int(net.img_resolution)]
     if a.trajectory:
-        table = rank_profile(net, seeds=a.seeds, trajectory=True, ratio=a.ratio, rule=a.rule,
-                             chunk_size=a.chunk, device=device, batch_size=1)
+        table = rank_profile(
+            net,
+            seeds=a.seeds,
+            trajectory=True,
+            ratio=a.ratio,
+            rule=a.rule,
+            chunk_size=a.chunk,
+            device=device,
+            batch_size=1,
+        )
     else:
         # Clean points: the network's own samples for the seeds (as the authors start from generated images).
         latents = SeedNoise(a.seeds, device=device).randn(shape)
         with torch.no_grad():
             clean = edm_sampler(net, latents).to(torch.float32)
-        table = rank_profile(net, clean=clean, sigmas=a.sigmas, seeds=a.seeds, ratio=a.ratio, rule=a.rule,
-                             chunk_size=a.chunk, device=device, batch_size=1)
-    summary = table.groupby("sigma", sort=False).agg(snr=("snr", "first"), rank_mean=("rank", "mean"),
-                                                     rank_ratio_mean=("rank_ratio", "mean"),
-                                                     rank_ratio_std=("rank_ratio", "std"))
+        table = rank_profile(
+            net,
+            clean=clean,
+            sigmas=a.sigmas,
+            seeds=a.seeds,
+            ratio=a.ratio,
+            rule=a.rule,
+            chunk_size=a.chunk,
+            device=device,
+            batch_size=1,
+        )
+    summary = table.groupby("sigma", sort=False).agg(
+        snr=("snr", "first"),
+        rank_mean=("rank", "mean"),
+        rank_ratio_mean=("rank_ratio", "mean"),
+        rank_ratio_std=("rank_ratio", "std"),
+    )
     print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
     if a.out:
         from .atomic import atomic_write_text
 
-        text = table.to_json(orient="records", indent=1) if a.out.endswith(".json") else table.to_csv(index=False)
+        text = (
+            table.to_json(orient="records", indent=1)
+            if a.out.endswith(".json")
+            else table.to_csv(index=False)
+        )
         atomic_write_text(a.out, text)
         print(f"Wrote {a.out}")
     return 0
@@ -449,32 +641,52 @@ def cmd_jacobian(a: argparse.Namespace) -> int:
 
 
 def _add_sscd(sub) -> None:
-    p = sub.add_parser("sscd", help="Similarity features and scores (the authors' sscd.py).",
-                       description="Similarity features and the reproducibility / generalization scores.")
+    p = sub.add_parser(
+        "sscd",
+        help="Similarity features and scores (the authors' sscd.py).",
+        description="Similarity features and the reproducibility / generalization scores.",
+    )
     ss = p.add_subparsers(dest="sscd_cmd", metavar="{feature,rpscore,mscore}")
     ss.required = True
-    f = _parser(ss, "feature", "Compute descriptors of a folder/zip of images into an .npz (with seeds/names).",
-                "nbhelpers sscd feature --images ./evaluation/ddpm-dim64-n64 --features ./evaluation/sscd-dim64-n64.npz")
+    f = _parser(
+        ss,
+        "feature",
+        "Compute descriptors of a folder/zip of images into an .npz (with seeds/names).",
+        "nbhelpers sscd feature --images ./evaluation/ddpm-dim64-n64 --features ./evaluation/sscd-dim64-n64.npz",
+    )
     f.add_argument("--images", required=True, metavar="DIR|ZIP", help="images (generated PNGs or a dataset)")
     f.add_argument("--features", required=True, metavar="NPZ", help="output feature file")
     f.add_argument("--backend", choices=["sscd", "pixel"], default="sscd", help="descriptor (default sscd)")
-    f.add_argument("--model", metavar="PATH|URL|NAME",
-                   help="SSCD TorchScript file, URL or name (default sscd_disc_large; downloaded once into the cache)")
+    f.add_argument(
+        "--model",
+        metavar="PATH|URL|NAME",
+        help="SSCD TorchScript file, URL or name (default sscd_disc_large; downloaded once into the cache)",
+    )
     f.add_argument("--no-download", dest="no_download", action="store_true", help="never download the model")
     f.add_argument("--batch", type=int, default=64, metavar="INT", help="batch size")
     f.add_argument("--device", help="cuda, cpu ... (default: cuda if available)")
     f.set_defaults(func=cmd_sscd_feature)
     for name, help, example in [
-        ("rpscore", "Reproducibility score: fraction of shared seeds whose descriptors have cosine > t.",
-         "nbhelpers sscd rpscore --source ./evaluation/sscd-dim128-n64.npz --target ./evaluation/sscd-dim64-n64.npz"),
-        ("mscore", "Generalization score GL = 1 - fraction of samples whose nearest training descriptor has cosine > t.",
-         "nbhelpers sscd mscore --source ./evaluation/sscd-dim128-n64.npz "
-         "--target ./evaluation/sscd-training-dataset-synthetic-cifar10-32x32-n64.npz"),
+        (
+            "rpscore",
+            "Reproducibility score: fraction of shared seeds whose descriptors have cosine > t.",
+            "nbhelpers sscd rpscore --source ./evaluation/sscd-dim128-n64.npz --target ./evaluation/sscd-dim64-n64.npz",
+        ),
+        (
+            "mscore",
+            "Generalization score GL = 1 - fraction of samples whose nearest training descriptor has cosine > t.",
+            "nbhelpers sscd mscore --source ./evaluation/sscd-dim128-n64.npz "
+            "--target ./evaluation/sscd-training-dataset-synthetic-cifar10-32x32-n64.npz",
+        ),
     ]:
         s = _parser(ss, name, help, example)
         s.add_argument("--source", required=True, metavar="NPZ", help="feature file of generated images")
-        s.add_argument("--target", required=True, metavar="NPZ",
-                       help="feature file of the other model (rpscore) or of the training set (mscore)")
+        s.add_argument(
+            "--target",
+            required=True,
+            metavar="NPZ",
+            help="feature file of the other model (rpscore) or of the training set (mscore)",
+        )
         s.add_argument("--t", type=float, default=0.6, metavar="FLOAT", help="cosine threshold (default 0.6)")
         s.add_argument("--json", action="store_true", help="print a JSON object instead of text")
         s.set_defaults(func=cmd_sscd_rpscore if name == "rpscore" else cmd_sscd_mscore)
@@ -492,7 +704,9 @@ def cmd_sscd_feature(a: argparse.Namespace) -> int:
     device = _device(a.device)
     model = None
     if a.backend == "sscd":  # running the command is the request to download the model (once, cached)
-        model = SSCD(a.model or "sscd_disc_large", device=device, batch_size=a.batch, download=not a.no_download)
+        model = SSCD(
+            a.model or "sscd_disc_large", device=device, batch_size=a.batch, download=not a.no_download
+        )
     elif a.model:
         raise CLIError("--model is for --backend sscd")
     fs = extract_features(a.images, backend=a.backend, model=model, batch_size=a.batch)
@@ -519,11 +733,22 @@ def cmd_sscd_mscore(a: argparse.Namespace) -> int:
     src, tgt = _load_features(a.source), _load_features(a.target)
     gl = generalization_score(src.features, tgt.features, threshold=a.t)
     if a.json:
-        print(json.dumps({"generalization_score": gl, "memorized_fraction": 1 - gl, "threshold": a.t,
-                          "num_generated": len(src.features), "num_train": len(tgt.features)}))
+        print(
+            json.dumps(
+                {
+                    "generalization_score": gl,
+                    "memorized_fraction": 1 - gl,
+                    "threshold": a.t,
+                    "num_generated": len(src.features),
+                    "num_train": len(tgt.features),
+                }
+            )
+        )
     else:
-        print(f"generalization score (GL, {len(src.features)} samples vs {len(tgt.features)} training images, "
-              f"cosine > {a.t} counts as a copy): {gl:.4f}")
+        print(
+            f"generalization score (GL, {len(src.features)} samples vs {len(tgt.features)} training images, "
+            f"cosine > {a.t} counts as a copy): {gl:.4f}"
+        )
         print(f"memorized fraction (1 - GL): {1 - gl:.4f}")
     return 0
 
@@ -534,7 +759,8 @@ def cmd_sscd_mscore(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nbhelpers", description=__doc__.split("\n\n")[0],
+        prog="nbhelpers",
+        description=__doc__.split("\n\n")[0],
         epilog="Run 'nbhelpers <command> --help' for the options and an example of each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")

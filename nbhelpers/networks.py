@@ -519,7 +519,8 @@ class _Precond(torch.nn.Module):
 
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        if F_x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):  # autocast picks its own dtypes
+        autocast = torch.is_autocast_enabled(x.device.type)  # autocast picks its own dtypes
+        if F_x.dtype != dtype and not autocast:
             raise RuntimeError(f"{type(self).__name__}: model returned {F_x.dtype}, expected {dtype}")
         return c_skip * x + c_out * F_x.to(torch.float32)
 

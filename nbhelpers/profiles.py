@@ -103,5 +103,8 @@ def resolve(notebook: str, namespace: dict[str, Any], verbose: bool = True) -> P
     namespace.update(params)
     if verbose:
         changed = sorted(k for k in params if k != "profile" and params[k] != defaults[k])
-        print(f"profile: {profile}" + (f"; differs from companion defaults in: {', '.join(changed)}" if changed else ""))
+        print(
+            f"profile: {profile}"
+            + (f"; differs from companion defaults in: {', '.join(changed)}" if changed else "")
+        )
     return params

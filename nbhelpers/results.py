@@ -12,21 +12,41 @@ from typing import Any
 from .atomic import atomic_write_text
 
 
-def row(quantity: str, setting: str, companion: Any, paper: Any = None, check: str | None = None,
-        passed: bool | None = None, note: str = "") -> dict[str, Any]:
+def row(
+    quantity: str,
+    setting: str,
+    companion: Any,
+    paper: Any = None,
+    check: str | None = None,
+    passed: bool | None = None,
+    note: str = "",
+) -> dict[str, Any]:
     """One comparison: a computed ``companion`` value beside the ``paper``'s, with an optional check."""
     if isinstance(companion, float) and not math.isfinite(companion):
         companion = str(companion)
-    return {"quantity": quantity, "setting": setting, "companion": companion, "paper": paper,
-            "check": check, "passed": None if passed is None else bool(passed), "note": note}
+    return {
+        "quantity": quantity,
+        "setting": setting,
+        "companion": companion,
+        "paper": paper,
+        "check": check,
+        "passed": None if passed is None else bool(passed),
+        "note": note,
+    }
 
 
-def write_results(path: str | os.PathLike | None, notebook: str, profile: str, rows: list[dict]) -> Path | None:
+def write_results(
+    path: str | os.PathLike | None, notebook: str, profile: str, rows: list[dict]
+) -> Path | None:
     """Write ``rows`` to ``path`` (atomically); a falsy ``path`` writes nothing and returns None."""
     if not path:
         return None
-    doc = {"notebook": notebook, "profile": profile,
-           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
+    doc = {
+        "notebook": notebook,
+        "profile": profile,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows,
+    }
     return atomic_write_text(path, json.dumps(doc, indent=1, default=_jsonable) + "\n")
 
 

@@ -86,8 +86,13 @@ class RunStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def commit(self, staging_dir: Path, config: dict[str, Any], result: dict[str, Any],
-               arrays: dict[str, Any] | None = None) -> Path:
+    def commit(
+        self,
+        staging_dir: Path,
+        config: dict[str, Any],
+        result: dict[str, Any],
+        arrays: dict[str, Any] | None = None,
+    ) -> Path:
         """Write config/result/arrays into ``staging_dir`` and rename it to the cell folder."""
         (staging_dir / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=_plain))
         if arrays:
@@ -104,7 +109,9 @@ class RunStore:
             # else another job finished the same cell first: keep theirs (same config, same result)
         return dest
 
-    def run(self, config: dict[str, Any], fn: Callable[[dict[str, Any], Path], tuple[dict, dict | None]]) -> dict:
+    def run(
+        self, config: dict[str, Any], fn: Callable[[dict[str, Any], Path], tuple[dict, dict | None]]
+    ) -> dict:
         """Load the cell if finished, else call ``fn(config, staging_dir) -> (result, arrays)`` and store it."""
         if self.done(config):
             return self.load(config)
@@ -113,8 +120,14 @@ class RunStore:
             self.commit(tmp, config, result, arrays)
         return self.load(config)
 
-    def run_grid(self, configs: Sequence[dict[str, Any]], fn: Callable, workers: int = 1,
-                 threads_per_worker: int = 1, progress: bool = True) -> list[dict[str, Any]]:
+    def run_grid(
+        self,
+        configs: Sequence[dict[str, Any]],
+        fn: Callable,
+        workers: int = 1,
+        threads_per_worker: int = 1,
+        progress: bool = True,
+    ) -> list[dict[str, Any]]:
         """Run every unfinished cell (in ``workers`` processes when > 1) and return all results in order.
 
         ``fn`` must be a module-level function (picklable). Finished cells are only loaded.
@@ -123,23 +136,35 @@ class RunStore:
         t0 = time.time()
         if todo:
             if progress:
-                print(f"{len(configs) - len(todo)} of {len(configs)} cells already finished; running {len(todo)} "
-                      f"with {min(workers, len(todo))} worker(s)", flush=True)
+                print(
+                    f"{len(configs) - len(todo)} of {len(configs)} cells already finished; running {len(todo)} "
+                    f"with {min(workers, len(todo))} worker(s)",
+                    flush=True,
+                )
             if workers <= 1 or len(todo) == 1:
                 for i, c in enumerate(todo):
                     self.run(c, fn)
                     if progress:
-                        print(f"  [{i + 1}/{len(todo)}] {config_key(c)} done ({time.time() - t0:.0f} s)", flush=True)
+                        print(
+                            f"  [{i + 1}/{len(todo)}] {config_key(c)} done ({time.time() - t0:.0f} s)",
+                            flush=True,
+                        )
             else:
                 ctx = get_context("spawn")
-                with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                                         initializer=_init_worker, initargs=(threads_per_worker,)) as pool:
+                with ProcessPoolExecutor(
+                    max_workers=min(workers, len(todo)),
+                    mp_context=ctx,
+                    initializer=_init_worker,
+                    initargs=(threads_per_worker,),
+                ) as pool:
                     futures = [pool.submit(_run_one, str(self.root), c, fn) for c in todo]
                     for i, fut in enumerate(futures):
                         fut.result()
                         if progress:
-                            print(f"  [{i + 1}/{len(todo)}] {config_key(todo[i])} done ({time.time() - t0:.0f} s)",
-                                  flush=True)
+                            print(
+                                f"  [{i + 1}/{len(todo)}] {config_key(todo[i])} done ({time.time() - t0:.0f} s)",
+                                flush=True,
+                            )
         return [self.load(c) for c in configs]
 
 

@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("NBHELPERS_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "nbh-cache"))
+os.environ.setdefault(
+    "NBHELPERS_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "nbh-cache")
+)
 torch.set_num_threads(1)
 
 

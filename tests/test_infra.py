@@ -47,9 +47,20 @@ def test_download_errors_are_clear(tmp_path, monkeypatch):
 
 
 def _notebook(path, source):
-    nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": source,
-                     "outputs": [], "execution_count": None}],
-          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    nb = {
+        "cells": [
+            {
+                "cell_type": "code",
+                "metadata": {"tags": ["parameters"]},
+                "source": source,
+                "outputs": [],
+                "execution_count": None,
+            }
+        ],
+        "metadata": {},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
     path.write_text(json.dumps(nb))
 
 
@@ -57,7 +68,9 @@ def _notebook(path, source):
 def fake_root(tmp_path, monkeypatch):
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "params" / "ci").mkdir(parents=True)
-    _notebook(tmp_path / "notebooks" / "demo.ipynb", 'profile = ""\nsizes = [8, 16, 32]\nsteps = 4000\nname = "x"\n')
+    _notebook(
+        tmp_path / "notebooks" / "demo.ipynb", 'profile = ""\nsizes = [8, 16, 32]\nsteps = 4000\nname = "x"\n'
+    )
     (tmp_path / "params" / "ci" / "demo.yaml").write_text("sizes: [8]\nsteps: 10\n")
     monkeypatch.setenv("NBHELPERS_ROOT", str(tmp_path))
     monkeypatch.delenv(profiles.ENV_VAR, raising=False)
@@ -126,8 +139,10 @@ def test_run_grid_parallel_matches_serial(tmp_path):
 
 
 def test_results_round_trip(tmp_path):
-    rows = [results.row("GL at N=8", "width 16", np.float64(0.05), 0.0, "<= 0.1", True),
-            results.row("RP", "16 vs 64", float("nan"))]
+    rows = [
+        results.row("GL at N=8", "width 16", np.float64(0.05), 0.0, "<= 0.1", True),
+        results.row("RP", "16 vs 64", float("nan")),
+    ]
     path = results.write_results(tmp_path / "r" / "demo.json", "demo", "companion", rows)
     assert results.write_results("", "demo", "ci", rows) is None
     (doc,) = results.load_results(tmp_path / "r")
