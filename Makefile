@@ -40,6 +40,7 @@ test-fast: setup                      ## skip tests marked slow
 
 lint: setup
 	$(BIN)/ruff check nbhelpers tests benchmarks tools
+	$(BIN)/ruff format --check nbhelpers tests benchmarks tools
 
 bench: setup                          ## every benchmark, ratios against plain references
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
