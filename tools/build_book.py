@@ -250,6 +250,9 @@ def execute_notebook(
         for note in figure_notes(executed, nb.name):
             print(f"note: {note}", flush=True)
         nbformat.write(executed, tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 is not what a book file should have
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
