@@ -19,6 +19,7 @@ import argparse
 import time
 
 import torch
+from _timing import best_time
 
 from nbhelpers.optimal import OptimalDenoiser
 
@@ -42,19 +43,6 @@ def reference_denoiser(x: torch.Tensor, train: torch.Tensor, sigma: float, chunk
         den += prob.sum(1)
         num += (prob[:, :, None, None, None] * y[None]).sum(1)
     return num / den[:, None, None, None]
-
-
-def best_time(fn, repeats: int, sync, clock=time.perf_counter) -> float:
-    """Best time of ``repeats`` calls (after one warm-up call), read from ``clock``."""
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = clock()
-        fn()
-        sync()
-        best = min(best, clock() - t0)
-    return best
 
 
 def main() -> None:

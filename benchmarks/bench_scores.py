@@ -21,6 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _timing import best_time
 
 from nbhelpers.scores import max_similarity
 
@@ -48,19 +49,6 @@ print(json.dumps(res))
 def naive_max_similarity(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole (Nq, Nk) cosine matrix at once, then its row maxima."""
     return (F.normalize(q, dim=1) @ F.normalize(k, dim=1).T).max(1)
-
-
-def best_time(fn, repeats: int, sync, clock=time.perf_counter) -> float:
-    """Best time of ``repeats`` calls (after one warm-up call), read from ``clock``."""
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = clock()
-        fn()
-        sync()
-        best = min(best, clock() - t0)
-    return best
 
 
 def main() -> None:
