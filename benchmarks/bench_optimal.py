@@ -16,10 +16,9 @@ the largest difference between the two denoiser outputs. Run:
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from _timing import best_time
+from _timing import add_common_arguments, best_time, setup
 
 from nbhelpers.optimal import OptimalDenoiser
 
@@ -47,14 +46,7 @@ def reference_denoiser(x: torch.Tensor, train: torch.Tensor, sigma: float, chunk
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine, one thread)",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for all methods")
+    add_common_arguments(parser)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--num-train", type=int, default=4096)
     parser.add_argument("--chunk", type=int, default=1024, help="OptimalDenoiser chunk size")
@@ -69,10 +61,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device, sync, clock = setup(args)
     g = torch.Generator(device="cpu").manual_seed(0)
     train = (torch.rand(args.num_train, 3, 32, 32, generator=g) * 2 - 1).to(device)
     noise = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)

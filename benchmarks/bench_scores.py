@@ -17,11 +17,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from _timing import best_time
+from _timing import add_common_arguments, best_time, setup
 
 from nbhelpers.scores import max_similarity
 
@@ -53,14 +52,7 @@ def naive_max_similarity(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine, one thread)",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for every method")
+    add_common_arguments(parser)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=4096, help="rows per chunk, for queries and keys")
     parser.add_argument("--small", type=int, nargs=2, default=[10_000, 5_000], metavar=("NQ", "NK"))
@@ -68,10 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device, sync, clock = setup(args)
     g = torch.Generator().manual_seed(0)
     nq, nk = args.small
     q = torch.randn(nq, args.dim, generator=g).to(device)

@@ -285,28 +285,9 @@ def test_train_molrg_and_resume(tmp_path, capsys):
     ).iterdir()
     assert run_dir.name.startswith("00000-molrg-uncond-ddpmpp-edm")
     # Resume the newest run for longer: it continues from the last state dump.
-    code, out, _ = run(
-        capsys,
-        *args[:-10],
-        "--duration",
-        "0.000512",
-        "--batch",
-        "32",
-        "--tick",
-        "0.064",
-        "--snap",
-        "1",
-        "--dump",
-        "2",
-        "--lr-rampup",
-        "0",
-        "--dropout",
-        "0",
-        "--device",
-        "cpu",
-        "--resume",
-        "latest",
-    )
+    longer = list(args)
+    longer[longer.index("--duration") + 1] = "0.000512"
+    code, out, _ = run(capsys, *longer, "--resume", "latest")
     assert code == 0
     stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
     assert max(s["step"] for s in stats) == 16
