@@ -4,7 +4,8 @@ Layout: ``<root>/<prefix>-<hash>/`` holding ``config.json``, ``result.json`` and
 ``arrays.npz`` plus any files the cell wrote (e.g. a checkpoint). A cell folder appears only when
 complete (it is built in a temporary folder and renamed), so a killed sweep resumes where it stopped,
 finished cells are skipped, and disjoint subsets of a grid can run as separate jobs (papermill on
-several nodes) against one shared ``root``.
+several nodes) against one shared ``root``. A long cell can also resume *inside* itself: files it keeps
+in :func:`work_dir` (training-state dumps) survive a killed run and are removed once the cell is stored.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def config_key(config: dict[str, Any], prefix: str | None = None) -> str:
     digest = hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
     prefix = prefix or str(config.get("kind", "cell"))
     return f"{prefix}-{digest}"
+
+
+def work_dir(staging: Path, config: dict[str, Any]) -> Path:
+    """Persistent scratch folder of a cell, ``<root>/.work-<key>/``, for resumable work such as
+    training-state dumps; given the staging folder a cell function receives. Removed on commit."""
+    return Path(staging).parent / f".work-{config_key(config)}"
 
 
 class RunStore:
@@ -107,6 +114,7 @@ class RunStore:
                 shutil.rmtree(dest, ignore_errors=True)
                 os.replace(staging_dir, dest)
             # else another job finished the same cell first: keep theirs (same config, same result)
+        shutil.rmtree(work_dir(staging_dir, config), ignore_errors=True)
         return dest
 
     def run(

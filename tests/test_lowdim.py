@@ -243,3 +243,56 @@ def test_unet_cell_end_to_end(tmp_path):
                         "success": [False, True]})  # fmt: skip
     fig = lowdim.plot_phase_transition(sub, table, trans, "ci", 0.1)
     assert fig.axes
+
+
+@pytest.mark.slow
+def test_unet_rank_history_and_resume(tmp_path):
+    """The MoLRG U-Net's profile at earlier training steps comes from EMA snapshots; a killed training
+    resumes from its state dump in the cell's work folder and gives the same profiles; the folder goes."""
+    from nbhelpers import runs
+
+    train = {"total_steps": 4, "batch_size": 16, "lr": 0.002, "lr_rampup_kimg": 0, "ema_beta": 0.9}
+    params = {**ci_params("jacobian_rank"), "molrg_models": ["unet"], "image_train": {}, "rank_seeds": [0, 1],
+              "molrg_train": train, "molrg_rank_steps": [4, 2]}  # fmt: skip
+    (config,) = lowdim.rank_configs(params)
+    assert config["rank_steps"] == [2, 4]
+    fresh = runs.RunStore(tmp_path / "fresh").run(config, lowdim.run_rank_cell)
+    assert not list((tmp_path / "fresh").glob(".work-*")) and not list((tmp_path / "fresh").glob(".tmp-*"))
+    hist = lowdim.rank_history([fresh])
+    assert sorted(hist.train_steps.unique()) == [2, 4] and len(hist) == 2 * 2 * 18
+    last = hist[hist.train_steps == 4].sort_values(["point", "sigma"])
+    final = lowdim.rank_table([fresh]).sort_values(["point", "sigma"])
+    np.testing.assert_array_equal(last["rank"].to_numpy(), final["rank"].to_numpy())
+
+    # A run killed after 2 steps left its state dump in the work folder: the cell resumes from it.
+    store = runs.RunStore(tmp_path / "resumed")
+    work = runs.work_dir(store.root / "staging", config)
+    spec = config["data"]
+    x = lowdim.molrg_training_set(spec, config["per_class"], seed=spec["seed"] * 1000 + 1)
+    lowdim._train_unet(x, config["network"], {**train, "total_steps": 2}, torch.device("cpu"), outdir=work,
+                       snapshot_steps=2)  # fmt: skip
+    assert list(work.glob("training-state-*.pt"))
+    resumed = store.run(config, lowdim.run_rank_cell)
+    assert not work.exists()
+    for key in ("history_train_steps", "history_rank", "rank"):
+        np.testing.assert_array_equal(resumed["arrays"][key], fresh["arrays"][key])
+    assert resumed["train_seconds"] > 0
+
+    floor = lowdim.rank_floor(hist)
+    assert list(floor.train_steps) == [2, 4] and floor.floor.between(0, 1).all()
+    empty = lowdim.rank_history([{**fresh, "arrays": {}}])
+    assert empty.empty and lowdim.rank_floor(empty).empty and lowdim.rank_floor_checks(empty, 48, 6) == []
+    fig = lowdim.plot_rank_floor(hist, lowdim.rank_table([fresh]), "ci", 48, 6)
+    assert fig.axes
+    with pytest.raises(ValueError, match="molrg_rank_steps"):
+        lowdim.run_rank_cell({**config, "rank_steps": [2, 8]}, tmp_path / "bad")
+
+
+def test_rank_floor_checks_need_a_falling_floor():
+    def hist(floors):
+        return pd.DataFrame([{"panel": "molrg", "label": "U-Net", "n": 48, "train_steps": s, "point": p, "sigma": 1.0,
+                              "snr": 1.0, "rank": 0, "rank_ratio": f} for s, f in floors for p in (0, 1)])  # fmt: skip
+
+    (ok,) = lowdim.rank_floor_checks(hist([(100, 0.4), (200, 0.2)]), 48, 6)
+    (bad,) = lowdim.rank_floor_checks(hist([(100, 0.2), (200, 0.3)]), 48, 6)
+    assert ok["passed"] is True and bad["passed"] is False and ok["companion"] == "1.60 vs 3.20 d/n"

@@ -263,7 +263,8 @@ def rank_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     Real-image panel: ``checkpoints`` (EDM .pkl paths/URLs, the paper profile) and, when
     ``image_train`` is non-empty, a U-Net trained on Fashion-MNIST at ``image_resolution``. MoLRG panel:
-    ``molrg_models`` among 'closed_form', 'lowrank', 'unet'. Points: ``points`` = 'trajectory' (the
+    ``molrg_models`` among 'closed_form', 'lowrank', 'unet'; the MoLRG U-Net's profile is also taken at
+    the training steps ``molrg_rank_steps`` (EMA snapshots of the same run). Points: ``points`` = 'trajectory' (the
     Jacobian at the start of each step of the 18-step Heun sampler from ``rank_seeds``) or 'grid'
     (held-out clean points plus noise at sigma = 1/``snr_grid``).
     """
@@ -296,6 +297,9 @@ def rank_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
         if model == "unet":
             cfg["network"] = dict(params["molrg_network"])
             cfg["train"] = _train_section(params["molrg_train"])
+            steps = sorted({int(s) for s in params.get("molrg_rank_steps", [])})
+            if steps:
+                cfg["rank_steps"] = steps
         if model == "lowrank":
             cfg["train"] = _train_section(params["lowrank_train"])
             cfg["restarts"] = int(params["restarts"])
@@ -303,18 +307,36 @@ def rank_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
     return configs
 
 
+DUMP_STEPS = 5000  # training-state dump interval of resumable U-Net trainings (~7 min on one CPU core)
+
+
 def _train_unet(
-    data: torch.Tensor, network: Mapping[str, Any], train: Mapping[str, Any], device: torch.device
+    data: torch.Tensor,
+    network: Mapping[str, Any],
+    train: Mapping[str, Any],
+    device: torch.device,
+    outdir: Path | None = None,
+    snapshot_steps: int | None = None,
 ):
+    """Train an EDM-preconditioned DDPM++ U-Net; with ``outdir`` the run dumps its state every
+    ``DUMP_STEPS`` steps there and resumes from the newest dump (a killed notebook loses little)."""
     from ..training import TrainConfig
     from ..training import train as run_training
 
     cfg = TrainConfig(arch="ddpmpp", precond="edm", network=dict(network), **train,
-                      log_every=max(1, int(train["total_steps"]) // 10))  # fmt: skip
+                      log_every=max(1, int(train["total_steps"]) // 10), snapshot_steps=snapshot_steps,
+                      state_dump_steps=DUMP_STEPS if outdir is not None else None)  # fmt: skip
     t0 = time.perf_counter()
-    result = run_training(cfg, data, device=device, progress=False)
+    result = run_training(cfg, data, outdir=outdir, device=device, progress=False,
+                          resume="auto" if outdir is not None else None)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    if outdir is not None:  # steps done before a resume count too: time of each logged window
+        seconds, prev = 0.0, 0
+        for h in result.history:
+            seconds += (h["step"] - prev) * cfg.batch_size / max(h["images_per_sec"], 1e-9)
+            prev = h["step"]
     losses = [h["loss"] for h in result.history]
-    return result.ema, {"train_seconds": time.perf_counter() - t0, "final_loss": losses[-1] if losses else None,
+    return result.ema, {"train_seconds": seconds, "final_loss": losses[-1] if losses else None,
                         "params": sum(p.numel() for p in result.ema.parameters())}  # fmt: skip
 
 
@@ -325,8 +347,13 @@ def _image_data(data: Mapping[str, Any], train: bool, count: int) -> torch.Tenso
     return torch.from_numpy(images)
 
 
-def build_rank_model(config: Mapping[str, Any], device: torch.device) -> tuple[Any, dict[str, Any], Any]:
-    """The denoiser of a rank config, training facts, and held-out clean points (or None)."""
+def build_rank_model(
+    config: Mapping[str, Any], device: torch.device, work: Path | None = None
+) -> tuple[Any, dict[str, Any], Any]:
+    """The denoiser of a rank config, training facts, and held-out clean points (or None).
+
+    A MoLRG U-Net with ``rank_steps`` trains resumably in ``work`` and leaves EMA snapshots there.
+    """
     model, info = config["model"], {}
     held_out = None
     npts = len(config["points"]["seeds"])
@@ -346,7 +373,17 @@ def build_rank_model(config: Mapping[str, Any], device: torch.device) -> tuple[A
         return mix.denoiser().to(device), info, held_out
     x = molrg_training_set(spec, config["per_class"], seed=spec["seed"] * 1000 + 1)
     if model == "unet":
-        net, info = _train_unet(x, config["network"], config["train"], device)
+        steps = config.get("rank_steps", [])
+        if not steps:
+            net, info = _train_unet(x, config["network"], config["train"], device)
+            return net, info, held_out
+        total = int(config["train"]["total_steps"])
+        if steps[-1] > total or steps[0] < 1:
+            raise ValueError(f"molrg_rank_steps {steps} must lie in [1, total_steps = {total}]")
+        every = math.gcd(*steps, total)
+        net, info = _train_unet(
+            x, config["network"], config["train"], device, outdir=work, snapshot_steps=every
+        )
         return net, info, held_out
     from ..molrg import subspace_distance
     from ..training import TrainConfig
@@ -368,23 +405,40 @@ def build_rank_model(config: Mapping[str, Any], device: torch.device) -> tuple[A
 
 def run_rank_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Build/train the model of ``config`` and store its rank profile (one row per point and sigma)."""
+    from ..checkpoints import load_network
     from ..jacobian import rank_profile
+    from ..runs import work_dir
+    from ..training import snapshot_path
 
     device = _device()
-    net, info, held_out = build_rank_model(config, device)
+    work = work_dir(staging, config) if config.get("rank_steps") else None
+    net, info, held_out = build_rank_model(config, device, work)
     pts = config["points"]
     t0 = time.perf_counter()
     kwargs = dict(rule=pts["rule"], ratio=pts["ratio"], device=device)
-    if pts["mode"] == "trajectory":
-        df = rank_profile(net, seeds=pts["seeds"], trajectory=True, **kwargs)
-    else:
+
+    def profile(model: Any) -> pd.DataFrame:
+        if pts["mode"] == "trajectory":
+            return rank_profile(model, seeds=pts["seeds"], trajectory=True, **kwargs)
         if held_out is None:
             raise ValueError(f"{config['model']}: points='grid' needs clean data; use points='trajectory'")
-        df = rank_profile(net, clean=held_out.to(device), sigmas=[1 / s for s in pts["snr_grid"]],
-                          seeds=pts["seeds"], **kwargs)  # fmt: skip
+        return rank_profile(model, clean=held_out.to(device), sigmas=[1 / s for s in pts["snr_grid"]],
+                            seeds=pts["seeds"], **kwargs)  # fmt: skip
+
+    df = profile(net)
+    cols = ("point", "sigma", "snr", "rank", "rank_ratio")
+    arrays = {c: df[c].to_numpy(dtype=float) for c in cols}
+    if work is not None:  # the same profile at earlier training steps, from the run's EMA snapshots
+        total, batch = int(config["train"]["total_steps"]), int(config["train"]["batch_size"])
+        frames = [df.assign(train_steps=total)]
+        for s in (s for s in config["rank_steps"] if s < total):
+            frames.append(
+                profile(load_network(snapshot_path(work, s * batch), device=device)).assign(train_steps=s)
+            )
+        hist = pd.concat(frames, ignore_index=True)
+        arrays.update({f"history_{c}": hist[c].to_numpy(dtype=float) for c in ("train_steps", *cols)})
     info["jacobian_seconds"] = time.perf_counter() - t0
     info["n"] = int(df["n"].iloc[0])
-    arrays = {c: df[c].to_numpy(dtype=float) for c in ("point", "sigma", "snr", "rank", "rank_ratio")}
     return {"panel": config["panel"], "model": config["model"], "label": config["label"], **info}, arrays
 
 
@@ -396,6 +450,92 @@ def rank_table(cells: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         frames.append(pd.DataFrame({"panel": c["panel"], "model": c["model"], "label": c["label"], "n": c["n"],
                                     **{k: a[k] for k in ("point", "sigma", "snr", "rank", "rank_ratio")}}))  # fmt: skip
     return pd.concat(frames, ignore_index=True)
+
+
+def rank_history(cells: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Rank profiles at several training steps (cells with ``rank_steps``): label, train_steps, point,
+    sigma, snr, rank, rank_ratio, n; empty when no cell has them."""
+    frames = []
+    for c in cells:
+        a = c.get("arrays", {})
+        if "history_train_steps" not in a:
+            continue
+        cols = ("train_steps", "point", "sigma", "snr", "rank", "rank_ratio")
+        frames.append(pd.DataFrame({"panel": c["panel"], "label": c["label"], "n": c["n"],
+                                    **{k: a[f"history_{k}"] for k in cols}}))  # fmt: skip
+    if not frames:
+        return pd.DataFrame(
+            columns=["panel", "label", "n", "train_steps", "point", "sigma", "snr", "rank", "rank_ratio"]
+        )
+    out = pd.concat(frames, ignore_index=True)
+    out["train_steps"] = out["train_steps"].astype(int)
+    return out
+
+
+def rank_floor(table: pd.DataFrame, lo: float = 0.5, hi: float = 4.0) -> pd.DataFrame:
+    """Lowest mean rank ratio over SNR in [lo, hi] per label (and per train_steps when present):
+    columns label, [train_steps,] floor, snr_at_floor, floor_sd (spread over points at that SNR)."""
+    keys = ["label", "train_steps"] if "train_steps" in table.columns else ["label"]
+    cols = [*keys, "floor", "snr_at_floor", "floor_sd"]
+    if table.empty:
+        return pd.DataFrame(columns=cols)
+    band = table[(table.snr >= lo) & (table.snr <= hi)]
+    if band.empty:
+        raise ValueError(f"no rank ratios with SNR in [{lo}, {hi}]")
+    g = band.groupby([*keys, "snr"])["rank_ratio"].agg(["mean", "std"]).reset_index()
+    best = g.loc[g.groupby(keys)["mean"].idxmin()]
+    best = best.rename(columns={"mean": "floor", "snr": "snr_at_floor", "std": "floor_sd"})
+    return best[cols].sort_values(keys).reset_index(drop=True)
+
+
+def rank_floor_checks(history: pd.DataFrame, n: int, d: int) -> list[dict[str, Any]]:
+    """Result rows on the U-Net's rank floor against training length: it must fall from the first to
+    the last snapshot (reported per snapshot in the notebook); none without a history."""
+    from ..results import row
+
+    floor = rank_floor(history)
+    out = []
+    for label, t in floor.groupby("label"):
+        t = t.sort_values("train_steps")
+        if len(t) < 2:
+            continue
+        first, last = t.iloc[0], t.iloc[-1]
+        out.append(row(f"rank floor (min over SNR 0.5-4), {label} on MoLRG, after {int(last.train_steps)} vs "
+                       f"{int(first.train_steps)} steps", f"MoLRG n={n}, d={d}",
+                       f"{last.floor * n / d:.2f} vs {first.floor * n / d:.2f} d/n", "d/n", "falls with training",
+                       bool(last.floor < first.floor)))  # fmt: skip
+    return out
+
+
+def plot_rank_floor(history: pd.DataFrame, table: pd.DataFrame, profile: str, n: int, d: int):
+    """Floor of the rank ratio (min over SNR 0.5-4, mean +- sd over points) against training steps,
+    with d/n, the paper's U-Net (0.125 at SNR 1.67) and the closed-form denoiser's floor if in ``table``."""
+    import matplotlib.pyplot as plt
+
+    from ..plotting import colors, profile_badge, style
+
+    floor = rank_floor(history)
+    optimum = rank_floor(table[table.label == "closed-form"])
+    with style():
+        fig, ax = plt.subplots(figsize=(5.4, 3.6))
+        for color, (label, t) in zip(colors(max(1, floor["label"].nunique())), floor.groupby("label")):
+            t = t.sort_values("train_steps")
+            ax.errorbar(t["train_steps"], t["floor"], yerr=t["floor_sd"].fillna(0), marker="o", ms=4,
+                        capsize=2, color=color, label=f"{label} (mean +- sd over points)")  # fmt: skip
+        ax.axhline(d / n, color="0.3", lw=0.8, ls=":", label=f"d/n = {d / n:.3f}")
+        ax.axhline(0.125, color="0.5", lw=1, ls="--", label="paper U-Net (SNR 1.67)")
+        if len(optimum):
+            ax.axhline(
+                float(optimum.floor.iloc[0]), color="0.6", lw=3, alpha=0.5, label="closed-form denoiser"
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("training steps")
+        ax.set_ylabel("min rank ratio over SNR 0.5-4")
+        ax.set_ylim(0, None)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        profile_badge(fig, profile)
+    return fig
 
 
 def rank_summary(table: pd.DataFrame) -> pd.DataFrame:
