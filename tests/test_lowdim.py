@@ -117,6 +117,25 @@ def test_transition_point():
     assert math.isnan(lowdim.transition_point(t, "x", "y", 0.95))
 
 
+def test_unet_transitions_report_the_spread_over_training_seeds():
+    # seed 0 crosses GL = 0.5 x fresh exactly at N_k = 4, seed 1 at N_k = 8; the mean curve in between.
+    gl = {0: [0.0, 0.2, 0.5, 0.9], 1: [0.0, 0.1, 0.3, 0.5]}
+    table = pd.DataFrame([{"d": 2, "per_class": nk, "seed": sd, "gl": g, "gl_fresh": 1.0}
+                          for sd, gls in gl.items() for nk, g in zip([1, 2, 4, 8], gls)])  # fmt: skip
+    (tr,) = lowdim.unet_transitions(table).itertuples()
+    assert (tr.nk_star_min, tr.nk_star_max, tr.seeds) == pytest.approx((4.0, 8.0, 2)) and 4 < tr.nk_star < 8
+    one = lowdim.unet_transitions(table[table.seed == 0])
+    assert one.nk_star.iloc[0] == 4.0 and one.seeds.iloc[0] == 1
+    two_d = pd.concat([table, table.assign(d=4, per_class=table.per_class * 2)])
+    rows = lowdim.unet_checks(two_d, lowdim.unet_transitions(two_d))
+    assert (
+        rows[-2]["passed"] is True
+        and rows[-2]["companion"].startswith("d=2: 2.")
+        and "(2.0-4.0)" in rows[-2]["companion"]
+    )
+    assert rows[-1]["companion"] == pytest.approx(1.0)
+
+
 # ----------------------------------------------------------------------------
 # Configs from the notebooks' parameters.
 

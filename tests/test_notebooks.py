@@ -37,6 +37,12 @@ def test_parameters_cell_is_literal_and_covers_every_profile(path):
         ast.literal_eval(node.value)  # raises on anything but a literal
     defaults = profiles.notebook_defaults(path)
     assert "profile" in defaults, f"{path.name}: needs a 'profile' parameter"
+    # papermill must see every parameter too (it cannot parse a line whose comment holds '='); a line it
+    # misses is still injected, but with an 'Unable to parse' warning and no entry in --help-notebook.
+    from papermill.translators import PythonTranslator
+
+    seen = {p.name for p in PythonTranslator.inspect({"source": src})}
+    assert seen == set(defaults), f"{path.name}: papermill does not parse {sorted(set(defaults) - seen)}"
     for profile in ("ci", "paper"):
         file = profiles.repo_root() / "params" / profile / f"{path.stem}.yaml"
         if file.exists():

@@ -839,12 +839,17 @@ def unet_table(cells: Sequence[Mapping[str, Any]], ratio: float = 1 / 3) -> pd.D
 
 
 def unet_transitions(table: pd.DataFrame, level: float = 0.5) -> pd.DataFrame:
-    """N_k* per d: first N_k where GL reaches ``level`` times the fresh-sample GL (interpolated), and N_k*/d."""
+    """N_k* per d: first N_k where GL reaches ``level`` times the fresh-sample GL (interpolated) on the
+    seed-mean curve, N_k*/d, and the range of the per-seed N_k* (``nk_star_min``/``nk_star_max``, NaN
+    where a seed never crosses) over ``seeds`` training seeds."""
     rows = []
     for d, t in table.groupby("d"):
         t = t.assign(gl_rel=t.gl / t.gl_fresh.clip(lower=1e-9))
         nk = transition_point(t, "per_class", "gl_rel", level)
-        rows.append({"d": int(d), "nk_star": nk, "nk_star_over_d": nk / d})
+        per_seed = [transition_point(g, "per_class", "gl_rel", level) for _, g in t.groupby("seed")]
+        lo, hi = (min(per_seed), max(per_seed)) if not np.isnan(per_seed).any() else (np.nan, np.nan)
+        rows.append({"d": int(d), "nk_star": nk, "nk_star_over_d": nk / d, "nk_star_min": lo, "nk_star_max": hi,
+                     "seeds": len(per_seed)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -863,9 +868,16 @@ def unet_checks(table: pd.DataFrame, trans: pd.DataFrame, memorized: float = 0.3
                        f"<= {memorized:g}", first <= memorized))  # fmt: skip
         out.append(row("U-Net GL / fresh-sample GL at the largest N_k", f"d={d}, N_k={t.per_class.max()}",
                        round(last, 3), "~1", ">= 0.8", last >= 0.8))  # fmt: skip
-    tr = trans.dropna().sort_values("d")
+    tr = trans.dropna(subset=["nk_star"]).sort_values("d")
     ok = len(tr) >= 2 and bool(np.all(np.diff(tr.nk_star.to_numpy()) > 0))
-    ratios = ", ".join(f"d={int(r.d)}: {r.nk_star_over_d:.1f}" for r in tr.itertuples())
+
+    def ratio(r: Any) -> str:
+        spread = getattr(r, "seeds", 1) > 1 and not np.isnan(r.nk_star_min)
+        return f"d={int(r.d)}: {r.nk_star_over_d:.1f}" + (
+            f" ({r.nk_star_min / r.d:.1f}-{r.nk_star_max / r.d:.1f})" if spread else ""
+        )
+
+    ratios = ", ".join(ratio(r) for r in tr.itertuples())
     out.append(row("U-Net transition N_k*/d", "GL = half the fresh-sample GL", ratios or "n/a", "N_k ~ 50-60 d (U-Net)",
                    "N_k* increases with d", ok, note="the constant depends on model size and training length"))  # fmt: skip
     if len(tr) >= 2:
@@ -954,8 +966,11 @@ def plot_phase_transition(sub: pd.DataFrame | None, unet: pd.DataFrame | None, t
             ax.legend(fontsize=7)
             ax = axes[r, 1]
             if trans is not None and len(trans.dropna()):
-                tr = trans.dropna()
-                ax.plot(tr.d, tr.nk_star, marker="o", color="k", label="N_k* (GL = half of fresh)")
+                tr = trans.dropna(subset=["nk_star"])
+                err = np.stack([tr.nk_star - tr.nk_star_min, tr.nk_star_max - tr.nk_star]).clip(min=0)
+                seeds = int(tr.seeds.max()) if "seeds" in tr else 1
+                ax.errorbar(tr.d, tr.nk_star, yerr=np.nan_to_num(err) if seeds > 1 else None, marker="o", color="k",
+                            capsize=3, label="N_k* (GL = half of fresh)" + (f", range over {seeds} seeds" if seeds > 1 else ""))  # fmt: skip
                 c = float(np.exp(np.mean(np.log(tr.nk_star / tr.d))))
                 dd = np.linspace(0, max(ds) * 1.1, 10)
                 ax.plot(dd, c * dd, ls="--", color="0.5", label=f"N_k = {c:.1f} d")
