@@ -981,5 +981,6 @@ def plot_phase_transition(sub: pd.DataFrame | None, unet: pd.DataFrame | None, t
             for j in range(2, ncols):
                 axes[r, j].axis("off")
         fig.tight_layout()
-        profile_badge(fig, profile)
+        # the badge goes into the empty lower-right panel when there is one, clear of the titles
+        profile_badge(fig, profile, loc="lower right" if unet is not None and ncols > 2 else "upper right")
     return fig
