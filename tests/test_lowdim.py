@@ -175,12 +175,9 @@ def test_paper_profiles_are_consistent():
 def test_unet_configs_batch_and_order():
     params = ci_params("molrg_phase_transition")
     configs = lowdim.unet_configs(params)
-    assert sorted((c["data"]["intrinsic_dim"], c["per_class"]) for c in configs) == [
-        (2, 2),
-        (2, 8),
-        (4, 4),
-        (4, 16),
-    ]
+    assert params["train_seeds"] == [0, 1]
+    cells = sorted((c["data"]["intrinsic_dim"], c["per_class"], c["seed"]) for c in configs)
+    assert cells == [(d, nk, seed) for d, nk in [(2, 2), (2, 8), (4, 4), (4, 16)] for seed in (0, 1)]
     for c in configs:
         assert c["train"]["batch_size"] == min(32, 2 * c["per_class"])
     assert configs[0]["per_class"] == 16  # the largest batch first
@@ -254,7 +251,7 @@ def test_unet_cell_end_to_end(tmp_path):
         assert np.all((arrays["off_subspace"] >= 0) & (arrays["off_subspace"] <= 1))
         cells.append({**result, "arrays": arrays})
     table = lowdim.unet_table(cells)
-    assert list(table.d) == [2, 3] and table.gl.between(0, 1).all()
+    assert list(table.d) == [2, 2, 3, 3] and list(table.seed) == [0, 1, 0, 1] and table.gl.between(0, 1).all()
     trans = lowdim.unet_transitions(table)
     checks = lowdim.unet_checks(table, trans)
     assert len(checks) == 6 and checks[-1]["passed"] is None
