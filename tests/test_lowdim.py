@@ -217,6 +217,20 @@ def test_rank_cell_grid_mode_lowrank(tmp_path):
     np.testing.assert_allclose(arrays["rank_ratio"][arrays["snr"] == 100.0], 6 / 48)
 
 
+def test_rank_checks_u_net_floor_near_d_over_n():
+    def unet(floor):
+        curve = {500.0: 0.98, 2.0: floor, 1.0: floor + 0.02, 0.01: 0.6}
+        return pd.DataFrame([{"panel": "molrg", "model": "unet", "label": "U-Net", "n": 48, "point": 0,
+                              "sigma": 1 / s, "snr": s, "rank": 0, "rank_ratio": r} for s, r in curve.items()])  # fmt: skip
+
+    near = {c["quantity"]: c for c in lowdim.rank_checks(unet(0.15), 48, 2, 6)}
+    far = {c["quantity"]: c for c in lowdim.rank_checks(unet(0.25), 48, 2, 6)}
+    key = "rank ratio, U-Net on MoLRG, min over SNR 0.5-4"
+    assert near[key]["passed"] is True and near[key]["note"].startswith("= 1.20 d/n")
+    assert far[key]["passed"] is False
+    assert lowdim.rank_checks(unet(0.25), 48, 2, 6, unet_floor=2.5)[1]["passed"] is True
+
+
 def test_rank_checks_flag_a_wrong_curve():
     rows = [{"panel": "molrg", "model": "closed_form", "label": "closed-form", "n": 48, "point": 0, "sigma": 1 / s,
              "snr": s, "rank": 12, "rank_ratio": 0.25} for s in (500.0, 0.01)]  # fmt: skip
