@@ -283,7 +283,7 @@ def test_unet_rank_history_and_resume(tmp_path):
 
     train = {"total_steps": 4, "batch_size": 16, "lr": 0.002, "lr_rampup_kimg": 0, "ema_beta": 0.9}
     params = {**ci_params("jacobian_rank"), "molrg_models": ["unet"], "image_train": {}, "rank_seeds": [0, 1],
-              "molrg_train": train, "molrg_rank_steps": [4, 2]}  # fmt: skip
+              "molrg_train": train, "molrg_rank_steps": [4, 2], "molrg_gl_samples": 8}  # fmt: skip
     (config,) = lowdim.rank_configs(params)
     assert config["rank_steps"] == [2, 4]
     fresh = runs.RunStore(tmp_path / "fresh").run(config, lowdim.run_rank_cell)
@@ -304,7 +304,7 @@ def test_unet_rank_history_and_resume(tmp_path):
     assert list(work.glob("training-state-*.pt"))
     resumed = store.run(config, lowdim.run_rank_cell)
     assert not work.exists()
-    for key in ("history_train_steps", "history_rank", "rank"):
+    for key in ("history_train_steps", "history_rank", "rank", "copies_nn_ratio"):
         np.testing.assert_array_equal(resumed["arrays"][key], fresh["arrays"][key])
     assert resumed["train_seconds"] > 0
 
@@ -312,8 +312,14 @@ def test_unet_rank_history_and_resume(tmp_path):
     assert list(floor.train_steps) == [2, 4] and floor.floor.between(0, 1).all()
     empty = lowdim.rank_history([{**fresh, "arrays": {}}])
     assert empty.empty and lowdim.rank_floor(empty).empty and lowdim.rank_floor_checks(empty, 48, 6) == []
-    fig = lowdim.plot_rank_floor(hist, lowdim.rank_table([fresh]), "ci", 48, 6)
-    assert fig.axes
+    gl = lowdim.rank_generalization([fresh])
+    assert list(gl.train_steps) == [2, 4] and list(gl.samples) == [8, 8] and gl.gl.between(0, 1).all()
+    assert lowdim.rank_generalization([{**fresh, "arrays": {}}]).empty
+    (falls, generalizes) = lowdim.rank_floor_checks(hist, 48, 6, gl.assign(gl=[0.5, 0.95]))[::-1]
+    assert generalizes["passed"] is True and generalizes["companion"] == 0.95
+    assert lowdim.rank_floor_checks(hist, 48, 6, gl.assign(gl=0.5))[0]["passed"] is False
+    fig = lowdim.plot_rank_floor(hist, "ci", 48, 6, gl)
+    assert len(fig.axes) == 2
     with pytest.raises(ValueError, match="molrg_rank_steps"):
         lowdim.run_rank_cell({**config, "rank_steps": [2, 8]}, tmp_path / "bad")
 

@@ -300,6 +300,7 @@ def rank_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
             steps = sorted({int(s) for s in params.get("molrg_rank_steps", [])})
             if steps:
                 cfg["rank_steps"] = steps
+                cfg["gl_samples"] = int(params.get("molrg_gl_samples", 0))
         if model == "lowrank":
             cfg["train"] = _train_section(params["lowrank_train"])
             cfg["restarts"] = int(params["restarts"])
@@ -347,6 +348,11 @@ def _image_data(data: Mapping[str, Any], train: bool, count: int) -> torch.Tenso
     return torch.from_numpy(images)
 
 
+def _rank_training_set(config: Mapping[str, Any]) -> torch.Tensor:
+    spec = config["data"]
+    return molrg_training_set(spec, config["per_class"], seed=spec["seed"] * 1000 + 1)
+
+
 def build_rank_model(
     config: Mapping[str, Any], device: torch.device, work: Path | None = None
 ) -> tuple[Any, dict[str, Any], Any]:
@@ -371,7 +377,7 @@ def build_rank_model(
     held_out = molrg_training_set(spec, -(-npts // spec["num_classes"]), seed=spec["seed"] * 1000 + 2)[:npts]
     if model == "closed_form":
         return mix.denoiser().to(device), info, held_out
-    x = molrg_training_set(spec, config["per_class"], seed=spec["seed"] * 1000 + 1)
+    x = _rank_training_set(config)
     if model == "unet":
         steps = config.get("rank_steps", [])
         if not steps:
@@ -408,6 +414,7 @@ def run_rank_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any]
     from ..checkpoints import load_network
     from ..jacobian import rank_profile
     from ..runs import work_dir
+    from ..sampling import generate
     from ..training import snapshot_path
 
     device = _device()
@@ -430,13 +437,26 @@ def run_rank_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any]
     arrays = {c: df[c].to_numpy(dtype=float) for c in cols}
     if work is not None:  # the same profile at earlier training steps, from the run's EMA snapshots
         total, batch = int(config["train"]["total_steps"]), int(config["train"]["batch_size"])
-        frames = [df.assign(train_steps=total)]
-        for s in (s for s in config["rank_steps"] if s < total):
-            frames.append(
-                profile(load_network(snapshot_path(work, s * batch), device=device)).assign(train_steps=s)
-            )
+        x = _rank_training_set(config)
+        frames, copies = [], []
+        for s in config["rank_steps"]:
+            model = net if s == total else load_network(snapshot_path(work, s * batch), device=device)
+            frames.append(profile(model).assign(train_steps=s))
+            if config.get("gl_samples", 0) > 0:  # is the model still generalizing? NN ratios of its samples
+                samples = generate(
+                    model, range(config["gl_samples"]), batch_size=256, device=device, output="float"
+                )
+                copies.append(pd.DataFrame({"train_steps": s, "nn_ratio": nn_ratio(samples.cpu(), x)}))
         hist = pd.concat(frames, ignore_index=True)
         arrays.update({f"history_{c}": hist[c].to_numpy(dtype=float) for c in ("train_steps", *cols)})
+        if copies:
+            c = pd.concat(copies, ignore_index=True)
+            arrays.update(
+                {
+                    "copies_train_steps": c["train_steps"].to_numpy(float),
+                    "copies_nn_ratio": c["nn_ratio"].to_numpy(),
+                }
+            )
     info["jacobian_seconds"] = time.perf_counter() - t0
     info["n"] = int(df["n"].iloc[0])
     return {"panel": config["panel"], "model": config["model"], "label": config["label"], **info}, arrays
@@ -472,6 +492,21 @@ def rank_history(cells: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return out
 
 
+def rank_generalization(cells: Sequence[Mapping[str, Any]], ratio: float = 1 / 3) -> pd.DataFrame:
+    """GL (share of samples that are not copies: NN ratio >= ``ratio``) of the U-Net at each training
+    step of its rank history: columns label, train_steps, gl, samples; empty without such cells."""
+    rows = []
+    for c in cells:
+        a = c.get("arrays", {})
+        if "copies_train_steps" not in a:
+            continue
+        t = pd.DataFrame({"train_steps": a["copies_train_steps"].astype(int), "r": a["copies_nn_ratio"]})
+        for s, g in t.groupby("train_steps"):
+            rows.append({"label": c["label"], "train_steps": int(s), "gl": float((g.r >= ratio).mean()),
+                         "samples": len(g)})  # fmt: skip
+    return pd.DataFrame(rows, columns=["label", "train_steps", "gl", "samples"])
+
+
 def rank_floor(table: pd.DataFrame, lo: float = 0.5, hi: float = 4.0) -> pd.DataFrame:
     """Lowest mean rank ratio over SNR in [lo, hi] per label (and per train_steps when present):
     columns label, [train_steps,] floor, snr_at_floor, floor_sd (spread over points at that SNR)."""
@@ -488,13 +523,21 @@ def rank_floor(table: pd.DataFrame, lo: float = 0.5, hi: float = 4.0) -> pd.Data
     return best[cols].sort_values(keys).reset_index(drop=True)
 
 
-def rank_floor_checks(history: pd.DataFrame, n: int, d: int) -> list[dict[str, Any]]:
+def rank_floor_checks(
+    history: pd.DataFrame, n: int, d: int, gl: pd.DataFrame | None = None, generalizing: float = 0.9
+) -> list[dict[str, Any]]:
     """Result rows on the U-Net's rank floor against training length: it must fall from the first to
-    the last snapshot (reported per snapshot in the notebook); none without a history."""
+    the last snapshot, and (with ``gl`` from :func:`rank_generalization`) the final model must still
+    generalize like the paper's (GL >= ``generalizing``); none without a history."""
     from ..results import row
 
     floor = rank_floor(history)
     out = []
+    for label, t in (gl if gl is not None else pd.DataFrame(columns=["label"])).groupby("label"):
+        last = t.sort_values("train_steps").iloc[-1]
+        out.append(row(f"GL of the {label}'s samples after {int(last.train_steps)} steps", f"MoLRG n={n}, d={d}",
+                       round(float(last.gl), 3), "~1 (generalizing)", f">= {generalizing:g}",
+                       bool(last.gl >= generalizing), note=f"{int(last.samples)} samples; copy: NN1 < NN2 / 3"))  # fmt: skip
     for label, t in floor.groupby("label"):
         t = t.sort_values("train_steps")
         if len(t) < 2:
@@ -507,32 +550,45 @@ def rank_floor_checks(history: pd.DataFrame, n: int, d: int) -> list[dict[str, A
     return out
 
 
-def plot_rank_floor(history: pd.DataFrame, table: pd.DataFrame, profile: str, n: int, d: int):
+def plot_rank_floor(history: pd.DataFrame, profile: str, n: int, d: int, gl: pd.DataFrame | None = None):
     """Floor of the rank ratio (min over SNR 0.5-4, mean +- sd over points) against training steps,
-    with d/n, the paper's U-Net (0.125 at SNR 1.67) and the closed-form denoiser's floor if in ``table``."""
+    with d/n, the paper's U-Net (0.125 at SNR 1.67) and, on a second axis, the GL of the model's
+    samples (``gl`` from :func:`rank_generalization`)."""
+    import matplotlib as mpl
     import matplotlib.pyplot as plt
 
     from ..plotting import colors, profile_badge, style
 
     floor = rank_floor(history)
-    optimum = rank_floor(table[table.label == "closed-form"])
     with style():
-        fig, ax = plt.subplots(figsize=(5.4, 3.6))
+        fig, ax = plt.subplots(figsize=(5.8, 3.7))
         for color, (label, t) in zip(colors(max(1, floor["label"].nunique())), floor.groupby("label")):
             t = t.sort_values("train_steps")
             ax.errorbar(t["train_steps"], t["floor"], yerr=t["floor_sd"].fillna(0), marker="o", ms=4,
-                        capsize=2, color=color, label=f"{label} (mean +- sd over points)")  # fmt: skip
+                        capsize=2, color=color, label=f"{label} rank floor (mean +- sd over points)")  # fmt: skip
         ax.axhline(d / n, color="0.3", lw=0.8, ls=":", label=f"d/n = {d / n:.3f}")
         ax.axhline(0.125, color="0.5", lw=1, ls="--", label="paper U-Net (SNR 1.67)")
-        if len(optimum):
-            ax.axhline(
-                float(optimum.floor.iloc[0]), color="0.6", lw=3, alpha=0.5, label="closed-form denoiser"
-            )
+        steps = sorted(floor["train_steps"].unique())
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(mpl.ticker.FixedLocator(steps))
+        ax.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+        ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())
         ax.set_xlabel("training steps")
         ax.set_ylabel("min rank ratio over SNR 0.5-4")
         ax.set_ylim(0, None)
-        ax.legend(fontsize=7)
+        handles, labels = ax.get_legend_handles_labels()
+        if gl is not None and len(gl):
+            ax2 = ax.twinx()
+            for label, t in gl.groupby("label"):
+                t = t.sort_values("train_steps")
+                ax2.plot(t["train_steps"], t["gl"], color="0.35", ls="-.", marker="s", ms=3,
+                         label=f"GL of {label} samples (right axis)")  # fmt: skip
+            ax2.set_ylim(0, 1.05)
+            ax2.set_ylabel("GL (share of non-copies)")
+            ax2.grid(False)
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.55, 0.9))
         fig.tight_layout()
         profile_badge(fig, profile)
     return fig
