@@ -283,9 +283,9 @@ def test_unet_rank_history_and_resume(tmp_path):
 
     train = {"total_steps": 4, "batch_size": 16, "lr": 0.002, "lr_rampup_kimg": 0, "ema_beta": 0.9}
     params = {**ci_params("jacobian_rank"), "molrg_models": ["unet"], "image_train": {}, "rank_seeds": [0, 1],
-              "molrg_train": train, "molrg_rank_steps": [4, 2], "molrg_gl_samples": 8}  # fmt: skip
+              "molrg_train": train, "molrg_rank_steps": [2], "molrg_gl_samples": 8}  # fmt: skip
     (config,) = lowdim.rank_configs(params)
-    assert config["rank_steps"] == [2, 4]
+    assert config["rank_steps"] == [2]  # the final step (4) joins the history anyway
     fresh = runs.RunStore(tmp_path / "fresh").run(config, lowdim.run_rank_cell)
     assert not list((tmp_path / "fresh").glob(".work-*")) and not list((tmp_path / "fresh").glob(".tmp-*"))
     hist = lowdim.rank_history([fresh])

@@ -439,9 +439,9 @@ def run_rank_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any]
         total, batch = int(config["train"]["total_steps"]), int(config["train"]["batch_size"])
         x = _rank_training_set(config)
         frames, copies = [], []
-        for s in config["rank_steps"]:
+        for s in sorted({*config["rank_steps"], total}):  # the final model always ends the history
             model = net if s == total else load_network(snapshot_path(work, s * batch), device=device)
-            frames.append(profile(model).assign(train_steps=s))
+            frames.append((df if s == total else profile(model)).assign(train_steps=s))
             if config.get("gl_samples", 0) > 0:  # is the model still generalizing? NN ratios of its samples
                 samples = generate(
                     model, range(config["gl_samples"]), batch_size=256, device=device, output="float"
