@@ -80,16 +80,6 @@ def test_fit_lowrank_gives_the_closed_form_denoiser():
 # Small measurements.
 
 
-def test_nn_ratio_matches_brute_force():
-    g = torch.Generator().manual_seed(0)
-    train, x = torch.randn(37, 3, 2, 2, generator=g), torch.randn(11, 3, 2, 2, generator=g)
-    d = torch.cdist(x.reshape(11, -1).double(), train.reshape(37, -1).double()).sort(1).values
-    np.testing.assert_allclose(lowdim.nn_ratio(x, train, chunk=5), (d[:, 0] / d[:, 1]).numpy(), rtol=1e-12)
-    assert lowdim.nn_ratio(train[:3], train).max() < 1e-6  # training points are their own nearest neighbour
-    with pytest.raises(ValueError, match="at least 2"):
-        lowdim.nn_ratio(x, train[:1])
-
-
 def test_off_subspace_distance():
     mix = small_mixture(3)
     on, _ = mix.sample(4, generator=0)

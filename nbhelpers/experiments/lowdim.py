@@ -41,6 +41,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..scores import nn_ratio  # ||x - NN1|| / ||x - NN2||, the copy criterion's statistic
+
 KIND_RANK = "lowdim-rank"
 KIND_SUBSPACE = "lowdim-subspace"
 KIND_UNET = "lowdim-unet"
@@ -117,20 +119,6 @@ def molrg_training_set(spec: Mapping[str, int], per_class: int, seed: int) -> to
     """``per_class`` samples of each class (float32 (K*per_class, C, R, R)), drawn from ``seed``."""
     x, _ = make_molrg(spec).sample(int(per_class), generator=torch.Generator().manual_seed(int(seed)))
     return x
-
-
-def nn_ratio(x: torch.Tensor, train: torch.Tensor, chunk: int = 4096) -> np.ndarray:
-    """||x - NN1|| / ||x - NN2|| for each x (S, ...) against ``train`` (N, ...), N >= 2; float64 (S,)."""
-    xf = torch.as_tensor(x).reshape(len(x), -1).double()
-    yf = torch.as_tensor(train).reshape(len(train), -1).double()
-    if len(yf) < 2:
-        raise ValueError(f"nn_ratio needs at least 2 training points, got {len(yf)}")
-    best = torch.full((len(xf), 2), math.inf, dtype=torch.float64)
-    for start in range(0, len(yf), chunk):
-        d = torch.cdist(xf, yf[start : start + chunk])
-        vals = d.topk(min(2, d.shape[1]), dim=1, largest=False).values
-        best = torch.cat([best, vals], 1).sort(1).values[:, :2]
-    return (best[:, 0] / best[:, 1].clamp_min(1e-300)).numpy()
 
 
 def off_subspace(x: torch.Tensor, bases: torch.Tensor) -> np.ndarray:
@@ -446,7 +434,7 @@ def run_rank_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any]
                 samples = generate(
                     model, range(config["gl_samples"]), batch_size=256, device=device, output="float"
                 )
-                copies.append(pd.DataFrame({"train_steps": s, "nn_ratio": nn_ratio(samples.cpu(), x)}))
+                copies.append(pd.DataFrame({"train_steps": s, "nn_ratio": nn_ratio(samples, x).numpy()}))
         hist = pd.concat(frames, ignore_index=True)
         arrays.update({f"history_{c}": hist[c].to_numpy(dtype=float) for c in ("train_steps", *cols)})
         if copies:
@@ -875,7 +863,7 @@ def run_unet_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any]
     info["sample_seconds"] = time.perf_counter() - t0
     fresh = molrg_training_set(spec, -(-config["fresh"] // spec["num_classes"]), seed=spec["seed"] * 1000 + 2)
     mix = make_molrg(spec)
-    arrays = {"ratio": nn_ratio(samples, x), "fresh_ratio": nn_ratio(fresh, x),
+    arrays = {"ratio": nn_ratio(samples, x).numpy(), "fresh_ratio": nn_ratio(fresh, x).numpy(),
               "off_subspace": off_subspace(samples, mix.bases)}  # fmt: skip
     return {
         "d": spec["intrinsic_dim"],
