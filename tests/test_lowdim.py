@@ -125,6 +125,13 @@ def test_unet_transitions_report_the_spread_over_training_seeds():
     )
     assert rows[-1]["companion"] == pytest.approx(1.0)
 
+    # a seed that never crosses leaves no per-seed range, but the seed-mean N_k* is still plotted
+    stuck = table.assign(gl=np.where(table.seed == 1, 0.3, table.gl))
+    trans = lowdim.unet_transitions(stuck)
+    assert np.isnan(trans.nk_star_min.iloc[0]) and trans.nk_star.notna().all()
+    fig = lowdim.plot_phase_transition(None, stuck, trans, "ci", 0.1)
+    assert fig.axes[1].lines, "the N_k* vs d panel is empty"
+
 
 # ----------------------------------------------------------------------------
 # Configs from the notebooks' parameters.

@@ -1012,8 +1012,8 @@ def plot_phase_transition(sub: pd.DataFrame | None, unet: pd.DataFrame | None, t
             ax.set_title("(b) U-Net on MoLRG (dotted: fresh samples)")
             ax.legend(fontsize=7)
             ax = axes[r, 1]
-            if trans is not None and len(trans.dropna()):
-                tr = trans.dropna(subset=["nk_star"])
+            tr = trans.dropna(subset=["nk_star"]) if trans is not None else None
+            if tr is not None and len(tr):
                 err = np.stack([tr.nk_star - tr.nk_star_min, tr.nk_star_max - tr.nk_star]).clip(min=0)
                 seeds = int(tr.seeds.max()) if "seeds" in tr else 1
                 ax.errorbar(tr.d, tr.nk_star, yerr=np.nan_to_num(err) if seeds > 1 else None, marker="o", color="k",
