@@ -367,17 +367,11 @@ def build_rank_model(
         return mix.denoiser().to(device), info, held_out
     x = _rank_training_set(config)
     if model == "unet":
-        steps = config.get("rank_steps", [])
-        if not steps:
-            net, info = _train_unet(x, config["network"], config["train"], device)
-            return net, info, held_out
-        total = int(config["train"]["total_steps"])
-        if steps[-1] > total or steps[0] < 1:
+        steps, total = config.get("rank_steps", []), int(config["train"]["total_steps"])
+        if steps and (steps[-1] > total or steps[0] < 1):
             raise ValueError(f"molrg_rank_steps {steps} must lie in [1, total_steps = {total}]")
-        every = math.gcd(*steps, total)
-        net, info = _train_unet(
-            x, config["network"], config["train"], device, outdir=work, snapshot_steps=every
-        )
+        net, info = _train_unet(x, config["network"], config["train"], device, outdir=work if steps else None,
+                                snapshot_steps=math.gcd(*steps, total) if steps else None)  # fmt: skip
         return net, info, held_out
     from ..molrg import subspace_distance
     from ..training import TrainConfig
@@ -521,7 +515,7 @@ def rank_floor_checks(
 
     floor = rank_floor(history)
     out = []
-    for label, t in (gl if gl is not None else pd.DataFrame(columns=["label"])).groupby("label"):
+    for label, t in gl.groupby("label") if gl is not None else []:
         last = t.sort_values("train_steps").iloc[-1]
         out.append(row(f"GL of the {label}'s samples after {int(last.train_steps)} steps", f"MoLRG n={n}, d={d}",
                        round(float(last.gl), 3), "~1 (generalizing)", f">= {generalizing:g}",
