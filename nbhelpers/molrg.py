@@ -230,6 +230,21 @@ class MoLRG:
         labels = torch.arange(k, device=self.bases.device).repeat_interleave(num_per_class)
         return x.reshape(k * num_per_class, *self.shape).to(dtype), labels
 
+    def subspace_energy(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """||U_k^T x||^2 / ||x||^2 per point and class, (S, K) float64 (0 for a zero point)."""
+        xf = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+        xf = xf.detach().cpu().reshape(len(xf), -1).double()
+        energy = torch.einsum("knd,sn->skd", self.bases.cpu().double(), xf).square().sum(-1)
+        return energy / xf.square().sum(1, keepdim=True).clamp_min(1e-300)
+
+    def nearest_class(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The subspace holding most of each point's energy, (S,) int64."""
+        return self.subspace_energy(x).argmax(1)
+
+    def off_subspace(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Relative distance to the nearest subspace, min_k ||x - U_k U_k^T x|| / ||x||, (S,) float64."""
+        return (1 - self.subspace_energy(x).amax(1)).clamp_min(0).sqrt()
+
     def denoiser(self) -> MoLRGDenoiser:
         """The closed-form posterior-mean denoiser of this mixture."""
         return MoLRGDenoiser(self.bases, self.shape)

@@ -1,38 +1,92 @@
-"""Result rows that figure notebooks write for the book's summary table (one JSON per notebook)."""
+"""Result rows that figure notebooks write for the book's summary table (one JSON per notebook).
+
+A row holds a ``measured`` value (of whatever profile ran) beside the ``paper``'s. A checked row also
+has a ``kind``: a *sanity* check is true by construction when the code is right (it tests the code);
+a *phenomenon* check states the paper's claim, with its threshold taken from the claim, and reports
+its ``margin`` in units of the measurement's standard error (positive: on the passing side).
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import math
+import operator
 import os
 from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
 
+KINDS = ("sanity", "phenomenon")
+_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+
+
+def _finite_or_text(x: Any) -> Any:
+    return str(x) if isinstance(x, float) and not math.isfinite(x) else x
+
 
 def row(
     quantity: str,
     setting: str,
-    companion: Any,
+    measured: Any,
     paper: Any = None,
     check: str | None = None,
     passed: bool | None = None,
     note: str = "",
+    kind: str | None = None,
+    margin: float | None = None,
 ) -> dict[str, Any]:
-    """One comparison: a computed ``companion`` value beside the ``paper``'s, with an optional check."""
-    if isinstance(companion, float) and not math.isfinite(companion):
-        companion = str(companion)
+    """One comparison: a ``measured`` value beside the ``paper``'s, with an optional check of ``kind``."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
     return {
         "quantity": quantity,
         "setting": setting,
-        "companion": companion,
+        "measured": _finite_or_text(measured),
         "paper": paper,
         "check": check,
         "passed": None if passed is None else bool(passed),
+        "kind": kind,
+        "margin": None if margin is None else _finite_or_text(round(float(margin), 2)),
         "note": note,
     }
+
+
+def check(
+    quantity: str,                # what is measured, e.g. "GL at the smallest N"
+    setting: str,                 # where, e.g. "width 32, N = 16"
+    value: float,                 # the measured value
+    op: str,                      # '>=', '<=', '>' or '<': how the value must compare with the threshold
+    threshold: float,             # from the paper's claim (phenomenon) or from construction (sanity)
+    se: float | None = None,      # standard error of ``value``; gives the margin in standard errors
+    kind: str = "phenomenon",
+    paper: Any = None,
+    note: str = "",
+    digits: int = 3,
+) -> dict[str, Any]:  # fmt: skip
+    """A checked row: passed = ``value op threshold``; margin = signed distance to the threshold / se."""
+    if op not in _OPS:
+        raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
+    value = float(value)
+    passed = bool(_OPS[op](value, threshold)) if math.isfinite(value) else False
+    margin = None
+    if se is not None and math.isfinite(value):
+        gap = value - threshold if op in (">=", ">") else threshold - value
+        margin = gap / se if se > 0 else math.copysign(math.inf, gap) if gap else 0.0
+    if se is not None and math.isfinite(se):
+        note = f"se {se:.{digits}f}" + (f"; {note}" if note else "")
+    return row(
+        quantity,
+        setting,
+        round(value, digits),
+        paper,
+        check=f"{op} {threshold:g}",
+        passed=passed,
+        note=note,
+        kind=kind,
+        margin=margin,
+    )
 
 
 def write_results(

@@ -52,9 +52,9 @@ def tiny_figure_notebook(title: str, write_results: bool = True) -> nbformat.Not
     results = (
         f"if results_json and {write_results}:\n"
         "    Path(results_json).parent.mkdir(parents=True, exist_ok=True)\n"
-        "    rows = [{'quantity': 'GL at N=8', 'setting': 'width 16', 'companion': 0.05, 'paper': 0.0,\n"
+        "    rows = [{'quantity': 'GL at N=8', 'setting': 'width 16', 'measured': 0.05, 'paper': 0.0,\n"
         "             'check': '<= 0.1', 'passed': True, 'note': 'MoLRG'},\n"
-        "            {'quantity': 'RP at N=1024', 'setting': '16 vs 64', 'companion': 0.52, 'paper': 0.67,\n"
+        "            {'quantity': 'RP at N=1024', 'setting': '16 vs 64', 'measured': 0.52, 'paper': 0.67,\n"
         "             'check': '>= 0.6', 'passed': False, 'note': ''}]\n"
         f"    Path(results_json).write_text(json.dumps({{'notebook': {title!r}, 'profile': profile,\n"
         "        'created': '2024-01-01T00:00:00', 'rows': rows}))\n"
@@ -300,7 +300,7 @@ def test_summary_notebook_reports_rows_missing_and_broken_files(tmp_path):
     import papermill
 
     results = tmp_path / "results"
-    row = {"quantity": "GL at N=64", "setting": "UNet-64", "companion": 0.123456, "paper": None,
+    row = {"quantity": "GL at N=64", "setting": "UNet-64", "measured": 0.123456, "paper": None,
            "check": "<= 0.1", "passed": False, "note": "small"}  # fmt: skip
     _write_results(
         results, "regimes", [row, {**row, "quantity": "GL at N=1024", "passed": True, "paper": 0.99}]

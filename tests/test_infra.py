@@ -146,7 +146,7 @@ def test_results_round_trip(tmp_path):
     path = results.write_results(tmp_path / "r" / "demo.json", "demo", "companion", rows)
     assert results.write_results("", "demo", "ci", rows) is None
     (doc,) = results.load_results(tmp_path / "r")
-    assert doc["rows"][0]["companion"] == 0.05 and doc["rows"][1]["companion"] == "nan"
+    assert doc["rows"][0]["measured"] == 0.05 and doc["rows"][1]["measured"] == "nan"
     path.write_text("{not json")
     with pytest.raises(ValueError, match="demo.json"):
         results.load_results(tmp_path / "r")

@@ -120,10 +120,10 @@ def test_unet_transitions_report_the_spread_over_training_seeds():
     rows = lowdim.unet_checks(two_d, lowdim.unet_transitions(two_d))
     assert (
         rows[-2]["passed"] is True
-        and rows[-2]["companion"].startswith("d=2: 2.")
-        and "(2.0-4.0)" in rows[-2]["companion"]
+        and rows[-2]["measured"].startswith("d=2: 2.")
+        and "(2.0-4.0)" in rows[-2]["measured"]
     )
-    assert rows[-1]["companion"] == pytest.approx(1.0)
+    assert rows[-1]["measured"] == pytest.approx(1.0)
 
     # a seed that never crosses leaves no per-seed range, but the seed-mean N_k* is still plotted
     stuck = table.assign(gl=np.where(table.seed == 1, 0.3, table.gl))
@@ -247,7 +247,7 @@ def test_subspace_cell_table_checks_and_plot(tmp_path):
     assert not table[table.per_class < table.d].success.any()
     assert table[table.per_class >= table.d].success.all()
     checks = lowdim.subspace_checks(table)
-    assert all(c["passed"] for c in checks) and checks[2]["companion"] == 1.0
+    assert all(c["passed"] for c in checks) and checks[2]["measured"] == 1.0
 
 
 @pytest.mark.slow
@@ -313,7 +313,7 @@ def test_unet_rank_history_and_resume(tmp_path):
     assert list(gl.train_steps) == [2, 4] and list(gl.samples) == [8, 8] and gl.gl.between(0, 1).all()
     assert lowdim.rank_generalization([{**fresh, "arrays": {}}]).empty
     (falls, generalizes) = lowdim.rank_floor_checks(hist, 48, 6, gl.assign(gl=[0.5, 0.95]))[::-1]
-    assert generalizes["passed"] is True and generalizes["companion"] == 0.95
+    assert generalizes["passed"] is True and generalizes["measured"] == 0.95
     assert lowdim.rank_floor_checks(hist, 48, 6, gl.assign(gl=0.5))[0]["passed"] is False
     fig = lowdim.plot_rank_floor(hist, "ci", 48, 6, gl)
     assert len(fig.axes) == 2
@@ -328,4 +328,4 @@ def test_rank_floor_checks_need_a_falling_floor():
 
     (ok,) = lowdim.rank_floor_checks(hist([(100, 0.4), (200, 0.2)]), 48, 6)
     (bad,) = lowdim.rank_floor_checks(hist([(100, 0.2), (200, 0.3)]), 48, 6)
-    assert ok["passed"] is True and bad["passed"] is False and ok["companion"] == "1.60 vs 3.20 d/n"
+    assert ok["passed"] is True and bad["passed"] is False and ok["measured"] == "1.60 vs 3.20 d/n"

@@ -318,3 +318,17 @@ def test_lowrank_training_recovers_subspaces_only_with_enough_samples(mix):
     chosen_few, best_few = results[2]
     assert best_many < 0.2, results
     assert best_few > 0.5 and chosen_few > 0.5, results
+
+
+def test_off_subspace_and_nearest_class():
+    """A point on subspace k is at distance 0 from it and its nearest class is k; noise off it moves it away."""
+    mix = MoLRG.create(3, 2, 4, 3, generator=0)
+    x, labels = mix.sample(5, generator=1)
+    assert torch.equal(mix.nearest_class(x), labels)
+    assert float(mix.off_subspace(x).max()) < 1e-6
+    e = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    e -= torch.einsum(
+        "knd,kmd->kmn", mix.bases, torch.einsum("knd,kmn->kmd", mix.bases, e.reshape(3, 5, -1))
+    ).reshape(e.shape)
+    far = mix.off_subspace(x.double() + e)
+    assert bool((far > 0.1).all()) and bool((far < 1).all())

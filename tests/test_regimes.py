@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from nbhelpers import plotting, profiles  # noqa: E402
+from nbhelpers.experiments import cells  # noqa: E402
 from nbhelpers.experiments import regimes as R  # noqa: E402
 from nbhelpers.runs import RunStore  # noqa: E402
 
@@ -34,7 +35,7 @@ def test_pool_is_nested_fixed_and_fresh_samples_are_new():
     pool = R.load_pool(spec)
     assert pool.shape == (64, 3, 4, 4) and pool.dtype == torch.float32
     assert torch.equal(R.training_set(spec, 16), pool[:16])
-    assert torch.equal(R._molrg_draw(spec, 64, seed=1), R._molrg_draw(spec, 64, seed=1))
+    assert torch.equal(cells.molrg_draw(spec, 64, seed=1), cells.molrg_draw(spec, 64, seed=1))
     fresh = R.fresh_samples(spec, 32)
     d = torch.cdist(fresh.reshape(32, -1).double(), pool.reshape(64, -1).double())
     assert d.min() > 1e-3  # no fresh sample is a pool point

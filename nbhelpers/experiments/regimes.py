@@ -33,6 +33,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import cells
+from .cells import fresh_samples, load_pool, make_molrg, training_set  # noqa: F401  (used by the notebooks)
+
 KIND_TRAIN = "regimes-train"
 KIND_OPTIMAL = "regimes-optimal"
 VERSION = 1
@@ -106,82 +109,6 @@ def data_spec(params: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError("dataset='images' needs dataset_path (an EDM zip or folder)")
         return {"source": "images", "path": str(params["dataset_path"]), "pool_size": pool}
     raise ValueError(f"unknown dataset {kind!r}; expected 'molrg', 'fashion_mnist' or 'images'")
-
-
-def _spec_key(spec: Mapping[str, Any]) -> str:
-    return json.dumps(spec, sort_keys=True)
-
-
-def _molrg(spec: Mapping[str, Any]):
-    from ..molrg import MoLRG
-
-    return MoLRG.create(spec["num_classes"], spec["intrinsic_dim"], spec["resolution"], spec["channels"],
-                        generator=spec["seed"])  # fmt: skip
-
-
-def _molrg_draw(spec: Mapping[str, Any], count: int, seed: int) -> torch.Tensor:
-    """``count`` MoLRG points, classes shuffled, all drawn from ``seed``."""
-    model = _molrg(spec)
-    per_class = -(-count // model.num_classes)
-    g = torch.Generator().manual_seed(seed)
-    x, _ = model.sample(per_class, generator=g)
-    perm = torch.randperm(len(x), generator=g)
-    return x[perm[:count]].contiguous()
-
-
-@functools.lru_cache(maxsize=4)
-def _pool_cached(key: str) -> torch.Tensor:
-    spec = json.loads(key)
-    source, pool = spec["source"], spec["pool_size"]
-    if source == "molrg":
-        return _molrg_draw(spec, pool, seed=spec["seed"] * 1000 + 1)
-    if source == "fashion_mnist":
-        from ..data import load_fashion_mnist
-
-        images, _ = load_fashion_mnist(spec["path"], train=True, max_images=pool,
-                                       resolution=spec["resolution"], channels=spec["channels"])  # fmt: skip
-    else:
-        from ..data import load_images
-
-        images, _ = load_images(spec["path"], max_images=pool)
-    if len(images) < pool:
-        raise ValueError(f"{spec['path']}: holds {len(images)} images, fewer than pool_size={pool}")
-    return torch.from_numpy(images)
-
-
-def load_pool(spec: Mapping[str, Any]) -> torch.Tensor:
-    """The pool (pool_size, C, R, R): float32 model space for MoLRG, uint8 for images (cached per process)."""
-    return _pool_cached(_spec_key(spec))
-
-
-def training_set(spec: Mapping[str, Any], n: int) -> torch.Tensor:
-    """The first ``n`` points of the pool (nested subsets)."""
-    pool = load_pool(spec)
-    if not 1 <= n <= len(pool):
-        raise ValueError(f"training-set size {n} outside 1..{len(pool)} (the pool)")
-    return pool[:n]
-
-
-def fresh_samples(spec: Mapping[str, Any], count: int) -> torch.Tensor:
-    """``count`` points of the true distribution that are in no training set of the sweep.
-
-    MoLRG: new draws; Fashion-MNIST: the test split; images: the images after the pool in the data set.
-    """
-    source, pool = spec["source"], spec["pool_size"]
-    if source == "molrg":
-        return _molrg_draw(spec, count, seed=spec["seed"] * 1000 + 2)
-    if source == "fashion_mnist":
-        from ..data import load_fashion_mnist
-
-        images, _ = load_fashion_mnist(spec["path"], train=False, max_images=count,
-                                       resolution=spec["resolution"], channels=spec["channels"])  # fmt: skip
-        return torch.from_numpy(images)
-    from ..data import load_images
-
-    images, _ = load_images(spec["path"], max_images=pool + count)
-    if len(images) <= pool:
-        raise ValueError(f"{spec['path']}: no images beyond the pool of {pool} to serve as fresh samples")
-    return torch.from_numpy(images[pool:])
 
 
 def to_model_space(x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -293,12 +220,6 @@ def _data_shape(spec: Mapping[str, Any]) -> tuple[int, int]:
 # Cell functions (module level, run in worker processes).
 
 
-def _device() -> torch.device:
-    from ..devices import default_device
-
-    return default_device()
-
-
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return to_model_space(x).reshape(len(x), -1)
 
@@ -369,12 +290,8 @@ def sscd_features(images: np.ndarray, feature_spec: Mapping[str, Any], device: t
 
 
 def off_subspace_distance(samples: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
-    """Relative distance of each MoLRG sample to the nearest of the true subspaces: min_k ||x - U_k U_k^T x|| / ||x||."""
-    bases = _molrg(spec).bases.double()  # (K, n, d)
-    x = torch.from_numpy(np.asarray(samples)).double().reshape(len(samples), -1)
-    proj = torch.einsum("knd,sn->ksd", bases, x)
-    resid = (x.square().sum(1)[None] - proj.square().sum(2)).clamp(min=0).sqrt()  # (K, S)
-    return (resid.min(0).values / x.norm(dim=1).clamp(min=1e-12)).numpy()
+    """Relative distance of each MoLRG sample to the nearest of the true subspaces (``MoLRG.off_subspace``)."""
+    return make_molrg(spec).off_subspace(samples).numpy()
 
 
 def run_train_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -382,7 +299,7 @@ def run_train_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any
     from ..checkpoints import save_network
     from ..training import TrainConfig, train
 
-    device = _device()
+    device = cells.device()
     data = training_set(config["data"], config["n"])
     cfg = TrainConfig.from_dict({**config["train"], "log_every": max(1, _steps(config) // 20)})
     workdir = Path(staging) / "train"
@@ -416,7 +333,7 @@ def run_optimal_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, A
     """Sample the empirical optimal denoiser of the first N points at the evaluation seeds."""
     from ..optimal import OptimalDenoiser
 
-    device = _device()
+    device = cells.device()
     data = training_set(config["data"], config["n"])
     net = OptimalDenoiser(data, chunk_size=config["chunk_size"], device=device)
     net.img_resolution, net.img_channels = int(data.shape[-1]), int(data.shape[1])
@@ -709,7 +626,7 @@ def prepare_teacher_dataset(params: Mapping[str, Any], batch_size: int = 256) ->
         return dest
     if not params.get("teacher"):
         raise FileNotFoundError(f"{dest}: data set missing and no teacher network given to generate it")
-    device = _device()
+    device = cells.device()
     net = load_network(params["teacher"], device=device)
     return synthetic_dataset(net, int(params["teacher_images"]), dest, batch_size=batch_size, device=device)
 
