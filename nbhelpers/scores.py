@@ -37,6 +37,8 @@ __all__ = [
     "memorized_fraction",
     "nearest_neighbors",
     "nn_ratio",
+    "nn_relative_distance",
+    "noisy_copies",
     "pair_by_seed",
     "paired_cosine",
     "pairwise_agreement",
@@ -350,6 +352,31 @@ def nn_ratio(
     """
     d, _ = nearest_neighbors(generated, train, k=2, chunk_size=chunk_size, device=device)
     return torch.where(d[:, 0] == 0, 0.0, d[:, 0] / d[:, 1])
+
+
+def nn_relative_distance(
+    query: Any,
+    train: Any,
+    chunk_size: int | tuple[int, int] = 2048,
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """||x - NN(x)|| / ||NN(x)|| per query row and the index of NN(x), the nearest training row in L2
+    (model space): ((S,) float64, (S,) int64). Small means x is a (near) copy of NN(x)."""
+    d, idx = nearest_neighbors(query, train, k=1, chunk_size=chunk_size, device=device)
+    nn = _rows(_flat(train, "train")[idx[:, 0]], "cpu", torch.float64)
+    norm = nn.norm(dim=1)
+    return torch.where(d[:, 0] == 0, 0.0, d[:, 0] / norm.clamp_min(1e-300)), idx[:, 0]
+
+
+def noisy_copies(train: Any, count: int, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """``count`` training rows drawn with replacement plus Gaussian noise of relative norm ``noise``:
+    y + noise ||y|| e / sqrt(D), e standard normal; float64 model space (count, D). Planted copies
+    that a copy criterion must flag."""
+    y = _rows(_flat(train, "train"), "cpu", torch.float64)
+    idx = torch.randint(0, len(y), (int(count),), generator=generator)
+    e = torch.randn((int(count), y.shape[1]), generator=generator, dtype=torch.float64)
+    y = y[idx]
+    return y + noise * y.norm(dim=1, keepdim=True) * e / math.sqrt(y.shape[1])
 
 
 def memorized_by_nn_ratio(

@@ -245,3 +245,19 @@ def test_max_similarity_memory_is_bounded():
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=True)
     growth_mib = float(out.stdout.strip().splitlines()[-1])
     assert growth_mib < 100, growth_mib
+
+
+def test_nn_relative_distance_and_noisy_copies():
+    """An exact copy scores 0; a planted copy with relative noise s scores about s; far points score high."""
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(50, 3, 8, 8, generator=g, dtype=torch.float64)
+    rel, idx = S.nn_relative_distance(train[[3, 7]], train)
+    assert rel.tolist() == [0.0, 0.0] and idx.tolist() == [3, 7]
+    copies = S.noisy_copies(train, 200, 0.05, torch.Generator().manual_seed(1))
+    rel_c, _ = S.nn_relative_distance(copies, train)
+    assert rel_c.median() == pytest.approx(0.05, rel=0.1)
+    rel_f, _ = S.nn_relative_distance(torch.randn(20, 3, 8, 8, generator=g, dtype=torch.float64), train)
+    assert float(rel_f.min()) > 0.5
+    u8 = ((train.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    rel_u, _ = S.nn_relative_distance(u8[:4], u8)
+    assert rel_u.tolist() == [0.0] * 4

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..scores import noisy_copies
 from . import cells
 from .cells import fresh_samples, load_pool, make_molrg, training_set  # noqa: F401  (used by the notebooks)
 
@@ -383,18 +384,6 @@ def relative_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
     return np.linalg.norm(x - y, axis=1) / np.maximum(np.linalg.norm(y, axis=1), 1e-12)
-
-
-def noisy_copies(train: torch.Tensor, count: int, noise: float, generator: torch.Generator) -> torch.Tensor:
-    """``count`` training points (drawn with replacement) plus Gaussian noise of relative norm ``noise``.
-
-    Model space float64 (S, D): y + noise * ||y|| * e / sqrt(D), e standard normal.
-    """
-    y = _flat(train)
-    idx = torch.randint(0, len(y), (count,), generator=generator)
-    e = torch.randn((count, y.shape[1]), generator=generator, dtype=torch.float64)
-    y = y[idx]
-    return y + noise * y.norm(dim=1, keepdim=True) * e / math.sqrt(y.shape[1])
 
 
 def calibrate(
