@@ -224,18 +224,19 @@ def experiment_modules(folder: str | os.PathLike = EXPERIMENTS_DIR) -> dict[str,
     module file in ``nbhelpers/experiments/``; read from the source, nothing is imported."""
     out = {}
     for path in sorted(Path(folder).glob("*.py")):
-        out[path.stem] = _version_literal(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+        out[path.stem] = _version_literal(ast.parse(path.read_text(encoding="utf-8"), str(path)), path)
     return out
 
 
-def _version_literal(tree: ast.Module) -> int | None:
+def _version_literal(tree: ast.Module, path: Path) -> int | None:
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == "VERSION" for t in node.targets
         ):
             value = node.value
-            if isinstance(value, ast.Constant) and isinstance(value.value, int):
-                return value.value
+            if not (isinstance(value, ast.Constant) and type(value.value) is int):
+                raise ValueError(f"{path}: VERSION must be an integer literal")
+            return value.value
     return None
 
 
@@ -244,7 +245,7 @@ def code_hash(module: str, folder: str | os.PathLike = EXPERIMENTS_DIR) -> str:
     the experiments package it imports, directly or not; blind to docstrings, comments and layout."""
     folder = Path(folder)
     digest = hashlib.sha256()
-    for name in sorted(_closure(module, folder)):
+    for name in sorted(code_modules(module, folder)):
         digest.update(f"{name}\n{_normal_dump(name, folder)}\n".encode())
     return digest.hexdigest()[:16]
 
@@ -254,7 +255,10 @@ def experiment_hashes(folder: str | os.PathLike = EXPERIMENTS_DIR) -> dict[str, 
     return {m: (v, code_hash(m, folder)) for m, v in experiment_modules(folder).items() if v is not None}
 
 
-def _closure(module: str, folder: Path) -> set[str]:
+def code_modules(module: str, folder: str | os.PathLike = EXPERIMENTS_DIR) -> set[str]:
+    """``module`` and the modules of the experiments package it imports, directly or not: the code that
+    counts as its cells' code."""
+    folder = Path(folder)
     seen, todo = set(), [module]
     while todo:
         name = todo.pop()
@@ -295,15 +299,15 @@ def _within(module: str, package: str) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _parse_cached(path: str, mtime: float) -> ast.Module:
-    return ast.parse(Path(path).read_text(encoding="utf-8"), path)
+def _parse_text(text: str, path: str) -> ast.Module:
+    return ast.parse(text, path)
 
 
 def _parse(module: str, folder: Path) -> ast.Module:
     path = folder / f"{module}.py"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such experiment module")
-    return _parse_cached(str(path), path.stat().st_mtime)
+    return _parse_text(path.read_text(encoding="utf-8"), str(path))
 
 
 def _normal_dump(module: str, folder: Path) -> str:
