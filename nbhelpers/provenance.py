@@ -127,12 +127,13 @@ def describe_device(device: Any = None) -> str:
 # ----------------------------------------------------------------------------------------------
 # The provenance line of a chapter
 
-_CELLS: list[Mapping[str, Any]] = []  # provenance of the run-store cells this process loaded
+_CELLS: dict[str, Mapping[str, Any]] = {}  # cell folder -> provenance, for the cells this process loaded
 
 
-def note_cells(records: Iterable[Mapping[str, Any] | None]) -> None:
-    """Remember the provenance of grid cells a notebook used (called by the run store)."""
-    _CELLS.extend(r if r is not None else {} for r in records)
+def note_cells(cells: Mapping[str, Mapping[str, Any] | None]) -> None:
+    """Remember the provenance of the grid cells a notebook used, by cell folder (called by the run
+    store; a cell loaded twice counts once)."""
+    _CELLS.update({str(k): dict(v) if v is not None else {} for k, v in cells.items()})
 
 
 def process_seconds() -> float:
@@ -178,7 +179,7 @@ def line(profile: str, t0: float | None = None, info: Mapping[str, Any] | None =
         f"wall time {duration(seconds)}",
     ]
     text = "Provenance: " + " · ".join(parts)
-    cells = cells_digest(_CELLS)
+    cells = cells_digest(_CELLS.values())
     return f"{text}. {cells}" if cells else text
 
 
@@ -211,7 +212,7 @@ def show(profile: str, t0: float | None = None) -> None:
     text = line(profile, time.time() - seconds, info)
     record = {**info, "profile": profile, "wall_seconds": round(seconds, 1)}
     if _CELLS:
-        record["cells"] = cells_digest(_CELLS)
+        record["cells"] = cells_digest(_CELLS.values())
     display(Markdown(f"*{text}*"), metadata={"nbhelpers_provenance": record})
 
 

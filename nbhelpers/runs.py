@@ -272,7 +272,7 @@ class RunStore:
         results = [self.load(c) for c in configs]
         by_key = dict(zip(map(config_key, configs), results))
         self.check_versions([r for k, r in by_key.items() if k not in computed], fn, on_mismatch)
-        provenance.note_cells(r["provenance"] for r in by_key.values())
+        provenance.note_cells({r["dir"]: r["provenance"] for r in by_key.values()})
         if progress:
             print(self._summary(len(unique), tally, time.time() - t0), flush=True)
         return results
@@ -557,10 +557,11 @@ def _newest_mtime(folder: Path) -> float:
 
 
 def _remove(path: Path) -> None:
+    """Best effort (a read-only store keeps its leftovers)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             path.unlink()
 
 

@@ -250,11 +250,13 @@ def test_provenance_line_names_profile_versions_commit_device_and_wall_time(monk
         "torch": "2.13.0",
         "device": "cpu",
     }
-    monkeypatch.setattr(provenance, "_CELLS", [])
+    monkeypatch.setattr(provenance, "_CELLS", {})
     text = provenance.line("companion", time.time() - 125, info)
     assert text == ("Provenance: profile companion · nbhelpers 0.1.0 · commit 0123456789 (dirty tree) · "
                     "torch 2.13.0 · cpu · wall time 2 min 5 s")  # fmt: skip
-    provenance.note_cells([{"wall_seconds": 3600, "device": "cuda:0 (NVIDIA H200)", "commit": "abc"}, None])
+    cell = {"wall_seconds": 3600, "device": "cuda:0 (NVIDIA H200)", "commit": "abc"}
+    provenance.note_cells({"runs/a": cell, "runs/b": None})
+    provenance.note_cells({"runs/a": cell})  # loaded again: counted once
     assert text + ". Grid cells: 2, 1 h 0 min of compute on cuda:0 (NVIDIA H200), commit abc, 1 without provenance" == (
         provenance.line("companion", time.time() - 125, info)
     )  # fmt: skip
