@@ -182,6 +182,32 @@ def test_claims_one_live_holder_release_expiry_and_takeover(tmp_path):
     assert [h.generation for h in a.holders("cell")] == [0, 1, 2]
 
 
+RACE = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from nbhelpers import claims
+c = claims.Claims(sys.argv[2], lease=5)
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+claim = c.acquire("cell")
+print("won" if claim else "lost", flush=True)
+time.sleep(0.5)
+"""
+
+
+def test_racing_jobs_take_an_expired_claim_over_exactly_once(tmp_path):
+    from nbhelpers import claims
+
+    stale = claims.Claims(tmp_path, lease=0.2).acquire("cell")
+    stale._stop.set()  # its holder stops renewing: the lease runs out before the race starts
+    at = time.time() + 1.0
+    root = str(Path(__file__).resolve().parent.parent)
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, root, str(tmp_path), str(at)], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]  # fmt: skip
+    said = sorted(p.communicate(timeout=30)[0].strip() for p in procs)
+    assert said == ["lost", "lost", "lost", "won"]
+    assert claims.Claims(tmp_path).generations("cell") == [0, 1]
+
+
 def test_clean_removes_only_provably_dead_leftovers(tmp_path):
     store = runs.RunStore(tmp_path / "runs", lease=30)
     root = store.root
