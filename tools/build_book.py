@@ -162,6 +162,34 @@ def tidy_notebook(nb, profile: str):
     return nb
 
 
+def record_provenance(nb, profile: str, seconds: float):
+    """Record what made an executed notebook in its metadata (in place; returns it): the profile, the
+    wall time of the execution, and the provenance its last provenance cell displayed
+    (``nbhelpers.provenance.show``: nbhelpers version, commit and dirty tree, torch, device, host), or
+    this tool's own when the notebook has none (then without a device: the kernel chose it)."""
+    record = None
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            record = out.get("metadata", {}).get("nbhelpers_provenance", record)
+    if record is None:
+        record = _tool_provenance()
+    nb.metadata["nbhelpers"] = {**nb.metadata.get("nbhelpers", {}), "profile": profile,
+                                "wall_seconds": round(seconds, 1), "provenance": record}  # fmt: skip
+    return nb
+
+
+def _tool_provenance() -> dict:
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))  # an installed nbhelpers still comes first
+    try:
+        from nbhelpers import provenance
+    except ImportError:
+        return {"nbhelpers": None}
+    record = provenance.collect()
+    record.pop("device", None)
+    return record
+
+
 def figure_notes(nb, name: str, max_png_bytes: int = 1_000_000) -> list[str]:
     """Warnings about figures that make the book heavy or that the book cannot show as PNG."""
     import base64
@@ -219,6 +247,7 @@ def execute_notebook(
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{nb.stem}-", suffix=".ipynb", dir=out)
     os.close(fd)
     tmp = Path(tmp_name)
+    start = time.monotonic()
     try:
         try:
             papermill.execute_notebook(
@@ -247,6 +276,7 @@ def execute_notebook(
                 + (f"\n    the partly executed notebook is {failed}" if failed.exists() else "")
             ) from None
         executed = tidy_notebook(nbformat.read(tmp, as_version=4), profile)
+        record_provenance(executed, profile, time.monotonic() - start)
         for note in figure_notes(executed, nb.name):
             print(f"note: {note}", flush=True)
         nbformat.write(executed, tmp)
