@@ -229,8 +229,10 @@ def annotated_heatmap(
     triangle: str | None = None,
     title: str | None = None,
     cbar_label: str | None = None,
+    errors: np.ndarray | pd.DataFrame | None = None,
 ) -> plt.Axes:
-    """Square score matrix with the value written in every cell; ``triangle='upper'``/``'lower'`` hides the other half."""
+    """Square score matrix with the value written in every cell (``value±error`` with ``errors``);
+    ``triangle='upper'``/``'lower'`` hides the other half."""
     m = matrix.to_numpy() if isinstance(matrix, pd.DataFrame) else np.asarray(matrix, dtype=float)
     if m.ndim != 2:
         raise ValueError(f"annotated_heatmap: expected a 2-d matrix, got shape {m.shape}")
@@ -248,11 +250,15 @@ def annotated_heatmap(
     if ax is None:
         size = 1.0 + 0.75 * m.shape[1]
         _, ax = plt.subplots(figsize=(size + 1.2, size))
+    annot: Any = True
+    if errors is not None:
+        e = errors.to_numpy() if isinstance(errors, pd.DataFrame) else np.asarray(errors, dtype=float)
+        annot = np.array([[f"{v:{fmt}}\n±{d:{fmt}}" for v, d in zip(rv, rd)] for rv, rd in zip(m, e)])
     sns.heatmap(
         m,
         mask=mask,
-        annot=True,
-        fmt=fmt,
+        annot=annot,
+        fmt=fmt if errors is None else "",
         vmin=vmin,
         vmax=vmax,
         cmap=cmap,
@@ -299,4 +305,31 @@ def image_grid(
     ax.set_axis_off()
     if title:
         ax.set_title(title)
+    return ax
+
+
+def mean_se_lines(
+    ax: plt.Axes,
+    table: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str,
+    se: str = "se",
+    log2: bool = True,
+    ylim: tuple | None = (-0.03, 1.03),
+    linestyle: str = "-",
+    palette: Any = None,
+    label_suffix: str = "",
+) -> plt.Axes:
+    """One line of ``y`` (mean) against ``x`` per ``hue`` value with +-``se`` error bars."""
+    groups = list(dict.fromkeys(table[hue]))
+    palette = palette or dict(zip(groups, colors(len(groups))))
+    for g in groups:
+        t = table[table[hue] == g].sort_values(x)
+        ax.errorbar(t[x], t[y], yerr=t[se] if se in t else None, marker="o", ms=4, capsize=2.5, lw=1.3,
+                    ls=linestyle, color=palette[g], label=f"{g}{label_suffix}")  # fmt: skip
+    if log2:
+        log2_axis(ax, table[x].unique(), label=x)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     return ax

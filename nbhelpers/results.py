@@ -73,7 +73,7 @@ def check(
     margin = None
     if se is not None and math.isfinite(value):
         gap = value - threshold if op in (">=", ">") else threshold - value
-        margin = gap / se if se > 0 else math.copysign(math.inf, gap) if gap else 0.0
+        margin = gap / se if se > 0 else None  # no spread measured: no margin
     if se is not None and math.isfinite(se):
         note = f"se {se:.{digits}f}" + (f"; {note}" if note else "")
     return row(
@@ -124,3 +124,45 @@ def load_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: results file lacks 'notebook' or 'rows'")
         out.append(doc)
     return out
+
+
+def _verdict(r: dict[str, Any]) -> str:
+    if r.get("passed") is None:
+        return "\u2014"
+    if r.get("kind") == "phenomenon":
+        return "shown" if r["passed"] else "not shown"
+    return "pass" if r["passed"] else "FAIL"
+
+
+def checks_table(rows: list[dict[str, Any]]):
+    """The checked rows as a DataFrame: kind, quantity, setting, measured, paper, check, result, margin
+    (in standard errors), note; sanity checks first."""
+    import pandas as pd
+
+    checked = [r for r in rows if r.get("passed") is not None]
+    table = pd.DataFrame(
+        [{"kind": r.get("kind"), "quantity": r["quantity"], "setting": r["setting"], "measured": r["measured"],
+          "paper": r.get("paper"), "check": r.get("check"), "result": _verdict(r), "margin (se)": r.get("margin"),
+          "note": r.get("note", "")} for r in checked]  # fmt: skip
+    )
+    if table.empty:
+        return table
+    order = {k: i for i, k in enumerate(KINDS)}
+    return table.sort_values("kind", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+
+
+def findings(rows: list[dict[str, Any]]) -> str:
+    """Markdown: how many sanity checks passed and which phenomena were shown or not, with numbers."""
+    sanity = [r for r in rows if r.get("kind") == "sanity" and r.get("passed") is not None]
+    pheno = [r for r in rows if r.get("kind") == "phenomenon" and r.get("passed") is not None]
+    lines = [f"**Sanity checks: {sum(r['passed'] for r in sanity)} of {len(sanity)} pass.** "
+             f"**Phenomena: {sum(r['passed'] for r in pheno)} of {len(pheno)} shown at this profile's scale.**", ""]  # fmt: skip
+    for r in sanity:
+        if not r["passed"]:
+            lines.append(f"- sanity check FAILED: {r['quantity']} ({r['setting']}): {r['measured']} ({r['check']})")
+    for r in pheno:
+        margin = "" if r.get("margin") is None else f", margin {r['margin']} se"
+        paper = "" if r.get("paper") is None else f"; paper: {r['paper']}"
+        lines.append(f"- **{_verdict(r)}**: {r['quantity']} ({r['setting']}): {r['measured']} "
+                     f"(wanted {r['check']}{margin}){paper}")  # fmt: skip
+    return "\n".join(lines)

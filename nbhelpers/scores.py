@@ -26,9 +26,10 @@ from .features import FeatureSet
 
 __all__ = [
     "MAE_THRESHOLD",
-    "ThresholdInterval",
-    "calibrate_threshold",
+    "Criterion",
+    "calibrate_null",
     "flag_rates",
+    "flagged",
     "generalization_score",
     "mae_score",
     "max_similarity",
@@ -41,6 +42,7 @@ __all__ = [
     "noisy_copies",
     "pair_by_seed",
     "paired_cosine",
+    "rate_se",
     "pairwise_agreement",
     "relative_distance",
     "reproducibility_score",
@@ -390,8 +392,32 @@ def memorized_by_nn_ratio(
     return float((r < threshold).double().mean())
 
 
+def rate_se(rates: Sequence[float] | np.ndarray, count: int) -> float:
+    """Standard error of the mean of per-repeat rates (each a share of ``count`` trials): the binomial
+    error of the pooled rate, kept off 0 and 1, plus the spread between repeats (conservative)."""
+    p = np.asarray(rates, dtype=np.float64).reshape(-1)
+    k = len(p)
+    if k == 0 or count < 1:
+        raise ValueError("rate_se needs at least one rate over at least one trial")
+    pooled = (p.mean() * k * count + 0.5) / (k * count + 1)
+    var = pooled * (1 - pooled) / (k * count)
+    if k > 1:
+        var += p.var(ddof=1) / k
+    return float(math.sqrt(var))
+
+
 # ----------------------------------------------------------------------------
-# Threshold calibration.
+# Criteria and their calibration.
+#
+# Two questions, two criteria, never one threshold for both: *copy* (is this sample a copy of a
+# training point? the statistic is that of the sample and its nearest training point) and *same*
+# (did two samplers make the same image from one seed? the statistic is that of the pair). Each is
+# calibrated on its own null: held-out data that must not be flagged.
+
+FLAGS = ("below", "above")
+# 'relative': ||x - y|| / ||y|| (model space); 'cosine': descriptor cosine; 'mae': mean absolute
+# pixel difference in [0, 1] units. Distances are flagged when small, cosines when large.
+STATISTICS = ("relative", "cosine", "mae")  # 'below': a score <= t is flagged (distances); 'above': a score > t (cosines)
 
 
 def _scores(x: Any, what: str) -> np.ndarray:
@@ -401,71 +427,77 @@ def _scores(x: Any, what: str) -> np.ndarray:
     return a
 
 
-def _flag_direction(fresh: np.ndarray, copies: np.ndarray, flag: str) -> str:
-    if flag == "auto":
-        return "below" if np.median(copies) < np.median(fresh) else "above"
-    if flag not in ("below", "above"):
-        raise ValueError(f"flag must be 'below', 'above' or 'auto', got {flag!r}")
-    return flag
+def _check_flag(flag: str) -> None:
+    if flag not in FLAGS:
+        raise ValueError(f"flag must be one of {FLAGS}, got {flag!r}")
 
 
-def flag_rates(
-    fresh: Any, copies: Any, thresholds: Sequence[float] | np.ndarray, flag: str = "below"
-) -> tuple[np.ndarray, np.ndarray]:
-    """(false-flag rate on ``fresh``, true-flag rate on ``copies``) at each threshold, for plotting.
+def flagged(scores: Any, threshold: float, flag: str = "below") -> np.ndarray:
+    """Boolean flags of ``scores``: score <= threshold ('below') or score > threshold ('above')."""
+    _check_flag(flag)
+    a = np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+    return a <= threshold if flag == "below" else a > threshold
 
-    ``flag='below'`` flags a score < t (distances, ratios); ``'above'`` flags a score > t (cosines).
-    """
-    f, c = _scores(fresh, "fresh"), _scores(copies, "copies")
+
+def flag_rates(scores: Any, thresholds: Sequence[float] | np.ndarray, flag: str = "below") -> np.ndarray:
+    """Fraction of ``scores`` flagged at each threshold, (T,): a rate-vs-threshold curve."""
+    a = _scores(scores, "scores")
     t = np.asarray(thresholds, dtype=np.float64).reshape(-1, 1)
-    if _flag_direction(f, c, flag) == "below":
-        return (f < t).mean(1), (c < t).mean(1)
-    return (f > t).mean(1), (c > t).mean(1)
+    return flagged(a[None, :], t, flag).mean(1)
+
+
+def calibrate_null(null: Any, max_false_rate: float = 0.01, flag: str = "below", decimals: int | None = 2) -> float:
+    """The loosest threshold that flags at most ``max_false_rate`` of the ``null`` scores (data that
+    must not be flagged), rounded to ``decimals`` towards the strict side (None: no rounding)."""
+    _check_flag(flag)
+    if not 0 <= max_false_rate < 1:
+        raise ValueError(f"max_false_rate must be in [0, 1), got {max_false_rate}")
+    a = np.sort(_scores(null, "null scores"))
+    allowed = math.floor(max_false_rate * len(a) + 1e-9)  # null scores that may be flagged
+    if flag == "below":  # t < a[allowed]: at most `allowed` scores are <= t
+        limit = a[allowed]
+        t = float(np.nextafter(limit, -math.inf))
+        if decimals is not None:
+            scale = 10**decimals
+            t = math.floor(limit * scale) / scale
+            if t >= limit:
+                t = (math.ceil(limit * scale) - 1) / scale
+    else:  # t >= a[-allowed - 1]: at most `allowed` scores are > t
+        limit = a[len(a) - allowed - 1]
+        t = float(limit)
+        if decimals is not None:
+            scale = 10**decimals
+            t = math.ceil(limit * scale) / scale
+    return float(t)
 
 
 @dataclass(frozen=True)
-class ThresholdInterval:
-    """The thresholds t for which a criterion meets both targets: low < t <= high ('below') or
-    low <= t < high ('above'), with a suggested value and the rates it gives."""
+class Criterion:
+    """A thresholded statistic answering one question: ``question`` 'copy' or 'same'; ``statistic``
+    one of ``STATISTICS`` (distances flagged when <= threshold, cosines when > threshold)."""
 
-    low: float
-    high: float
-    flag: str  # 'below': a score < t is flagged; 'above': a score > t is flagged
-    suggested: float  # the interval's midpoint (an end point if the other one is infinite)
-    false_rate: float  # fraction of fresh samples flagged at ``suggested``
-    true_rate: float  # fraction of copies flagged at ``suggested``
+    question: str
+    statistic: str
+    threshold: float
 
-    def contains(self, t: float) -> bool:
-        if self.flag == "below":
-            return self.low < t <= self.high
-        return self.low <= t < self.high
+    def __post_init__(self) -> None:
+        if self.question not in ("copy", "same"):
+            raise ValueError(f"question must be 'copy' or 'same', got {self.question!r}")
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be finite, got {self.threshold}")
 
+    @property
+    def flag(self) -> str:
+        """'below' for distances, 'above' for cosines."""
+        return "above" if self.statistic == "cosine" else "below"
 
-def calibrate_threshold(
-    fresh: Any,                  # scores of fresh samples from the true distribution: must not be flagged
-    copies: Any,                 # scores of (noisy) copies of training points: must be flagged
-    flag: str = "auto",          # 'below' (score < t flags), 'above' (score > t flags), 'auto' from medians
-    max_false_rate: float = 0.01,
-    min_true_rate: float = 0.99,
-) -> ThresholdInterval | None:  # fmt: skip
-    """The interval of thresholds flagging <= ``max_false_rate`` of ``fresh`` and >= ``min_true_rate``
-    of ``copies``, or None if no threshold does both."""
-    f, c = _scores(fresh, "fresh"), _scores(copies, "copies")
-    flag = _flag_direction(f, c, flag)
-    if flag == "above":  # score > t  <=>  -score < -t
-        f, c = -f, -c
-    allowed = math.floor(max_false_rate * len(f) + 1e-9)  # fresh scores allowed below t
-    needed = math.ceil(min_true_rate * len(c) - 1e-9)  # copies needed below t
-    fs, cs = np.sort(f), np.sort(c)
-    high = float(fs[allowed]) if allowed < len(fs) else math.inf  # t <= high
-    low = float(cs[needed - 1]) if needed > 0 else -math.inf  # t > low
-    if not low < high:
-        return None
-    if math.isfinite(low) and math.isfinite(high):
-        t = 0.5 * (low + high)
-    else:
-        t = high if math.isfinite(high) else float(np.nextafter(low, math.inf))
-    false_rate, true_rate = float((f < t).mean()), float((c < t).mean())
-    if flag == "above":
-        low, high, t = -high, -low, -t
-    return ThresholdInterval(low, high, flag, t, false_rate, true_rate)
+    def flags(self, scores: Any) -> np.ndarray:
+        """Which scores meet the criterion (are copies / are the same image)."""
+        return flagged(scores, self.threshold, self.flag)
+
+    def __str__(self) -> str:
+        op = "<=" if self.flag == "below" else ">"
+        what = {"relative": "||x - y|| / ||y||", "cosine": "cos(f(x), f(y))", "mae": "mean |x - y|"}[self.statistic]
+        return f"{self.question}: {what} {op} {self.threshold:g}"

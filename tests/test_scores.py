@@ -178,48 +178,38 @@ def test_nn_inputs_errors(gen):
         S.max_similarity(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(4, 3))
 
 
-def _brute_ok(fresh, copies, t, flag, max_false=0.01, min_true=0.99):
-    if flag == "below":
-        return (fresh < t).mean() <= max_false and (copies < t).mean() >= min_true
-    return (fresh > t).mean() <= max_false and (copies > t).mean() >= min_true
-
-
 @pytest.mark.parametrize("flag", ["below", "above"])
-def test_calibrate_threshold_matches_brute_force(flag):
+@pytest.mark.parametrize("decimals", [None, 2])
+def test_calibrate_null_is_the_loosest_threshold_within_the_false_rate(flag, decimals):
+    """Brute force over candidate thresholds: the calibrated one flags <= 1 % of the null, and any
+    looser threshold on the rounding grid flags more."""
     rng = np.random.default_rng(1)
-    # e.g. nn ratios: fresh samples mostly high, with 3 low outliers (1% of 300 may be flagged);
-    # copies mostly low, with 3 high outliers (only 2 of 200 may be missed)
-    fresh = np.concatenate([rng.uniform(0.4, 1.0, 297), [0.05, 0.1, 0.2]])
-    copies = np.concatenate([rng.uniform(0.0, 0.3, 197), [0.31, 0.6, 0.95]])
+    null = rng.uniform(0.0, 1.0, 300)  # 1 % of 300: 3 may be flagged
     if flag == "above":
-        fresh, copies = -fresh, -copies
-    res = S.calibrate_threshold(fresh, copies, flag=flag)
-    assert res is not None and res.flag == flag
-    values = np.unique(np.concatenate([fresh, copies]))
-    candidates = np.concatenate([values, (values[1:] + values[:-1]) / 2, [values[0] - 1, values[-1] + 1]])
-    for t in candidates:
-        assert res.contains(t) == _brute_ok(fresh, copies, t, flag), t
-    assert _brute_ok(fresh, copies, res.suggested, flag)
-    lowest_fresh = np.abs(fresh[:297]).min()
-    assert (res.low, res.high) == ((0.31, lowest_fresh) if flag == "below" else (-lowest_fresh, -0.31))
-    assert res.false_rate <= 0.01 and res.true_rate >= 0.99
-    assert S.calibrate_threshold(fresh, copies).flag == flag  # 'auto' reads the direction from the medians
-    false_rate, true_rate = S.flag_rates(fresh, copies, [res.suggested], flag=flag)
-    assert (false_rate[0], true_rate[0]) == (res.false_rate, res.true_rate)
+        null = -null
+    t = S.calibrate_null(null, 0.01, flag=flag, decimals=decimals)
+    assert S.flagged(null, t, flag).mean() <= 0.01
+    step = 1e-9 if decimals is None else 10.0**-decimals
+    looser = t + step if flag == "below" else t - step
+    assert S.flagged(null, looser, flag).mean() > 0.01
+    if decimals is not None:
+        assert round(t, decimals) == pytest.approx(t)
+    rates = S.flag_rates(null, [t, looser], flag)
+    assert rates[0] <= 0.01 < rates[1]
 
 
-def test_calibrate_threshold_none_and_errors():
-    rng = np.random.default_rng(2)
-    fresh, copies = rng.uniform(0, 1, 100), rng.uniform(0, 1, 100)
-    assert S.calibrate_threshold(fresh, copies, flag="below") is None
-    # separated scores: the whole gap qualifies
-    res = S.calibrate_threshold([0.5, 0.6, 0.9], [0.1, 0.2], flag="below")
-    assert (res.low, res.high, res.suggested) == (0.2, 0.5, 0.35)
-    assert res.contains(0.5) and not res.contains(0.2)
+def test_criterion_flags_and_errors():
+    copy = S.Criterion("copy", "relative", 0.07)
+    assert copy.flags([0.0, 0.07, 0.08]).tolist() == [True, True, False] and copy.flag == "below"
+    same = S.Criterion("same", "cosine", 0.6)
+    assert same.flags([0.6, 0.61]).tolist() == [False, True] and "cos" in str(same)
+    assert S.calibrate_null([0.5, 0.7, 0.9], max_false_rate=0.0) == 0.49
+    with pytest.raises(ValueError, match="question"):
+        S.Criterion("both", "relative", 0.1)
     with pytest.raises(ValueError, match="finite"):
-        S.calibrate_threshold([0.5, np.nan], [0.1])
+        S.calibrate_null([0.5, np.nan])
     with pytest.raises(ValueError, match="flag"):
-        S.calibrate_threshold([0.5], [0.1], flag="left")
+        S.calibrate_null([0.5], flag="left")
 
 
 MEMORY_SCRIPT = textwrap.dedent(

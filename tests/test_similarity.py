@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -20,7 +21,9 @@ def _params(**kw):
         "arch_network": {"mlp": {"hidden_dim": 16, "num_layers": 1, "emb_dim": 8}},
         "train": {"total_steps": 3, "batch_size": 16, "lr": 0.001, "lr_rampup_kimg": 0, "ema_halflife_kimg": 1},
         "eval_seeds": "0-7", "sample_batch": 8, "num_steps": 18, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0,
-        "sampler_order": 2,
+        "sampler_order": 2, "backend": "relative", "calibration_pairs": 400, "near_noise": 0.03,
+        "max_false_rate": 0.01, "rp_threshold": None, "mae_threshold": None, "diagnostic_count": 8,
+        "reference": True, "molrg_panel": {},
     }  # fmt: skip
     p.update(kw)
     return p
@@ -75,8 +78,9 @@ def test_model_configs_and_errors():
     dup = _params(models=[{"name": "x", "arch": "mlp", "precond": "edm", "seed": 0}] * 2)
     with pytest.raises(ValueError, match="used twice"):
         sim.model_configs(dup)
-    with pytest.raises(ValueError, match="unsupported keys"):
+    with pytest.raises(ValueError, match="unknown keys"):
         sim.model_configs(_params(train={"total_steps": 3, "bogus": 1}))
+    assert list(sim.grid(_params())) == ["MLP a", "MLP b", sim.REFERENCE_NAME]
     with pytest.raises(ValueError, match="lacks"):
         sim.model_configs(_params(models=[{"name": "x", "arch": "mlp"}]))
     with pytest.raises(ValueError, match="dataset_path"):
@@ -87,7 +91,9 @@ def test_ve_schedule_is_clamped_to_its_range():
     from nbhelpers.networks import make_network
 
     net = make_network("mlp", "ve", 4, 3, hidden_dim=8, num_layers=1, emb_dim=8)
-    r = sim.sigma_range(net, sim.sampler_spec(_params()))
+    from nbhelpers.experiments import cells
+
+    r = sim.sigma_range(net, cells.sampler_spec(_params()))
     assert r["sigma_first"] == pytest.approx(80.0) and r["sigma_last"] == pytest.approx(0.02)
 
 
@@ -95,21 +101,13 @@ def test_ve_schedule_is_clamped_to_its_range():
 # Thresholds.
 
 
-def test_calibrate_threshold_bounds_false_rate():
-    d = np.random.default_rng(0).uniform(0, 1, 10000)
-    t = sim.calibrate_threshold(d, max_false_rate=0.01)
-    assert np.mean(d < t) <= 0.01 and t == pytest.approx(0.01, abs=0.011)
-    assert sim.calibrate_threshold([0.5, 0.7, 0.9], max_false_rate=0.0) == 0.5
-    with pytest.raises(ValueError):
-        sim.calibrate_threshold([], 0.01)
-
-
-def test_unrelated_molrg_pairs_are_independent():
-    spec = sim.data_spec(_params())
-    a, b = sim.unrelated_pairs(spec, 500)
-    assert a.shape == b.shape == (500, 3, 4, 4)
-    d = sim.pair_distances(_source("a", a, range(500)), _source("b", b, range(500)))
-    assert np.median(d["relative"]) > 0.8  # independent samples are far apart
+def test_rp_and_mae_criteria_are_calibrated_on_unrelated_pairs():
+    rp, mae = sim.calibrate(_params())
+    assert rp.criterion.statistic == "relative" and mae.criterion.statistic == "mae"
+    for cal in (rp, mae):
+        assert cal.table["null_rate"].iloc[0] <= 0.01 and cal.table["control_rate"].iloc[0] >= 0.99
+    fixed, _ = sim.calibrate(_params(rp_threshold=0.25))
+    assert fixed.threshold == 0.25
 
 
 # ----------------------------------------------------------------------------
@@ -175,32 +173,38 @@ def test_source_features_are_cached(tmp_path, monkeypatch):
         sim.source_features(src, "bogus", tmp_path)
 
 
-def test_matrices_pair_by_seed(tmp_path):
+def test_matrices_pair_by_seed_with_bootstrap_errors(tmp_path):
+    from nbhelpers import scores
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 3, 4, 4, generator=g) * 0.3
     y = x + 0.01 * torch.randn(50, 3, 4, 4, generator=g)  # nearly the same samples
     z = torch.randn(50, 3, 4, 4, generator=g) * 0.3  # unrelated
+    h = torch.where(torch.arange(50)[:, None, None, None] < 25, y, z)  # half the same as x
     perm = torch.randperm(50, generator=g)
     sources = {
         "x": _source("x", x, range(50)),
         "y": _source("y", y[perm], perm),
         "z": _source("z", z, range(50)),
+        "h": _source("h", h, range(50)),
     }
     feats = {k: sim.source_features(s, "relative", tmp_path) for k, s in sources.items()}
-    rp = sim.rp_matrix(feats, "relative", 0.2)
+    rp, se = sim.score_matrix(feats, scores.Criterion("same", "relative", 0.2), boot=100)
     assert rp.loc["x", "y"] == 1.0 and rp.loc["y", "x"] == 1.0 and rp.loc["x", "z"] == 0.0
+    assert rp.loc["x", "h"] == 0.5 and 0.03 < se.loc["x", "h"] < 0.12 and se.loc["x", "y"] == 0.0
     np.testing.assert_array_equal(np.diag(rp.to_numpy()), 1.0)
-    mae = sim.mae_matrix(sources, 0.02)
+    mae, _ = sim.score_matrix({k: sim.sorted_samples(s) for k, s in sources.items()},
+                              scores.Criterion("same", "mae", 0.02), boot=10)  # fmt: skip
     assert mae.loc["x", "y"] == 1.0 and mae.loc["x", "z"] == 0.0
-    cos = sim.rp_matrix(
-        {k: sim.source_features(s, "pixel", tmp_path) for k, s in sources.items()}, "pixel", 0.6
-    )
+    cos, _ = sim.score_matrix({k: sim.source_features(s, "pixel", tmp_path) for k, s in sources.items()},
+                              scores.Criterion("same", "cosine", 0.6), boot=10)  # fmt: skip
     assert cos.loc["x", "y"] == 1.0 and cos.loc["z", "x"] == 0.0
     table = sim.summary_table(rp, mae, ["x", "y", "z"])
     assert table.loc["RP", "max"] == 1.0 and table.loc["RP", "paper min"] == 0.70
-    bad = dict(sources, w=_source("w", x[:10], range(10)))
-    with pytest.raises(ValueError, match="different seeds"):
-        sim.mae_matrix(bad, 0.1)
+    rows = sim.similarity_checks(rp, se, ["x", "y", "z"], "toy", pd.DataFrame(), seeds=50)
+    assert [r["passed"] for r in rows] == [True, False, False] and all(r["margin"] is not None for r in rows)
+    with pytest.raises(ValueError, match="numbers of seeds"):
+        sim.score_matrix({"x": x.numpy(), "w": x[:10].numpy()}, scores.Criterion("same", "mae", 0.1))
 
 
 @pytest.mark.slow
@@ -223,12 +227,16 @@ def test_in_house_and_outside_models_in_one_matrix(tmp_path):
     sources["outside"] = sim.load_sample_folder("outside", tmp_path / "outside.zip")
     seeds = sim.check_same_seeds(list(sources.values()), expected=parse_seeds(params["eval_seeds"]))
     assert list(seeds) == list(range(8))
+    from nbhelpers import scores
+
     feats = {n: sim.source_features(s, "relative", tmp_path / "features") for n, s in sources.items()}
-    rp = sim.rp_matrix(feats, "relative", 0.1)
+    rp, _ = sim.score_matrix(feats, scores.Criterion("same", "relative", 0.1), boot=10)
     assert rp.shape == (4, 4)
     assert rp.loc["outside", sim.REFERENCE_NAME] == 1.0  # quantisation alone keeps them the same
-    mae = sim.mae_matrix(sources, 0.05)
+    mae, _ = sim.score_matrix({n: sim.sorted_samples(s) for n, s in sources.items()},
+                              scores.Criterion("same", "mae", 0.05), boot=10)  # fmt: skip
     assert mae.loc["outside", sim.REFERENCE_NAME] == 1.0
+    assert sim.diagnostics_table(dict(zip(configs, cells))).shape == (2, len(sim.DIAGNOSTIC_SIGMAS))
     assert set(sim.cells_table(dict(zip(configs, cells))).columns) >= {"params", "sigma_first", "sigma_last"}
     # a folder missing one seed is a clear error
     save_images(images[:7], list(range(7)), tmp_path / "short")
@@ -237,15 +245,17 @@ def test_in_house_and_outside_models_in_one_matrix(tmp_path):
         sim.check_same_seeds([*sources.values(), short], expected=range(8))
 
 
-def test_sample_quality_sees_support_and_copies():
+def test_copy_quality_sees_support_and_copies():
+    from nbhelpers import scores
+    from nbhelpers.experiments import cells
+
     spec = sim.data_spec(_params())
     train = sim.training_data(spec)
-    fresh, _ = sim.unrelated_pairs(spec, 40)
+    fresh = cells.fresh_samples(spec, 40)
     noise = torch.randn(40, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     sources = {"copies": _source("copies", train[:40], range(40)), "fresh": _source("fresh", fresh, range(40)),
                "noise": _source("noise", noise, range(40))}  # fmt: skip
-    q = sim.sample_quality(sources, spec, fresh=50)
-    assert q.loc[sim.FRESH_NAME, "off-subspace (rel.)"] < 1e-5
-    assert q.loc["copies", "nearest training point (rel.)"] == 0.0
-    assert q.loc["fresh", "nearest training point (rel.)"] > 0.1
+    q = sim.copy_quality(sources, spec, scores.Criterion("copy", "relative", 0.05))
+    assert q.loc["copies", "nearest training point (rel.)"] == 0.0 and q.loc["copies", "GL"] == 0.0
+    assert q.loc["fresh", "nearest training point (rel.)"] > 0.1 and q.loc["fresh", "GL"] >= 0.95
     assert q.loc["fresh", "off-subspace (rel.)"] < 1e-5 and q.loc["noise", "off-subspace (rel.)"] > 0.5

@@ -1,29 +1,24 @@
-"""The regimes sweep (P1 Fig. 2) and its optimal-denoiser companion (P1 Fig. 4 left).
+"""The regimes sweep (P1 Fig. 2) and the optimal-denoiser comparison (P1 Fig. 4 left).
 
-A grid cell trains one model of one width on the first N points of a fixed pool with one seed and
-samples it at the evaluation seeds (same initial noise for every model); an optimal-denoiser cell
-samples the empirical posterior mean of the same N points at the same seeds. Cells store their
-samples and threshold-free per-sample statistics (distances to the two nearest training points), so
-the copy criterion can be calibrated afterwards without re-running anything.
+A *train cell* trains one model of one width on the first N points of a fixed pool with one training
+seed and samples it from the evaluation seeds (the same initial noise for every model); an *optimal
+cell* samples the empirical posterior mean D* of the same N points from the same seeds. Cells store
+their samples and threshold-free statistics (relative distance to the nearest training point, SSCD
+descriptors with the sscd backend, the nearest subspace for MoLRG), so both criteria can be
+calibrated and applied afterwards without re-running anything.
 
-Aggregation turns stored cells into tidy pandas tables: generalization score per (N, width, seed),
-pairwise reproducibility per (N, pair, seed) and reproducibility against the optimal denoiser.
+A notebook holds up to two *panels*: the main one (Fashion-MNIST, or the paper's teacher-made
+CIFAR-10) and a controlled MoLRG one (``molrg_panel``: overrides of the main parameters), where the
+true denoiser is known. Each panel has its own pool, grid and calibrated criteria.
 
-Copy criteria (``Criterion``):
-- ``relative`` (model-free, pixel space): x is a copy of y when ||x - y|| <= t ||y||. GL counts a
-  sample as memorized when its nearest training point (L2) satisfies this; RP counts a seed as
-  reproduced when the two samples from that seed do. ``calibrate`` picks t from data.
-- ``cosine`` (SSCD descriptors, the authors' criterion): cos(f(x), f(y)) > t, t = 0.6.
+Pairs for RP share nothing but the training data and the initial noise: models of two widths, or of
+one width, trained with *different* training seeds (``pairing='cross-seed'``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import itertools
-import json
 import math
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,576 +28,64 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..scores import noisy_copies
-from . import cells
-from .cells import fresh_samples, load_pool, make_molrg, training_set  # noqa: F401  (used by the notebooks)
+from .. import scores
+from . import calibration, cells
+from .paper import p1_reference
 
 KIND_TRAIN = "regimes-train"
 KIND_OPTIMAL = "regimes-optimal"
-VERSION = 1
+VERSION = 2
+BACKENDS = ("relative", "sscd")
+REF = p1_reference()  # relative L2 distance in model space, or SSCD descriptor cosine
 
 # ----------------------------------------------------------------------------
-# The authors' numbers (read from the figures of the code release; see reference/PAPERS.md).
-
-PAPER_SIZES = [2**k for k in range(6, 16)]
-_PAPER_GL = {  # GL per model at 2^6..2^15 (<= 2^10 read as ~0, 2^14 and 2^15 equal)
-    "UNet-64": [0, 0, 0, 0, 0, 0.22, 0.87, 0.99, 1.0, 1.0],
-    "UNet-128": [0, 0, 0, 0, 0, 0.01, 0.28, 0.82, 0.99, 0.99],
-    "UNet-256": [0, 0, 0, 0, 0, 0.01, 0.05, 0.30, 0.985, 0.985],
-}
-_PAPER_RP = {
-    "64 vs 128": [0.69, 0.66, 0.59, 0.52, 0.46, 0.42, 0.34, 0.18, 0.45, 0.67],
-    "64 vs 256": [0.62, 0.62, 0.55, 0.47, 0.37, 0.30, 0.10, 0.02, 0.49, 0.61],
-    "128 vs 256": [0.65, 0.63, 0.56, 0.48, 0.41, 0.33, 0.17, 0.17, 0.45, 0.84],
-}
-_PAPER_RP_OPTIMAL = {  # 2^6..2^13, then ~0 at 2^14 and 2^15
-    "UNet-64": [0.47, 0.45, 0.37, 0.27, 0.20, 0.12, 0.03, 0.0, 0.0, 0.0],
-    "UNet-128": [0.51, 0.46, 0.37, 0.30, 0.24, 0.17, 0.11, 0.04, 0.0, 0.0],
-    "UNet-256": [0.51, 0.46, 0.40, 0.33, 0.27, 0.21, 0.15, 0.10, 0.0, 0.0],
-}
+# Panels and data.
 
 
-def _paper_table(values: dict[str, list[float]], column: str, value: str) -> pd.DataFrame:
-    rows = [{"n": n, column: k, value: v} for k, vs in values.items() for n, v in zip(PAPER_SIZES, vs)]
-    return pd.DataFrame(rows)
+def panels(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The notebook's panels, name -> parameters: the main panel and, when ``molrg_panel`` is set,
+    the MoLRG panel (the main parameters with those overrides, dataset 'molrg')."""
+    main = dict(params)
+    out = {panel_name(main): main}
+    if params.get("molrg_panel"):
+        molrg = {**main, "dataset": "molrg", **dict(params["molrg_panel"])}
+        if molrg["backend"] != "relative":
+            raise ValueError("molrg_panel: MoLRG points are vectors, not images; give it backend 'relative'")
+        out[panel_name(molrg)] = molrg
+    return out
 
 
-def paper_gl() -> pd.DataFrame:
-    """The authors' generalization score: columns ``n``, ``model``, ``gl`` (read from plot, +-0.02)."""
-    return _paper_table(_PAPER_GL, "model", "gl")
-
-
-def paper_pairwise_rp() -> pd.DataFrame:
-    """The authors' pairwise RP: columns ``n``, ``pair``, ``rp``."""
-    return _paper_table(_PAPER_RP, "pair", "rp")
-
-
-def paper_rp_optimal() -> pd.DataFrame:
-    """The authors' RP between each UNet and the optimal denoiser: columns ``n``, ``model``, ``rp``."""
-    return _paper_table(_PAPER_RP_OPTIMAL, "model", "rp")
-
-
-# ----------------------------------------------------------------------------
-# Data: a fixed pool whose first N points are the training set of size N.
+def panel_name(params: Mapping[str, Any]) -> str:
+    """Display name of a panel, e.g. 'Fashion-MNIST 8x8' or 'MoLRG n=48, K=8, d=4'."""
+    kind, r = params["dataset"], int(params["resolution"])
+    if kind == "fashion_mnist":
+        return f"Fashion-MNIST {r}x{r}"
+    if kind == "molrg":
+        n = int(params["channels"]) * r * r
+        return f"MoLRG n={n}, K={int(params['molrg_classes'])}, d={int(params['molrg_dim'])}"
+    return f"images ({Path(str(params['dataset_path'])).name})"
 
 
 def data_spec(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON data description of a sweep from notebook parameters (keys ``dataset``, ``pool_size``, ...).
+    """The data spec of a panel: ``dataset`` 'molrg', 'fashion_mnist' (``dataset_path``, default the
+    Debian folder) or 'images' (EDM zip/folder ``dataset_path``); the pool holds ``pool_size`` points."""
+    from ..data import FASHION_MNIST_ROOT
 
-    ``dataset``: ``'molrg'`` (``molrg_classes``, ``molrg_dim``, ``resolution``, ``channels``,
-    ``data_seed``), ``'fashion_mnist'`` (IDX folder ``dataset_path``, ``resolution``, ``channels``) or
-    ``'images'`` (EDM zip/folder ``dataset_path``). The pool holds ``pool_size`` points.
-    """
-    kind = params["dataset"]
-    pool = int(params["pool_size"])
+    kind, pool = params["dataset"], int(params["pool_size"])
     sizes = [int(n) for n in params["dataset_sizes"]]
     if sizes and max(sizes) > pool:
         raise ValueError(f"dataset_sizes go up to {max(sizes)} but pool_size is {pool}")
     if kind == "molrg":
-        return {"source": "molrg", "num_classes": int(params["molrg_classes"]),
-                "intrinsic_dim": int(params["molrg_dim"]), "resolution": int(params["resolution"]),
-                "channels": int(params["channels"]), "seed": int(params["data_seed"]), "pool_size": pool}  # fmt: skip
+        return cells.molrg_spec(params["molrg_classes"], params["molrg_dim"], params["resolution"],
+                                params["channels"], params["data_seed"], pool_size=pool)  # fmt: skip
     if kind == "fashion_mnist":
-        return {"source": "fashion_mnist", "path": str(params["dataset_path"]),
-                "resolution": int(params["resolution"]), "channels": int(params["channels"]), "pool_size": pool}  # fmt: skip
+        path = params.get("dataset_path") or FASHION_MNIST_ROOT
+        return cells.fashion_mnist_spec(path, params["resolution"], params["channels"], pool_size=pool)
     if kind == "images":
         if not params.get("dataset_path"):
             raise ValueError("dataset='images' needs dataset_path (an EDM zip or folder)")
-        return {"source": "images", "path": str(params["dataset_path"]), "pool_size": pool}
+        return cells.images_spec(params["dataset_path"], pool)
     raise ValueError(f"unknown dataset {kind!r}; expected 'molrg', 'fashion_mnist' or 'images'")
-
-
-def to_model_space(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 images -> float64 in [-1, 1]; floats -> float64 unchanged."""
-    x = torch.as_tensor(x)
-    return x.double() / 127.5 - 1 if x.dtype == torch.uint8 else x.double()
-
-
-# ----------------------------------------------------------------------------
-# Grid configs.
-
-_TRAIN_KEYS = ("loss", "total_steps", "duration_kimg", "lr", "lr_rampup_kimg", "betas", "ema_beta",
-               "ema_halflife_kimg", "ema_rampup_ratio", "dropout", "augment_p", "grad_clip", "precision")  # fmt: skip
-
-
-def _sampler(params: Mapping[str, Any], order: int | None = None) -> dict[str, Any]:
-    return {"num_steps": int(params["num_steps"]), "sigma_min": float(params["sigma_min"]),
-            "sigma_max": float(params["sigma_max"]), "rho": float(params["rho"]),
-            "order": int(order if order is not None else params["sampler_order"])}  # fmt: skip
-
-
-def _features(params: Mapping[str, Any]) -> dict[str, Any]:
-    backend = params["backend"]
-    if backend == "pixel":
-        return {"backend": "pixel"}
-    if backend == "sscd":
-        return {"backend": "sscd", "model": str(params["sscd"]), "resize": int(params["sscd_resize"])}
-    raise ValueError(f"unknown similarity backend {backend!r}; expected 'pixel' or 'sscd'")
-
-
-def train_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One config per (N, width, training seed), most expensive first (for load balancing).
-
-    Uses the parameters ``dataset_sizes``, ``widths``, ``width_key``, ``train_seeds``, ``arch``,
-    ``precond``, ``network``, ``train``, ``batch_size``, ``batch_at_most_n``, the sampler's
-    ``num_steps``/``sigma_min``/``sigma_max``/``rho``/``sampler_order``, ``eval_seeds``,
-    ``sample_batch`` and the similarity ``backend``.
-    """
-    spec = data_spec(params)
-    unknown = sorted(set(params["train"]) - set(_TRAIN_KEYS))
-    if unknown:
-        raise ValueError(f"train: unsupported keys {unknown}; allowed: {list(_TRAIN_KEYS)}")
-    configs = []
-    for n, width, seed in itertools.product(params["dataset_sizes"], params["widths"], params["train_seeds"]):
-        n, width, seed = int(n), int(width), int(seed)
-        batch = int(params["batch_size"])
-        if params["batch_at_most_n"]:
-            batch = min(batch, n)
-        train = {"arch": params["arch"], "precond": params["precond"],
-                 "network": {**params["network"], params["width_key"]: width},
-                 "batch_size": batch, "seed": seed, **params["train"]}  # fmt: skip
-        configs.append({"kind": KIND_TRAIN, "version": VERSION, "data": spec, "n": n, "width": width,
-                        "seed": seed, "train": train, "sampler": _sampler(params),
-                        "eval_seeds": str(params["eval_seeds"]), "sample_batch": int(params["sample_batch"]),
-                        "features": _features(params)})  # fmt: skip
-    configs.sort(key=lambda c: (-c["width"], -c["train"]["batch_size"], -c["n"], c["seed"]))
-    return configs
-
-
-def optimal_configs(params: Mapping[str, Any], orders: Sequence[int] = (1,)) -> list[dict[str, Any]]:
-    """One optimal-denoiser config per (N, sampler order); order 1 is the authors' Euler sampler."""
-    spec = data_spec(params)
-    return [{"kind": KIND_OPTIMAL, "version": VERSION, "data": spec, "n": int(n),
-             "sampler": _sampler(params, order), "eval_seeds": str(params["eval_seeds"]),
-             "sample_batch": int(params["sample_batch"]), "chunk_size": int(params["optimal_chunk"]),
-             "features": _features(params)}
-            for n in params["dataset_sizes"] for order in orders]  # fmt: skip
-
-
-def validate_configs(configs: Sequence[Mapping[str, Any]], build_networks: bool = False) -> pd.DataFrame:
-    """Dry run: check every train config (TrainConfig, network kwargs, seeds) without training.
-
-    With ``build_networks`` also instantiate each distinct network once (on the CPU) to count its
-    parameters. Returns one row per config: n, width, seed, batch_size, steps, kimg, params.
-    """
-    from ..networks import build_network, network_kwargs
-    from ..sampling import parse_seeds
-    from ..training import TrainConfig
-
-    counted: dict[str, int] = {}
-    rows = []
-    for c in configs:
-        if c["kind"] != KIND_TRAIN:
-            continue
-        cfg = TrainConfig.from_dict(c["train"])
-        net_cfg = network_kwargs(cfg.arch, cfg.precond, 1, 1, 0, **cfg.network)  # checks arch/precond
-        seeds = parse_seeds(c["eval_seeds"])
-        steps = _steps(c)
-        key = json.dumps(net_cfg, sort_keys=True)
-        if build_networks and key not in counted:
-            res, ch = _data_shape(c["data"])
-            net_cfg = network_kwargs(cfg.arch, cfg.precond, res, ch, 0, **cfg.network)
-            net = build_network(net_cfg)
-            counted[key] = sum(p.numel() for p in net.parameters())
-            del net
-        rows.append({"n": c["n"], "width": c["width"], "seed": c["seed"], "batch_size": cfg.batch_size,
-                     "steps": steps, "kimg": steps * cfg.batch_size / 1000, "eval_seeds": len(seeds),
-                     "params": counted.get(key)})  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def _data_shape(spec: Mapping[str, Any]) -> tuple[int, int]:
-    if spec["source"] in ("molrg", "fashion_mnist"):
-        return spec["resolution"], spec["channels"]
-    return 32, 3
-
-
-# ----------------------------------------------------------------------------
-# Cell functions (module level, run in worker processes).
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return to_model_space(x).reshape(len(x), -1)
-
-
-def nearest_two(x: torch.Tensor, train: torch.Tensor, chunk: int = 4096) -> dict[str, np.ndarray]:
-    """Distances from each x to its two nearest training points (L2, model space, float64).
-
-    Returns ``nn_dist`` (S, 2) (second column inf when there is one training point), ``nn_index`` (S,)
-    and ``nn_norm`` (S,), the norm of the nearest training point.
-    """
-    xf, yf = _flat(x), _flat(train)
-    best = torch.full((len(xf), 2), math.inf, dtype=torch.float64)
-    idx = torch.zeros(len(xf), dtype=torch.int64)
-    for start in range(0, len(yf), chunk):
-        d = torch.cdist(xf, yf[start : start + chunk])
-        k = min(2, d.shape[1])
-        vals, ids = d.topk(k, dim=1, largest=False)
-        merged = torch.cat([best, vals], 1)
-        merged_ids = torch.cat([idx[:, None].expand(-1, 2), ids + start], 1)
-        order = merged.argsort(1)[:, :2]
-        new_idx = merged_ids.gather(1, order[:, :1])[:, 0]
-        best = merged.gather(1, order)
-        idx = torch.where(order[:, 0] < 2, idx, new_idx)
-    return {"nn_dist": best.numpy(), "nn_index": idx.numpy(), "nn_norm": yf[idx].norm(dim=1).numpy()}
-
-
-def _sample(net: Any, config: Mapping[str, Any], device: torch.device) -> torch.Tensor:
-    from ..sampling import generate
-
-    return generate(net, config["eval_seeds"], batch_size=config["sample_batch"], device=device,
-                    output="float", **config["sampler"])  # fmt: skip
-
-
-def _store_samples(x: torch.Tensor, spec: Mapping[str, Any]) -> np.ndarray:
-    """float64 samples -> what a cell stores: float32 (MoLRG) or EDM-quantised uint8 images."""
-    if spec["source"] == "molrg":
-        return x.float().numpy()
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).numpy()
-
-
-def _cell_statistics(
-    samples: np.ndarray, config: Mapping[str, Any], device: torch.device
-) -> dict[str, np.ndarray]:
-    train = training_set(config["data"], config["n"])
-    stats = nearest_two(torch.from_numpy(samples), train)
-    if config["features"]["backend"] == "sscd":
-        feats = sscd_features(samples, config["features"], device)
-        train_feats = sscd_features(train.numpy(), config["features"], device)
-        sims = feats.double() @ train_feats.double().T
-        best, arg = sims.max(1)
-        stats.update(features=feats.half().numpy(), max_cos=best.numpy(), max_cos_index=arg.numpy())
-    if config["data"]["source"] == "molrg":
-        stats["off_subspace"] = off_subspace_distance(samples, config["data"])
-    return stats
-
-
-@functools.lru_cache(maxsize=2)
-def _sscd_model(model: str, device: str, resize: int):
-    from ..features import SSCD
-
-    return SSCD(model, device=device, resize=resize, batch_size=256, download=True)
-
-
-def sscd_features(images: np.ndarray, feature_spec: Mapping[str, Any], device: torch.device) -> torch.Tensor:
-    """Unit-norm SSCD descriptors (N, F) of uint8 images (N, C, H, W), resized to ``feature_spec['resize']``."""
-    model = _sscd_model(feature_spec["model"], str(device), int(feature_spec["resize"]))
-    return model(torch.as_tensor(images)).cpu()
-
-
-def off_subspace_distance(samples: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
-    """Relative distance of each MoLRG sample to the nearest of the true subspaces (``MoLRG.off_subspace``)."""
-    return make_molrg(spec).off_subspace(samples).numpy()
-
-
-def run_train_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Train one model on the first N points, sample it at the evaluation seeds, store samples and statistics."""
-    from ..checkpoints import save_network
-    from ..training import TrainConfig, train
-
-    device = cells.device()
-    data = training_set(config["data"], config["n"])
-    cfg = TrainConfig.from_dict({**config["train"], "log_every": max(1, _steps(config) // 20)})
-    workdir = Path(staging) / "train"
-    t0 = time.perf_counter()
-    result = train(cfg, data, outdir=workdir, device=device, progress=False)
-    train_s = time.perf_counter() - t0
-    save_network(result.ema, Path(staging) / "network.pkl")
-    shutil.rmtree(workdir / "snapshots", ignore_errors=True)
-    for snap in workdir.glob("network-snapshot-*"):
-        snap.unlink()
-    t0 = time.perf_counter()
-    x = _sample(result.ema, config, device)
-    sample_s = time.perf_counter() - t0
-    samples = _store_samples(x, config["data"])
-    stats = _cell_statistics(samples, config, device)
-    losses = [h["loss"] for h in result.history]
-    out = {"n": config["n"], "width": config["width"], "seed": config["seed"], "steps": result.steps,
-           "kimg": result.kimg, "final_loss": losses[-1] if losses else None, "train_seconds": train_s,
-           "sample_seconds": sample_s, "params": sum(p.numel() for p in result.ema.parameters())}  # fmt: skip
-    return out, {"samples": samples, **stats}
-
-
-def _steps(config: Mapping[str, Any]) -> int:
-    t = config["train"]
-    if t.get("total_steps"):
-        return int(t["total_steps"])
-    return max(1, math.ceil(t["duration_kimg"] * 1000 / t["batch_size"]))
-
-
-def run_optimal_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Sample the empirical optimal denoiser of the first N points at the evaluation seeds."""
-    from ..optimal import OptimalDenoiser
-
-    device = cells.device()
-    data = training_set(config["data"], config["n"])
-    net = OptimalDenoiser(data, chunk_size=config["chunk_size"], device=device)
-    net.img_resolution, net.img_channels = int(data.shape[-1]), int(data.shape[1])
-    t0 = time.perf_counter()
-    x = _sample(net, config, device)
-    sample_s = time.perf_counter() - t0
-    samples = _store_samples(x, config["data"])
-    stats = _cell_statistics(samples, config, device)
-    out = {"n": config["n"], "order": config["sampler"]["order"], "sample_seconds": sample_s}
-    return out, {"samples": samples, **stats}
-
-
-# ----------------------------------------------------------------------------
-# Copy criterion and its calibration.
-
-
-@dataclasses.dataclass(frozen=True)
-class Criterion:
-    """When is a sample a copy of another: ``relative`` (||x - y|| <= t ||y||, pixels) or ``cosine`` (SSCD)."""
-
-    kind: str
-    threshold: float
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("relative", "cosine"):
-            raise ValueError(f"Criterion kind must be 'relative' or 'cosine', got {self.kind!r}")
-
-    def memorized(self, cell: Mapping[str, Any]) -> np.ndarray:
-        """Per-sample flags of a stored cell: is the sample a copy of a training point?"""
-        a = cell["arrays"]
-        if self.kind == "cosine":
-            return a["max_cos"] > self.threshold
-        return a["nn_dist"][:, 0] <= self.threshold * a["nn_norm"]
-
-    def same(self, a: Mapping[str, Any], b: Mapping[str, Any]) -> np.ndarray:
-        """Per-seed flags: are the two cells' samples from the same seed copies of each other (b the reference)?"""
-        if self.kind == "cosine":
-            fa, fb = a["arrays"]["features"].astype(np.float64), b["arrays"]["features"].astype(np.float64)
-            return (fa * fb).sum(1) > self.threshold
-        xa = _flat(torch.from_numpy(a["arrays"]["samples"])).numpy()
-        xb = _flat(torch.from_numpy(b["arrays"]["samples"])).numpy()
-        return relative_distance(xa, xb) <= self.threshold
-
-
-def relative_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Row-wise ||x - y|| / ||y|| of flattened arrays (S, D)."""
-    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
-    return np.linalg.norm(x - y, axis=1) / np.maximum(np.linalg.norm(y, axis=1), 1e-12)
-
-
-def calibrate(
-    spec: Mapping[str, Any],
-    sizes: Sequence[int],
-    fresh: int = 2000,  # true-distribution samples per size
-    copy_noise: float = 0.1,  # relative noise of the noisy copies
-    max_false: float = 0.01,  # at most this fraction of fresh samples may be flagged
-    min_true: float = 0.99,  # at least this fraction of noisy copies must be flagged
-    decimals: int = 2,  # the threshold is rounded down to this many decimals
-    seed: int = 0,
-) -> tuple[float, pd.DataFrame, pd.DataFrame]:
-    """Pick the ``relative`` threshold t from data: the largest t (rounded down) at which fresh samples
-    of the true distribution are flagged as copies of a training set at most ``max_false`` of the time,
-    at every size. Returns t and a table per size: ``false_copy`` (fresh flagged), ``true_copy`` (noisy
-    copies flagged), ``unrelated_pairs`` (two independent fresh samples flagged as the same image); and
-    the distances themselves (long table: n, kind, rel)."""
-    x_fresh = fresh_samples(spec, fresh)
-    g = torch.Generator().manual_seed(seed)
-    per_size = []
-    for n in sizes:
-        train = training_set(spec, int(n))
-        st = nearest_two(x_fresh, train)
-        rel_fresh = st["nn_dist"][:, 0] / st["nn_norm"]
-        copies = noisy_copies(train, fresh, copy_noise, g)
-        sc = nearest_two(copies, train)
-        rel_copy = sc["nn_dist"][:, 0] / sc["nn_norm"]
-        per_size.append((int(n), rel_fresh, rel_copy))
-    # largest t with mean(rel_fresh <= t) <= max_false for every size
-    limits = [np.sort(r)[int(math.floor(max_false * len(r)))] for _, r, _ in per_size]
-    scale = 10**decimals
-    t = math.floor(min(limits) * scale) / scale
-    if t >= min(limits):  # rounding landed exactly on a sample: step below it
-        t = (math.ceil(min(limits) * scale) - 1) / scale
-    xf = _flat(x_fresh).numpy()
-    half = len(xf) // 2
-    unrelated = float(np.mean(relative_distance(xf[:half], xf[half : 2 * half]) <= t))
-    rows = [{"n": n, "threshold": t, "false_copy": float(np.mean(rf <= t)), "true_copy": float(np.mean(rc <= t)),
-             "unrelated_pairs": unrelated, "fresh_rel_q01": float(np.quantile(rf, max_false)),
-             "copy_rel_q99": float(np.quantile(rc, min_true))} for n, rf, rc in per_size]  # fmt: skip
-    distances = pd.concat([pd.DataFrame({"n": n, "kind": kind, "rel": r})
-                           for n, rf, rc in per_size for kind, r in (("fresh samples", rf), ("noisy copies", rc))],
-                          ignore_index=True)  # fmt: skip
-    return t, pd.DataFrame(rows), distances
-
-
-# ----------------------------------------------------------------------------
-# Aggregation: tidy tables.
-
-
-def gl_table(cells: Sequence[Mapping[str, Any]], criterion: Criterion) -> pd.DataFrame:
-    """Generalization score per trained cell: columns n, width, seed, gl, off_subspace (MoLRG median)."""
-    rows = []
-    for c in cells:
-        flags = criterion.memorized(c)
-        row = {"n": c["n"], "width": c["width"], "seed": c["seed"], "gl": 1.0 - float(flags.mean())}
-        if "off_subspace" in c["arrays"]:
-            row["off_subspace"] = float(np.median(c["arrays"]["off_subspace"]))
-        rows.append(row)
-    return pd.DataFrame(rows).sort_values(["width", "n", "seed"]).reset_index(drop=True)
-
-
-def pair_label(a: int, b: int) -> str:
-    """``'8 vs 64'`` for widths 8 and 64."""
-    return f"{a} vs {b}"
-
-
-def pairwise_rp_table(cells: Sequence[Mapping[str, Any]], criterion: Criterion) -> pd.DataFrame:
-    """RP between every two widths trained with the same seed on the same N: columns n, pair, seed, rp."""
-    by_key = {(c["n"], c["width"], c["seed"]): c for c in cells}
-    widths = sorted({c["width"] for c in cells})
-    rows = []
-    for n, seed in sorted({(c["n"], c["seed"]) for c in cells}):
-        for a, b in itertools.combinations(widths, 2):
-            if (n, a, seed) in by_key and (n, b, seed) in by_key:
-                flags = criterion.same(by_key[(n, a, seed)], by_key[(n, b, seed)])
-                rows.append({"n": n, "pair": pair_label(a, b), "width_a": a, "width_b": b, "seed": seed,
-                             "rp": float(flags.mean())})  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def rp_optimal_table(cells: Sequence[Mapping[str, Any]], optimal: Sequence[Mapping[str, Any]],
-                     criterion: Criterion) -> pd.DataFrame:  # fmt: skip
-    """RP of each trained cell against the optimal denoiser's samples (same N, same seeds), per sampler order.
-
-    Columns n, width, seed, order, rp.
-    """
-    opt = {(o["n"], o["order"]): o for o in optimal}
-    rows = []
-    for c in cells:
-        for (n, order), o in opt.items():
-            if n == c["n"]:
-                flags = criterion.same(c, o)
-                rows.append(
-                    {
-                        "n": n,
-                        "width": c["width"],
-                        "seed": c["seed"],
-                        "order": order,
-                        "rp": float(flags.mean()),
-                    }
-                )
-    return pd.DataFrame(rows).sort_values(["order", "width", "n", "seed"]).reset_index(drop=True)
-
-
-def optimal_gl_table(optimal: Sequence[Mapping[str, Any]], criterion: Criterion) -> pd.DataFrame:
-    """GL of the optimal denoiser's own samples: columns n, order, gl (expected ~0: it returns training points)."""
-    rows = [
-        {"n": o["n"], "order": o["order"], "gl": 1.0 - float(criterion.memorized(o).mean())} for o in optimal
-    ]
-    return pd.DataFrame(rows).sort_values(["order", "n"]).reset_index(drop=True)
-
-
-def wide(table: pd.DataFrame, index: str, columns: str, value: str) -> pd.DataFrame:
-    """Pivot a tidy table, keeping the columns in order of first appearance."""
-    order = list(dict.fromkeys(table[columns]))
-    return table.pivot(index=index, columns=columns, values=value)[order]
-
-
-def mean_sd(table: pd.DataFrame, index: str, columns: str, value: str) -> pd.DataFrame:
-    """Wide table of ``mean +- sd`` strings (sd over repeats; omitted with a single repeat)."""
-    g = table.groupby([index, columns])[value]
-    mean, sd, count = g.mean().unstack(columns), g.std().unstack(columns), g.count().unstack(columns)
-    out = mean.copy().astype(object)
-    for r in mean.index:
-        for c in mean.columns:
-            m = mean.loc[r, c]
-            out.loc[r, c] = f"{m:.2f}" if count.loc[r, c] < 2 else f"{m:.2f} ± {sd.loc[r, c]:.2f}"
-    return out
-
-
-def n_half(table: pd.DataFrame, value: str = "gl", by: Sequence[str] = ("width", "seed"), level: float = 0.5
-           ) -> pd.DataFrame:  # fmt: skip
-    """Training-set size where ``value`` first crosses ``level``, interpolated in log2 N, per group.
-
-    Columns: the ``by`` keys and ``n_half`` (NaN when the curve never crosses).
-    """
-    rows = []
-    for key, g in table.groupby(list(by)):
-        g = g.sort_values("n")
-        ns, vs = np.log2(g["n"].to_numpy(float)), g[value].to_numpy(float)
-        crossing = math.nan
-        for i in range(1, len(vs)):
-            if vs[i - 1] < level <= vs[i]:
-                frac = (level - vs[i - 1]) / (vs[i] - vs[i - 1])
-                crossing = 2 ** (ns[i - 1] + frac * (ns[i] - ns[i - 1]))
-                break
-        if vs[0] >= level:
-            crossing = 2 ** ns[0]
-        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "n_half": crossing})
-    return pd.DataFrame(rows)
-
-
-# ----------------------------------------------------------------------------
-# Checks (the issue's acceptance criteria), returned as result rows.
-
-
-def _row(
-    quantity: str, setting: str, value: Any, paper: Any, check: str, passed: bool, note: str = ""
-) -> dict:
-    from ..results import row
-
-    return row(quantity, setting, value, paper, check=check, passed=bool(passed), note=note)
-
-
-def regime_checks(gl: pd.DataFrame, rp: pd.DataFrame, low: float = 0.1, high: float = 0.9, rp_min: float = 0.6
-                  ) -> list[dict[str, Any]]:  # fmt: skip
-    """GL <= low at the smallest size and >= high at the largest (every width); pairwise RP >= rp_min at
-    both ends and lower in between (every pair). Means over training seeds."""
-    rows = []
-    n_lo, n_hi = gl["n"].min(), gl["n"].max()
-    m = gl.groupby(["width", "n"])["gl"].mean()
-    for w in sorted(gl["width"].unique()):
-        rows.append(_row("GL", f"width {w}, N={n_lo}", round(m[(w, n_lo)], 3), "~0 (N <= 2^10)", f"<= {low}",
-                         m[(w, n_lo)] <= low))  # fmt: skip
-        rows.append(_row("GL", f"width {w}, N={n_hi}", round(m[(w, n_hi)], 3), "~1 (N >= 2^14)", f">= {high}",
-                         m[(w, n_hi)] >= high))  # fmt: skip
-    r = rp.groupby(["pair", "n"])["rp"].mean()
-    for pair in rp["pair"].unique():
-        s = r[pair].sort_index()
-        ends = (s.iloc[0], s.iloc[-1])
-        inner = s.iloc[1:-1]
-        dip = float(inner.min()) if len(inner) else math.nan
-        rows.append(_row("pairwise RP", f"{pair}, N={s.index[0]}", round(ends[0], 3), "0.62-0.69 (2^6)",
-                         f">= {rp_min}", ends[0] >= rp_min))  # fmt: skip
-        rows.append(_row("pairwise RP", f"{pair}, N={s.index[-1]}", round(ends[1], 3), "0.61-0.84 (2^15)",
-                         f">= {rp_min}", ends[1] >= rp_min))  # fmt: skip
-        rows.append(_row("pairwise RP", f"{pair}, minimum in between (N={inner.idxmin() if len(inner) else '-'})",
-                         round(dip, 3), "0.02-0.18 (2^13)", "below both ends",
-                         len(inner) > 0 and dip < min(ends)))  # fmt: skip
-    return rows
-
-
-def optimal_checks(rp_opt: pd.DataFrame, opt_gl: pd.DataFrame, order: int = 1, first_min: float = 0.4,
-                   last_max: float = 0.05, tol: float = 0.05, gl_max: float = 0.05) -> list[dict[str, Any]]:  # fmt: skip
-    """RP vs the optimal denoiser decreasing with N (no rise above ``tol`` between neighbouring sizes),
-    >= first_min at the smallest size and <= last_max at the largest (every width); GL of the optimal
-    denoiser's own samples <= gl_max at every size."""
-    rows = []
-    sub = rp_opt[rp_opt["order"] == order]
-    m = sub.groupby(["width", "n"])["rp"].mean()
-    for w in sorted(sub["width"].unique()):
-        s = m[w].sort_index()
-        rise = float(np.max(np.diff(s.to_numpy()))) if len(s) > 1 else 0.0
-        rows.append(_row("RP vs optimal", f"width {w}, N={s.index[0]}", round(s.iloc[0], 3), "0.47-0.51 (2^6)",
-                         f">= {first_min}", s.iloc[0] >= first_min))  # fmt: skip
-        rows.append(_row("RP vs optimal", f"width {w}, N={s.index[-1]}", round(s.iloc[-1], 3), "~0 (2^14)",
-                         f"<= {last_max}", s.iloc[-1] <= last_max))  # fmt: skip
-        rows.append(_row("RP vs optimal", f"width {w}, largest rise between neighbouring sizes", round(rise, 3),
-                         "decreasing", f"<= {tol}", rise <= tol))  # fmt: skip
-    for o in sorted(opt_gl["order"].unique()):
-        worst = float(opt_gl[opt_gl["order"] == o]["gl"].max())
-        rows.append(_row("GL of optimal denoiser", f"order {o}, max over N", round(worst, 3), "~0",
-                         f"<= {gl_max}", worst <= gl_max))  # fmt: skip
-    return rows
-
-
-# ----------------------------------------------------------------------------
-# Teacher data set (paper profile) and figures.
 
 
 def prepare_teacher_dataset(params: Mapping[str, Any], batch_size: int = 256) -> Path:
@@ -620,53 +103,534 @@ def prepare_teacher_dataset(params: Mapping[str, Any], batch_size: int = 256) ->
     return synthetic_dataset(net, int(params["teacher_images"]), dest, batch_size=batch_size, device=device)
 
 
-def plot_calibration(
-    distances: pd.DataFrame, threshold: float, profile: str, sizes: Sequence[int] | None = None
-):
-    """Histograms of the relative distance to the nearest training point: fresh samples vs noisy copies."""
-    import matplotlib.pyplot as plt
+# ----------------------------------------------------------------------------
+# Grid configs.
 
+
+def _features(params: Mapping[str, Any]) -> dict[str, Any]:
+    backend = params["backend"]
+    if backend == "relative":
+        return {"backend": "relative"}
+    if backend == "sscd":
+        return {"backend": "sscd", "model": str(params["sscd"]), "resize": int(params["sscd_resize"])}
+    raise ValueError(f"unknown similarity backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _history_spec(params: Mapping[str, Any], n: int, total: int) -> dict[str, Any] | None:
+    """Snapshot steps and seeds at which a cell of size ``n`` is also sampled (GL vs training length)."""
+    if n not in [int(s) for s in params.get("history_sizes", [])]:
+        return None
+    steps = sorted({int(s) for s in params["history_steps"]})
+    if not steps or steps[0] < 1 or steps[-1] >= total:
+        raise ValueError(f"history_steps {steps} must lie in [1, total steps = {total})")
+    return {"steps": steps, "seeds": str(params["history_seeds"])}
+
+
+def train_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One config per (N, width, training seed) of a panel, most expensive first (load balancing)."""
+    spec, features, sampler = data_spec(params), _features(params), cells.sampler_spec(params)
+    configs = []
+    for n, width, seed in itertools.product(params["dataset_sizes"], params["widths"], params["train_seeds"]):
+        n, width, seed = int(n), int(width), int(seed)
+        batch = min(int(params["batch_size"]), n) if params["batch_at_most_n"] else int(params["batch_size"])
+        network = {**params["network"], params["width_key"]: width}
+        train = cells.train_config(params["arch"], params["precond"], network, params["train"],
+                                   batch_size=batch, seed=seed)  # fmt: skip
+        cfg = {"kind": KIND_TRAIN, "version": VERSION, "data": spec, "n": n, "width": width, "seed": seed,
+               "train": train, "sampler": sampler, "eval_seeds": str(params["eval_seeds"]),
+               "sample_batch": int(params["sample_batch"]), "features": features}  # fmt: skip
+        history = _history_spec(params, n, cells.num_steps(train))
+        if history:
+            cfg["history"] = history
+        configs.append(cfg)
+    configs.sort(key=lambda c: (-c["width"], -c["train"]["batch_size"], -c["n"], c["seed"]))
+    return configs
+
+
+def optimal_configs(params: Mapping[str, Any], orders: Sequence[int] = (1,)) -> list[dict[str, Any]]:
+    """One optimal-denoiser config per (N, sampler order) of a panel; order 1 is the authors' Euler."""
+    spec, features = data_spec(params), _features(params)
+    return [{"kind": KIND_OPTIMAL, "version": VERSION, "data": spec, "n": int(n),
+             "sampler": cells.sampler_spec(params, order), "eval_seeds": str(params["eval_seeds"]),
+             "sample_batch": int(params["sample_batch"]), "chunk_size": int(params["optimal_chunk"]),
+             "features": features}
+            for n in params["dataset_sizes"] for order in orders]  # fmt: skip
+
+
+def plan(configs: Sequence[Mapping[str, Any]], shape: tuple[int, int] | None = None) -> pd.DataFrame:
+    """Dry run: build each distinct network once (meta device) and tabulate the grid: n, width, seed,
+    batch_size, steps, kimg, params. ``shape`` (channels, resolution) saves reading image files."""
+    from ..networks import make_network
+
+    counted: dict[tuple, int] = {}
+    rows = []
+    for c in configs:
+        if c["kind"] != KIND_TRAIN:
+            continue
+        t = c["train"]
+        key = (t["arch"], t["precond"], repr(sorted(t["network"].items())))
+        if key not in counted:
+            ch, res = shape or cells.data_shape(c["data"])
+            with torch.device("meta"):
+                net = make_network(t["arch"], t["precond"], res, ch, **t["network"])
+            counted[key] = sum(p.numel() for p in net.parameters())
+        steps = cells.num_steps(t)
+        rows.append({"n": c["n"], "width": c["width"], "seed": c["seed"], "batch_size": t["batch_size"],
+                     "steps": steps, "kimg": steps * t["batch_size"] / 1000, "params": counted[key]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------
+# Cell functions (module level: they run in worker processes).
+
+
+def _statistics(samples: np.ndarray, config: Mapping[str, Any], device: torch.device) -> dict[str, np.ndarray]:
+    """Threshold-free per-sample statistics of a cell's samples against its training set: the
+    relative NN distance (always), SSCD descriptors and max cosine (sscd backend), MoLRG subspaces."""
+    train = cells.training_set(config["data"], config["n"])
+    x = torch.from_numpy(samples)
+    rel, idx = scores.nn_relative_distance(x, train, device=device)
+    stats = {"nn_rel": rel.numpy(), "nn_index": idx.numpy()}
+    if config["features"]["backend"] == "sscd":
+        feats = sscd_features(samples, config["features"], device)
+        best, arg = scores.max_similarity(feats, _train_features(config, device), dtype=torch.float64)
+        stats.update(features=feats.half().numpy(), max_cos=best.numpy(), max_cos_index=arg.numpy())
+    if config["data"]["source"] == "molrg":
+        mix = cells.make_molrg(config["data"])
+        stats.update(off_subspace=mix.off_subspace(x).numpy(), nearest_class=mix.nearest_class(x).numpy())
+    return stats
+
+
+def _train_features(config: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+    return sscd_features(cells.training_set(config["data"], config["n"]).numpy(), config["features"], device)
+
+
+def _copy_statistic(samples: np.ndarray, config: Mapping[str, Any], device: torch.device) -> np.ndarray:
+    """The backend's copy statistic of samples: relative NN distance, or SSCD max cosine."""
+    if config["features"]["backend"] == "sscd":
+        feats = sscd_features(samples, config["features"], device)
+        return scores.max_similarity(feats, _train_features(config, device), dtype=torch.float64)[0].numpy()
+    train = cells.training_set(config["data"], config["n"])
+    return scores.nn_relative_distance(torch.from_numpy(samples), train, device=device)[0].numpy()
+
+
+_SSCD_MODELS: dict[tuple, Any] = {}
+
+
+def sscd_model(feature_spec: Mapping[str, Any], device: torch.device):
+    """The (cached) SSCD descriptor of a feature spec on ``device``."""
+    from ..features import SSCD
+
+    key = (feature_spec["model"], str(device), int(feature_spec["resize"]))
+    if key not in _SSCD_MODELS:
+        _SSCD_MODELS[key] = SSCD(feature_spec["model"], device=device, resize=key[2], batch_size=256, download=True)
+    return _SSCD_MODELS[key]
+
+
+def sscd_features(images: np.ndarray, feature_spec: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+    """Unit-norm SSCD descriptors (N, F) of uint8 images (N, C, H, W)."""
+    return sscd_model(feature_spec, device)(torch.as_tensor(images)).cpu()
+
+
+def _history(config: Mapping[str, Any], workdir: Path, device: torch.device) -> dict[str, np.ndarray]:
+    """The copy statistic of the samples of each history snapshot: (H,) steps, (H, S) statistics."""
+    from ..checkpoints import load_network
+    from ..training import snapshot_path
+
+    hist, stats = config["history"], []
+    for step in hist["steps"]:
+        net = load_network(snapshot_path(workdir, step * config["train"]["batch_size"]), device=device)
+        x = cells.sample(net, config["sampler"], hist["seeds"], config["sample_batch"], device)
+        stats.append(_copy_statistic(cells.store_samples(x, config["data"]), config, device))
+    return {"history_steps": np.asarray(hist["steps"]), "history_copy": np.stack(stats)}
+
+
+def run_train_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Train one model on the first N points, sample it at the evaluation seeds, store samples and statistics."""
+    from ..checkpoints import save_network
+
+    device = cells.device()
+    data = cells.training_set(config["data"], config["n"])
+    workdir = Path(staging) / "train"
+    history = config.get("history")
+    extra = {"snapshot_steps": math.gcd(*history["steps"])} if history else {}
+    net, info = cells.train_model(config["train"], data, device, workdir=workdir, **extra)
+    save_network(net, Path(staging) / "network.nbh")
+    arrays = _history(config, workdir, device) if history else {}
+    for f in workdir.glob("*"):  # snapshots and dumps are not kept: the final network is
+        if f.is_file():
+            f.unlink()
+    t0 = time.perf_counter()
+    x = cells.sample(net, config["sampler"], config["eval_seeds"], config["sample_batch"], device)
+    info["sample_seconds"] = time.perf_counter() - t0
+    samples = cells.store_samples(x, config["data"])
+    out = {"n": config["n"], "width": config["width"], "seed": config["seed"], **info}
+    return out, {"samples": samples, **_statistics(samples, config, device), **arrays}
+
+
+def run_optimal_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Sample the empirical optimal denoiser of the first N points at the evaluation seeds."""
+    from ..optimal import OptimalDenoiser
+
+    device = cells.device()
+    data = cells.training_set(config["data"], config["n"])
+    net = OptimalDenoiser(data, chunk_size=config["chunk_size"], device=device)
+    net.img_resolution, net.img_channels = int(data.shape[-1]), int(data.shape[1])
+    t0 = time.perf_counter()
+    x = cells.sample(net, config["sampler"], config["eval_seeds"], config["sample_batch"], device)
+    samples = cells.store_samples(x, config["data"])
+    out = {"n": config["n"], "order": config["sampler"]["order"], "sample_seconds": time.perf_counter() - t0}
+    return out, {"samples": samples, **_statistics(samples, config, device)}
+
+
+def run_panels(store: Any, configs: Mapping[str, Sequence[dict]], fn: Any, workers: int = 1) -> dict[str, list]:
+    """Run (or load) every panel's cells in one pool of ``workers`` processes: panel -> stored cells."""
+    grid = [c for cs in configs.values() for c in cs]
+    done = iter(store.run_grid(grid, fn, workers=workers, threads_per_worker=1))
+    return {name: [next(done) for _ in cs] for name, cs in configs.items()}
+
+
+def panel_tables(panels_: Mapping[str, Mapping[str, Any]], cells_: Mapping[str, list],
+                 cals: Mapping[str, tuple]) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:  # fmt: skip
+    """Per panel: the GL table and the cross-seed RP table (with subspace agreement on MoLRG)."""
+    out = {}
+    for name, p in panels_.items():
+        copy, same = cals[name]
+        k = int(p["molrg_classes"]) if p["dataset"] == "molrg" else None
+        out[name] = (gl_table(cells_[name], copy.criterion), rp_table(cells_[name], same.criterion, num_classes=k))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Criteria of a panel, calibrated on its held-out data.
+
+
+def calibrate(params: Mapping[str, Any], device: torch.device | None = None
+              ) -> tuple[calibration.Calibration, calibration.Calibration]:  # fmt: skip
+    """The panel's copy and same-image criteria, each calibrated on held-out data (see
+    :mod:`calibration`); a positive ``copy_threshold``/``same_threshold`` replaces the calibrated value."""
+    spec, feats = data_spec(params), _features(params)
+    statistic = "relative" if feats["backend"] == "relative" else "cosine"
+    embed = None
+    if statistic == "cosine":
+        dev = device or cells.device()
+
+        def embed(x):
+            return sscd_features(np.asarray(torch.as_tensor(x)), feats, dev)
+
+    count = int(params["calibration_samples"])
+    copy = calibration.calibrate_copy(spec, params["dataset_sizes"], count, float(params["copy_noise"]),
+                                      float(params["max_false_copy"]), float(params["min_true_copy"]),
+                                      statistic, embed)  # fmt: skip
+    same = calibration.calibrate_same(spec, count, float(params["copy_noise"]), float(params["max_false_same"]),
+                                      float(params["min_true_same"]), statistic, embed)  # fmt: skip
+    for cal, key in ((copy, "copy_threshold"), (same, "same_threshold")):
+        if params.get(key):
+            cal.criterion = scores.Criterion(cal.criterion.question, statistic, float(params[key]))
+    return copy, same
+
+
+def copy_scores(cell: Mapping[str, Any], crit: scores.Criterion) -> np.ndarray:
+    """A stored cell's copy statistic per sample (relative NN distance or SSCD max cosine)."""
+    return cell["arrays"]["nn_rel" if crit.statistic == "relative" else "max_cos"]
+
+
+def same_scores(a: Mapping[str, Any], b: Mapping[str, Any], crit: scores.Criterion, shift: int = 0) -> np.ndarray:
+    """Per-seed same-image statistic between two stored cells (b the reference); ``shift`` pairs seed
+    j of a with seed j + shift of b (a seed-shuffled pairing: the chance level)."""
+    key = "samples" if crit.statistic == "relative" else "features"
+    xa, xb = a["arrays"][key], np.roll(b["arrays"][key], -shift, axis=0)
+    return calibration.same_scores(xa, xb, crit.statistic)
+
+
+# ----------------------------------------------------------------------------
+# Tables.
+
+
+_se = scores.rate_se
+
+
+def gl_table(cells_: Sequence[Mapping[str, Any]], copy: scores.Criterion) -> pd.DataFrame:
+    """GL per trained cell: n, width, seed, gl, samples (and the MoLRG median off-subspace distance)."""
+    rows = []
+    for c in cells_:
+        flags = copy.flags(copy_scores(c, copy))
+        row = {"n": c["n"], "width": c["width"], "seed": c["seed"], "gl": 1.0 - float(flags.mean()),
+               "samples": len(flags)}  # fmt: skip
+        if "off_subspace" in c["arrays"]:
+            row["off_subspace"] = float(np.median(c["arrays"]["off_subspace"]))
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["width", "n", "seed"]).reset_index(drop=True)
+
+
+def pair_label(a: int, b: int) -> str:
+    """``'16 vs 32'`` for widths 16 and 32."""
+    return f"{a} vs {b}"
+
+
+def model_pairs(cells_: Sequence[Mapping[str, Any]], pairing: str = "cross-seed") -> list[tuple[dict, dict]]:
+    """Pairs of trained cells of one N: 'cross-seed' (different training seeds, any widths; they share
+    only data and noise) or 'same-seed' (two widths, one seed: also the same batches and training noise)."""
+    if pairing not in ("cross-seed", "same-seed"):
+        raise ValueError(f"pairing must be 'cross-seed' or 'same-seed', got {pairing!r}")
+    by_n: dict[int, list] = {}
+    for c in cells_:
+        by_n.setdefault(c["n"], []).append(c)
+    out = []
+    for group in by_n.values():
+        for a, b in itertools.combinations(sorted(group, key=lambda c: (c["width"], c["seed"])), 2):
+            same_seed = a["seed"] == b["seed"]
+            if (pairing == "cross-seed" and not same_seed) or (pairing == "same-seed" and same_seed):
+                out.append((a, b))
+    return out
+
+
+def rp_table(cells_: Sequence[Mapping[str, Any]], same: scores.Criterion, pairing: str = "cross-seed",
+             num_classes: int | None = None) -> pd.DataFrame:  # fmt: skip
+    """RP per model pair: n, pair, width_a, width_b, seed_a, seed_b, rp, chance (seed-shuffled pairing),
+    seeds; MoLRG (``num_classes``): also subspace agreement, its chance 1/K, and RP within agreeing seeds."""
+    rows = []
+    for a, b in model_pairs(cells_, pairing):
+        flags = same.flags(same_scores(a, b, same))
+        row = {"n": a["n"], "pair": pair_label(a["width"], b["width"]), "width_a": a["width"],
+               "width_b": b["width"], "seed_a": a["seed"], "seed_b": b["seed"], "rp": float(flags.mean()),
+               "chance": float(same.flags(same_scores(a, b, same, shift=1)).mean()), "seeds": len(flags)}  # fmt: skip
+        if num_classes:
+            agree = a["arrays"]["nearest_class"] == b["arrays"]["nearest_class"]
+            row.update(subspace_agreement=float(agree.mean()), subspace_chance=1 / num_classes,
+                       rp_within=float(flags[agree].mean()) if agree.any() else math.nan)  # fmt: skip
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def rp_optimal_table(cells_: Sequence[Mapping[str, Any]], optimal: Sequence[Mapping[str, Any]],
+                     same: scores.Criterion) -> pd.DataFrame:  # fmt: skip
+    """RP of each trained cell against D*'s samples (same N, same seeds), per sampler order:
+    n, width, seed, order, rp, chance, seeds."""
+    opt = {(o["n"], o["order"]): o for o in optimal}
+    rows = []
+    for c in cells_:
+        for (n, order), o in opt.items():
+            if n == c["n"]:
+                flags = same.flags(same_scores(c, o, same))
+                rows.append({"n": n, "width": c["width"], "seed": c["seed"], "order": order, "rp": float(flags.mean()),
+                             "chance": float(same.flags(same_scores(c, o, same, shift=1)).mean()),
+                             "seeds": len(flags)})  # fmt: skip
+    return pd.DataFrame(rows).sort_values(["order", "width", "n", "seed"]).reset_index(drop=True)
+
+
+def optimal_gl_table(optimal: Sequence[Mapping[str, Any]], copy: scores.Criterion) -> pd.DataFrame:
+    """GL of D*'s own samples: n, order, gl, samples (a sanity row: D* returns training points)."""
+    rows = []
+    for o in optimal:
+        flags = copy.flags(copy_scores(o, copy))
+        rows.append({"n": o["n"], "order": o["order"], "gl": 1.0 - float(flags.mean()), "samples": len(flags)})
+    return pd.DataFrame(rows).sort_values(["order", "n"]).reset_index(drop=True)
+
+
+def history_table(cells_: Sequence[Mapping[str, Any]], copy: scores.Criterion) -> pd.DataFrame:
+    """GL against training steps for cells with a history: n, width, seed, steps, gl, samples
+    (the final model's GL, at the evaluation seeds, ends each curve)."""
+    rows = []
+    for c in cells_:
+        a = c["arrays"]
+        if "history_steps" not in a:
+            continue
+        for step, stat in zip(a["history_steps"], a["history_copy"]):
+            rows.append({"n": c["n"], "width": c["width"], "seed": c["seed"], "steps": int(step),
+                         "gl": 1 - float(copy.flags(stat).mean()), "samples": len(stat)})  # fmt: skip
+        final = copy.flags(copy_scores(c, copy))
+        rows.append({"n": c["n"], "width": c["width"], "seed": c["seed"], "steps": int(c["steps"]),
+                     "gl": 1 - float(final.mean()), "samples": len(final)})  # fmt: skip
+    return pd.DataFrame(rows, columns=["n", "width", "seed", "steps", "gl", "samples"])
+
+
+def rp_curves(cells_: Sequence[Mapping[str, Any]], same: scores.Criterion, thresholds: Sequence[float],
+              pairing: str = "cross-seed") -> pd.DataFrame:  # fmt: skip
+    """RP as a function of the threshold, per N and pair (mean over pairings): n, pair, threshold, rp."""
+    rows = []
+    for a, b in model_pairs(cells_, pairing):
+        d = same_scores(a, b, same)
+        rates = scores.flag_rates(d, thresholds, same.flag)
+        rows += [{"n": a["n"], "pair": pair_label(a["width"], b["width"]), "threshold": float(t), "rp": float(r)}
+                 for t, r in zip(thresholds, rates)]  # fmt: skip
+    return pd.DataFrame(rows).groupby(["n", "pair", "threshold"], as_index=False)["rp"].mean()
+
+
+def summarize(table: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
+    """Mean and standard error (:func:`_se`) of ``value`` per group ``by``, with the repeat count."""
+    rows = []
+    for key, g in table.groupby(list(by)):
+        count = int(g["samples"].iloc[0]) if "samples" in g else int(g["seeds"].iloc[0])
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), value: float(g[value].mean()),
+                     "se": _se(g[value].to_numpy(), count), "repeats": len(g)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def mean_se(table: pd.DataFrame, index: str, columns: str, value: str) -> pd.DataFrame:
+    """Wide table of ``mean ± se`` strings (se from :func:`summarize`)."""
+    s = summarize(table, [index, columns], value)
+    s["text"] = [f"{m:.2f} ± {e:.2f}" for m, e in zip(s[value], s["se"])]
+    order = list(dict.fromkeys(table[columns]))
+    return s.pivot(index=index, columns=columns, values="text")[order]
+
+
+def n_half(gl: pd.DataFrame, level: float = 0.5) -> pd.DataFrame:
+    """Training-set size where GL first reaches ``level`` (interpolated in log2 N) per width and seed:
+    columns width, seed, n_half (the smallest N if already there; NaN if never)."""
+    rows = []
+    for (w, s), g in gl.groupby(["width", "seed"]):
+        g = g.sort_values("n")
+        ns, vs = np.log2(g["n"].to_numpy(float)), g["gl"].to_numpy(float)
+        crossing = 2 ** ns[0] if vs[0] >= level else math.nan
+        for i in range(1, len(vs)):
+            if math.isnan(crossing) and vs[i - 1] < level <= vs[i]:
+                crossing = 2 ** (ns[i - 1] + (level - vs[i - 1]) / (vs[i] - vs[i - 1]) * (ns[i] - ns[i - 1]))
+        rows.append({"width": int(w), "seed": int(s), "n_half": crossing})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------
+# Checks: phenomenon checks state P1's claims (thresholds from the paper), sanity checks hold by
+# construction when the code is right.
+
+
+def _at(table: pd.DataFrame, value: str, **where: Any) -> tuple[float, float]:
+    """Mean and se of ``value`` over the rows matching ``where``."""
+    sub = table
+    for k, v in where.items():
+        sub = sub[sub[k] == v]
+    count = int(sub["samples"].iloc[0]) if "samples" in sub else int(sub["seeds"].iloc[0])
+    return float(sub[value].mean()), _se(sub[value].to_numpy(), count)
+
+
+def regime_checks(gl: pd.DataFrame, rp: pd.DataFrame, setting: str, low: float = 0.1, high: float = 0.9,
+                  rp_min: float = 0.6) -> list[dict[str, Any]]:  # fmt: skip
+    """P1 Fig. 2's claims on one panel. GL <= ``low`` at the smallest N and >= ``high`` at the largest
+    (every width; paper ~0 up to 2^10, ~1 from 2^14); RP >= ``rp_min`` at both ends (every pair kind;
+    the paper's lowest values there are 0.62 and 0.61) and lower in between (the dip); the GL = 0.5
+    crossing moving to larger N with width (larger models need more data)."""
+    from ..results import check
+
+    rows = []
+    n_lo, n_hi = int(gl["n"].min()), int(gl["n"].max())
+    for w in sorted(gl["width"].unique()):
+        m, se = _at(gl, "gl", width=w, n=n_lo)
+        rows.append(check("GL, smallest N (memorization)", f"{setting}, width {w}, N={n_lo}", m, "<=", low,
+                          se, paper=REF["gl_small"]))  # fmt: skip
+        m, se = _at(gl, "gl", width=w, n=n_hi)
+        rows.append(check("GL, largest N (generalization)", f"{setting}, width {w}, N={n_hi}", m, ">=", high,
+                          se, paper=REF["gl_large"]))  # fmt: skip
+    for pair in rp["pair"].unique():
+        sub = rp[rp["pair"] == pair]
+        ns = sorted(sub["n"].unique())
+        ends = [_at(sub, "rp", n=ns[0]), _at(sub, "rp", n=ns[-1])]
+        rows.append(check("pairwise RP, smallest N", f"{setting}, {pair}, N={ns[0]}", ends[0][0], ">=", rp_min,
+                          ends[0][1], paper=REF["rp_small"]))  # fmt: skip
+        rows.append(check("pairwise RP, largest N", f"{setting}, {pair}, N={ns[-1]}", ends[1][0], ">=", rp_min,
+                          ends[1][1], paper=REF["rp_large"]))  # fmt: skip
+        inner = [(n, *_at(sub, "rp", n=n)) for n in ns[1:-1]]
+        if inner:
+            n_dip, dip, se_dip = min(inner, key=lambda t: t[1])
+            top, se_top = min(ends)
+            rows.append(check("pairwise RP dip: lower end minus transition minimum", f"{setting}, {pair}, dip at N={n_dip}",
+                              top - dip, ">", 0.0, math.hypot(se_top, se_dip), paper=REF["rp_dip"],
+                              note=f"RP {dip:.2f} at N={n_dip}"))  # fmt: skip
+    rows += _model_size_checks(gl, setting)
+    return rows
+
+
+def _model_size_checks(gl: pd.DataFrame, setting: str) -> list[dict[str, Any]]:
+    """Larger models need more data: log2 of the ratio of GL = 0.5 crossings of consecutive widths > 0."""
+    from ..results import check
+
+    half = n_half(gl)
+    widths = sorted(half["width"].unique())
+    rows = []
+    for a, b in zip(widths, widths[1:]):
+        la = np.log2(half[half.width == a].sort_values("seed")["n_half"].to_numpy())
+        lb = np.log2(half[half.width == b].sort_values("seed")["n_half"].to_numpy())
+        diff = lb - la if len(la) == len(lb) else np.array([lb.mean() - la.mean()])
+        se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None
+        rows.append(check("larger models need more data: log2 N(GL=0.5), wider minus narrower",
+                          f"{setting}, width {b} vs {a}", float(np.nanmean(diff)), ">", 0.0, se,
+                          paper=REF["n_half_step"] + " (UNet-64/128/256)",
+                          note="se over training seeds" if se is not None else "one training seed: no se"))  # fmt: skip
+    return rows
+
+
+def optimal_checks(rp_opt: pd.DataFrame, opt_gl: pd.DataFrame, setting: str, order: int = 1,
+                   first_min: float = 0.4, last_max: float = 0.05, gl_max: float = 0.05) -> list[dict[str, Any]]:  # fmt: skip
+    """P1 Fig. 4 (left) on one panel. Phenomenon: RP against D* >= ``first_min`` at the smallest N
+    (paper 0.47-0.51), <= ``last_max`` at the largest (paper ~0), falling in between. Sanity: D*'s
+    own samples are copies (GL <= ``gl_max`` at every N)."""
+    from ..results import check
+
+    rows = []
+    sub = rp_opt[rp_opt["order"] == order]
+    for w in sorted(sub["width"].unique()):
+        ns = sorted(sub["n"].unique())
+        (first, se_f), (last, se_l) = _at(sub, "rp", width=w, n=ns[0]), _at(sub, "rp", width=w, n=ns[-1])
+        rows.append(check("RP vs D*, smallest N", f"{setting}, width {w}, N={ns[0]}", first, ">=", first_min, se_f,
+                          paper=REF["rp_opt_small"]))  # fmt: skip
+        rows.append(check("RP vs D*, largest N", f"{setting}, width {w}, N={ns[-1]}", last, "<=", last_max, se_l,
+                          paper=REF["rp_opt_large"]))  # fmt: skip
+        rows.append(check("RP vs D* falls: smallest-N minus largest-N RP", f"{setting}, width {w}", first - last, ">",
+                          0.0, math.hypot(se_f, se_l), paper=REF["rp_opt_fall"]))  # fmt: skip
+    for o in sorted(opt_gl["order"].unique()):
+        g = opt_gl[opt_gl["order"] == o]
+        worst = g.loc[g["gl"].idxmax()]
+        rows.append(check("GL of D*'s own samples (max over N)", f"{setting}, {_ORDER_NAMES.get(o, o)}",
+                          float(worst.gl), "<=", gl_max, _se(np.array([worst.gl]), int(worst.samples)),
+                          kind="sanity", paper="~0", note=f"worst at N={int(worst.n)}"))  # fmt: skip
+    return rows
+
+
+_ORDER_NAMES = {1: "Euler", 2: "Heun"}
+
+
+# ----------------------------------------------------------------------------
+# Figures.
+
+
+def _label_widths(table: pd.DataFrame) -> pd.DataFrame:
+    return table.assign(model=table["width"].map(lambda w: f"width {w}"))
+
+
+def _regime_axes(ax_gl, ax_rp, gl: pd.DataFrame, rp: pd.DataFrame, title: str, low: float, high: float) -> None:
     from .. import plotting
 
-    sizes = sizes or sorted(distances["n"].unique())
-    fig, axes = plt.subplots(1, len(sizes), figsize=(3.2 * len(sizes), 2.8), sharey=True, squeeze=False)
-    for ax, n in zip(axes[0], sizes):
-        sub = distances[distances["n"] == n]
-        bins = np.linspace(0, max(1.2, float(sub["rel"].quantile(0.99))), 50)
-        for (kind, g), color in zip(sub.groupby("kind", sort=False), plotting.colors(2)):
-            ax.hist(g["rel"], bins=bins, alpha=0.6, color=color, label=kind, density=True)
-        ax.axvline(threshold, color="k", ls="--", lw=1)
-        ax.set_title(f"N = {n}")
-        ax.set_xlabel("||x - NN(x)|| / ||NN(x)||")
-    axes[0][0].set_ylabel("density")
-    axes[0][-1].legend(loc="upper right", fontsize=8)
-    fig.suptitle(f"copy criterion: relative distance <= {threshold:g}", y=1.02)
-    plotting.profile_badge(fig, profile)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    return fig
-
-
-def plot_regimes(gl: pd.DataFrame, rp: pd.DataFrame, profile: str, low: float = 0.1, high: float = 0.9):
-    """P1 Fig. 2 at this profile's scale: GL vs N per width (left), pairwise RP vs N per pair (right)."""
-    import matplotlib.pyplot as plt
-
-    from .. import plotting
-
+    g = summarize(_label_widths(gl), ["model", "n"], "gl")
+    plotting.mean_se_lines(ax_gl, g, "n", "gl", "model")
+    r = summarize(rp, ["pair", "n"], "rp")
+    palette = dict(zip(r["pair"].unique(), plotting.colors(r["pair"].nunique())))
+    plotting.mean_se_lines(ax_rp, r, "n", "rp", "pair", palette=palette)
+    chance = rp.groupby(["pair", "n"], as_index=False)["chance"].mean()
+    for pair, t in chance.groupby("pair"):
+        ax_rp.plot(t["n"], t["chance"], ls=":", lw=1, color=palette[pair])
+    ax_rp.plot([], [], ls=":", color="0.4", label="chance (seed-shuffled pairs)")
     mem_end, gen_start = plotting.regime_bounds(gl, "n", "gl", low=low, high=high, by="width")
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
-    gl = gl.assign(model=gl["width"].map(lambda w: f"width {w}"))
-    plotting.errorbar_lines(gl, "n", "gl", hue="model", ax=axes[0])
-    axes[0].set_ylabel("generalization score")
-    axes[0].set_title("generalization")
-    plotting.errorbar_lines(rp, "n", "rp", hue="pair", ax=axes[1])
-    axes[1].set_ylabel("reproducibility score")
-    axes[1].set_title("pairwise reproducibility")
-    for ax in axes:
+    for ax, what in ((ax_gl, "generalization score GL"), (ax_rp, "reproducibility score RP")):
+        ax.set_ylabel(what)
+        ax.set_title(f"{title}: {what.split(' score')[0]}", fontsize=9)
         ax.set_xlabel("training-set size N")
         plotting.shade_regimes(ax, mem_end, gen_start)
-        ax.legend(fontsize=8, loc="center right")
+        ax.legend(fontsize=7, loc="center right")
+
+
+def plot_regimes(tables: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]], profile: str, low: float = 0.1,
+                 high: float = 0.9):  # fmt: skip
+    """P1 Fig. 2 at this profile's scale, one row per panel: GL vs N per width (mean +- se over
+    training seeds) and cross-seed pairwise RP vs N per pair of widths, with the chance level."""
+    import matplotlib.pyplot as plt
+
+    from .. import plotting
+
+    fig, axes = plt.subplots(len(tables), 2, figsize=(10.5, 3.6 * len(tables)), squeeze=False)
+    for (name, (gl, rp)), row in zip(tables.items(), axes):
+        _regime_axes(row[0], row[1], gl, rp, name, low, high)
     plotting.profile_badge(fig, profile)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     return fig
 
 
@@ -675,53 +639,146 @@ def plot_paper_regimes():
     import matplotlib.pyplot as plt
 
     from .. import plotting
+    from .paper import p1_gl, p1_pairwise_rp
 
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4))
-    gl, rp = paper_gl(), paper_pairwise_rp()
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.3))
+    gl, rp = p1_gl(), p1_pairwise_rp()
     plotting.errorbar_lines(gl, "n", "gl", hue="model", ax=axes[0], errorbar=None)
     plotting.errorbar_lines(rp, "n", "rp", hue="pair", ax=axes[1], errorbar=None)
-    axes[0].set_ylabel("generalization score")
-    axes[1].set_ylabel("reproducibility score")
+    axes[0].set_ylabel("generalization score GL")
+    axes[1].set_ylabel("reproducibility score RP")
     mem_end, gen_start = plotting.regime_bounds(gl, "n", "gl", by="model")
     for ax in axes:
         ax.set_xlabel("training-set size N (CIFAR-10)")
         plotting.shade_regimes(ax, mem_end, gen_start)
-        ax.legend(fontsize=8, loc="center right")
+        ax.legend(fontsize=7, loc="center right")
     plotting.profile_badge(fig, "paper (authors' numbers)")
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig
 
 
-def plot_rp_optimal(
-    rp_opt: pd.DataFrame, gl: pd.DataFrame, opt_gl: pd.DataFrame, profile: str, order: int = 1
-):
-    """P1 Fig. 4 (left) at this profile's scale: RP of each model vs the optimal denoiser (left), the
-    authors' curves (middle) and the GL of the optimal denoiser's own samples (right)."""
+def plot_history(hist: pd.DataFrame, profile: str, low: float = 0.1):
+    """GL against training steps (mean +- se over training seeds), one line per (N, width): how long
+    training must run before the smallest training sets are memorized."""
     import matplotlib.pyplot as plt
 
     from .. import plotting
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), gridspec_kw={"width_ratios": [1.15, 1.15, 0.9]})
-    mem_end, gen_start = plotting.regime_bounds(gl, "n", "gl", by="width")
-    sub = rp_opt[rp_opt["order"] == order]
-    sub = sub.assign(model=sub["width"].map(lambda w: f"width {w}"))
-    plotting.errorbar_lines(sub, "n", "rp", hue="model", ax=axes[0])
-    axes[0].set_title("trained models vs optimal denoiser")
-    plotting.shade_regimes(axes[0], mem_end, gen_start)
-    paper = paper_rp_optimal()
-    plotting.errorbar_lines(paper, "n", "rp", hue="model", ax=axes[1], errorbar=None)
-    axes[1].set_title("the authors' numbers (CIFAR-10)")
-    pm, pg = plotting.regime_bounds(paper_gl(), "n", "gl", by="model")
-    plotting.shade_regimes(axes[1], pm, pg)
-    og = opt_gl.assign(sampler=opt_gl["order"].map({1: "Euler", 2: "Heun"}))
-    plotting.errorbar_lines(og, "n", "gl", hue="sampler", ax=axes[2], errorbar=None)
-    axes[2].set_title("optimal denoiser: its own samples")
-    axes[2].set_ylabel("generalization score")
-    for ax in axes[:2]:
-        ax.set_ylabel("reproducibility score")
-    for ax, loc in zip(axes, ("lower left", "lower left", "center right")):
-        ax.set_xlabel("training-set size N")
-        ax.legend(fontsize=8, loc=loc)
+    fig, ax = plt.subplots(figsize=(5.6, 3.5))
+    t = hist.assign(model=[f"N={n}, width {w}" for n, w in zip(hist["n"], hist["width"])])
+    plotting.mean_se_lines(ax, summarize(t, ["model", "steps"], "gl"), "steps", "gl", "model", log2=False)
+    ax.axhline(low, color="k", ls="--", lw=0.8, label=f"GL = {low:g}")
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("generalization score GL")
+    ax.legend(fontsize=7)
     plotting.profile_badge(fig, profile)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.tight_layout()
+    return fig
+
+
+def plot_rp_curves(curves: pd.DataFrame, null_rate: pd.DataFrame, threshold: float, profile: str, title: str):
+    """RP against the same-image threshold, one panel per pair of widths and one line per N; dashed:
+    the share of unrelated pairs counted as the same (``null_rate``: threshold, rate)."""
+    import matplotlib.pyplot as plt
+
+    from .. import plotting
+
+    pairs = list(dict.fromkeys(curves["pair"]))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs), 3.2), squeeze=False, sharey=True)
+    ns = sorted(curves["n"].unique())
+    cmap = plt.get_cmap("viridis")
+    for ax, pair in zip(axes[0], pairs):
+        for i, n in enumerate(ns):
+            t = curves[(curves["pair"] == pair) & (curves["n"] == n)]
+            ax.plot(t["threshold"], t["rp"], color=cmap(i / max(1, len(ns) - 1)), lw=1.3, label=f"N={n}")
+        ax.plot(null_rate["threshold"], null_rate["rate"], color="k", ls="--", lw=1, label="unrelated pairs")
+        ax.axvline(threshold, color="0.3", ls=":", lw=1)
+        ax.set_title(f"{title}: {pair}", fontsize=9)
+        ax.set_xlabel("same-image threshold t")
+    axes[0][0].set_ylabel("RP(t)")
+    axes[0][-1].legend(fontsize=7)
+    plotting.profile_badge(fig, profile)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return fig
+
+
+def plot_subspace_agreement(rp: pd.DataFrame, profile: str, title: str):
+    """MoLRG: how often two models' samples from one seed land on the same subspace (chance 1/K) and,
+    among those seeds, how often they are the same point."""
+    import matplotlib.pyplot as plt
+
+    from .. import plotting
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.3))
+    sub = rp.assign(samples=rp["seeds"])
+    agree = summarize(sub, ["pair", "n"], "subspace_agreement")
+    plotting.mean_se_lines(axes[0], agree, "n", "subspace_agreement", "pair")
+    axes[0].axhline(float(rp["subspace_chance"].iloc[0]), color="k", ls=":", lw=1, label="chance 1/K")
+    within = summarize(sub.dropna(subset=["rp_within"]), ["pair", "n"], "rp_within")
+    plotting.mean_se_lines(axes[1], within, "n", "rp_within", "pair")
+    axes[0].set_ylabel("same subspace")
+    axes[1].set_ylabel("RP among seeds on the same subspace")
+    for ax in axes:
+        ax.set_xlabel("training-set size N")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    plotting.profile_badge(fig, profile)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return fig
+
+
+def plot_samples(cells_: Sequence[Mapping[str, Any]], sizes: Sequence[int], count: int, profile: str,
+                 optimal: Sequence[Mapping[str, Any]] = ()):  # fmt: skip
+    """The first ``count`` evaluation seeds of every model (and D*, if given) at each size: one image
+    row per sampler, one column per seed, so the same noise reads down a column."""
+    import matplotlib.pyplot as plt
+
+    from .. import plotting
+    from ..data import to_uint8
+
+    fig, axes = plt.subplots(1, len(sizes), figsize=(0.42 * count * len(sizes) + 1.5, 3.0), squeeze=False)
+    for ax, n in zip(axes[0], sizes):
+        rows = sorted([c for c in cells_ if c["n"] == n], key=lambda c: (c["width"], c["seed"]))
+        rows += [o for o in optimal if o["n"] == n and o["order"] == 1]
+        imgs = [c["arrays"]["samples"][:count] for c in rows]
+        imgs = [x if x.dtype == np.uint8 else to_uint8(np.asarray(x)) for x in imgs]
+        plotting.image_grid(np.concatenate(imgs), nrow=len(rows), ax=ax, title=f"N = {n}")
+        labels = [f"w{c['width']} s{c['seed']}" if "width" in c else "D*" for c in rows]
+        ax.text(-0.02, 0.5, "\n".join(labels), transform=ax.transAxes, ha="right", va="center", fontsize=7,
+                linespacing=2.1)  # fmt: skip
+    plotting.profile_badge(fig, profile)
+    fig.tight_layout(rect=(0.03, 0, 1, 0.9))
+    return fig
+
+
+def plot_rp_optimal(rp_opt: Mapping[str, pd.DataFrame], gl: Mapping[str, pd.DataFrame], profile: str,
+                    order: int = 1):  # fmt: skip
+    """P1 Fig. 4 (left): RP of each width against D* (mean +- se over training seeds, chance dotted),
+    one panel per data panel, and the authors' curves."""
+    import matplotlib.pyplot as plt
+
+    from .. import plotting
+    from .paper import p1_gl, p1_rp_optimal
+
+    fig, axes = plt.subplots(1, len(rp_opt) + 1, figsize=(4.6 * (len(rp_opt) + 1), 3.5), squeeze=False)
+    for ax, (name, table) in zip(axes[0], rp_opt.items()):
+        sub = _label_widths(table[table["order"] == order])
+        s = summarize(sub, ["model", "n"], "rp")
+        palette = dict(zip(s["model"].unique(), plotting.colors(s["model"].nunique())))
+        plotting.mean_se_lines(ax, s, "n", "rp", "model", palette=palette)
+        for model, t in sub.groupby("model"):
+            c = t.groupby("n", as_index=False)["chance"].mean()
+            ax.plot(c["n"], c["chance"], ls=":", lw=1, color=palette[model])
+        plotting.shade_regimes(ax, *plotting.regime_bounds(gl[name], "n", "gl", by="width"))
+        ax.set_title(f"{name}: models vs D*", fontsize=9)
+    paper = p1_rp_optimal()
+    plotting.errorbar_lines(paper, "n", "rp", hue="model", ax=axes[0][-1], errorbar=None)
+    plotting.shade_regimes(axes[0][-1], *plotting.regime_bounds(p1_gl(), "n", "gl", by="model"))
+    axes[0][-1].set_title("the authors' numbers (CIFAR-10)", fontsize=9)
+    for ax in axes[0]:
+        ax.set_xlabel("training-set size N")
+        ax.set_ylabel("RP vs optimal denoiser D*")
+        ax.legend(fontsize=7, loc="upper right")
+    plotting.profile_badge(fig, profile)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     return fig

@@ -1,20 +1,21 @@
-"""Model similarity (P1 Figs. 6 and 12): do different diffusion models map the same noise to the same sample?
+"""Model similarity (P1 Figs. 6 and 12): do different diffusion models map the same noise to the same image?
 
 Several model settings (architecture x training framework x training seed) are trained on one data
 set and sampled from the same evaluation seeds, i.e. the same standard-normal initial noise. Samples
 made elsewhere (folders or zips of PNGs named by seed, e.g. ``000123.png``) join as outside sources.
 Every source must cover the same seeds; scores pair samples by seed.
 
-Two matrices are built over all sources:
+Two matrices are built over all sources, each entry with a bootstrap standard error over seeds:
 
-- RP (reproducibility): the share of seeds whose two samples count as the same image. With SSCD
-  descriptors (the authors' criterion) that is cos > 0.6; at MoLRG scale the model-free criterion is
-  ``||x_row - x_col|| / ||x_col|| < t`` (``scores.rp_relative``), t calibrated so that two
-  independent samples of the true distribution pass at most ``max_false_rate`` of the time.
-- MAE score: the share of seeds whose two images differ by a mean absolute pixel difference (in
-  [0, 1] units) below a threshold (``scores.mae_score``); 0.1 for images, calibrated like t for MoLRG.
+- RP (reproducibility): the share of seeds whose two samples count as the same image, with the
+  *same-image* criterion (:mod:`calibration`): SSCD cosine > 0.6 as the authors, or the model-free
+  ``||x_row - x_col|| / ||x_col|| <= t`` with t calibrated so that unrelated pairs of held-out
+  images pass at most ``max_false_rate`` of the time.
+- MAE score: the same with the mean absolute pixel difference (in [0, 1] units), calibrated alike.
 
-Each source's descriptors are computed once and cached as ``FeatureSet`` files with their seeds.
+Like the regimes chapter, a notebook holds a main panel (Fashion-MNIST; CIFAR-10 in the paper
+profile) and a MoLRG panel (``molrg_panel``), where the closed-form optimal denoiser of the true
+distribution serves as a reference row.
 
 Noise conventions (why one exported noise file serves every code base): ``export_noise`` writes
 standard-normal eps per seed. EDM-style samplers (VP, VE and EDM preconditioning alike) start at
@@ -27,12 +28,10 @@ its own sigma_max (e.g. 50 or 100).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,50 +40,18 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import scores
+from . import calibration, cells
+from .paper import P1_SIMILARITY_MODELS as PAPER_MODELS  # noqa: F401  (re-exported for the notebook)
+from .paper import p1_similarity_mae as paper_mae_matrix
+from .paper import p1_similarity_rp as paper_rp_matrix
+
 KIND_MODEL = "similarity-model"
 KIND_REFERENCE = "similarity-reference"
-VERSION = 1
+VERSION = 2
 REFERENCE_NAME = "optimal (closed form)"
-FRESH_NAME = "fresh samples of the data"
-
-# ----------------------------------------------------------------------------
-# The authors' matrices (upper triangles read from the figures; see reference/PAPERS.md).
-
-PAPER_MODELS = ["DDPMv4", "DDPMv6", "Multistagev1", "EDMv1", "UViT", "CT", "Progressivev1"]
-_PAPER_RP_UPPER = [
-    [0.89, 0.86, 0.83, 0.81, 0.81, 0.88],
-    [0.84, 0.83, 0.78, 0.80, 0.87],
-    [0.78, 0.80, 0.76, 0.86],
-    [0.74, 0.76, 0.85],
-    [0.70, 0.82],
-    [0.91],
-]
-_PAPER_MAE_UPPER = [
-    [0.92, 0.85, 0.85, 0.84, 0.75, 0.88],
-    [0.87, 0.87, 0.82, 0.77, 0.90],
-    [0.81, 0.76, 0.77, 0.87],
-    [0.76, 0.72, 0.86],
-    [0.68, 0.84],
-    [0.83],
-]
-
-
-def _symmetric(upper: list[list[float]], names: Sequence[str]) -> pd.DataFrame:
-    m = np.eye(len(names))
-    for i, row in enumerate(upper):
-        for k, v in enumerate(row):
-            m[i, i + 1 + k] = m[i + 1 + k, i] = v
-    return pd.DataFrame(m, index=list(names), columns=list(names))
-
-
-def paper_rp_matrix() -> pd.DataFrame:
-    """The authors' RP matrix over ``PAPER_MODELS`` (7 x 7, symmetric, diagonal 1; read from plot, +-0.02)."""
-    return _symmetric(_PAPER_RP_UPPER, PAPER_MODELS)
-
-
-def paper_mae_matrix() -> pd.DataFrame:
-    """The authors' MAE-score matrix over ``PAPER_MODELS`` (7 x 7, symmetric, diagonal 1)."""
-    return _symmetric(_PAPER_MAE_UPPER, PAPER_MODELS)
+BACKENDS = ("relative", "sscd", "pixel")  # relative L2 in model space; SSCD cosine; pixel cosine
+DIAGNOSTIC_SIGMAS = (0.05, 0.2, 1.0, 5.0, 20.0, 80.0)  # noise levels of the held-out denoising error
 
 
 def off_diagonal(matrix: pd.DataFrame, names: Sequence[str] | None = None) -> np.ndarray:
@@ -95,119 +62,64 @@ def off_diagonal(matrix: pd.DataFrame, names: Sequence[str] | None = None) -> np
 
 
 # ----------------------------------------------------------------------------
-# Data.
+# Panels and data.
+
+
+def panels(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The notebook's panels, name -> parameters: the main one and the MoLRG one (``molrg_panel``)."""
+    out = {panel_name(params): dict(params)}
+    if params.get("molrg_panel"):
+        molrg = {**params, "dataset": "molrg", **dict(params["molrg_panel"])}
+        if molrg["backend"] != "relative":
+            raise ValueError("molrg_panel: MoLRG points are vectors, not images; give it backend 'relative'")
+        out[panel_name(molrg)] = molrg
+    return out
+
+
+def panel_name(params: Mapping[str, Any]) -> str:
+    """Display name of a panel, e.g. 'Fashion-MNIST 8x8' or 'MoLRG n=48, K=2, d=4'."""
+    from .regimes import panel_name as name
+
+    return name(params)
 
 
 def data_spec(params: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON data description from notebook parameters.
+    """The data spec of a panel: the first ``num_train`` points of the source are the training set."""
+    from ..data import FASHION_MNIST_ROOT
 
-    ``dataset='molrg'``: ``molrg_classes`` K, ``molrg_dim`` d, ``resolution``, ``channels``,
-    ``data_seed``, ``num_train`` points. ``dataset='images'``: the first ``num_train`` images of the
-    EDM folder/zip ``dataset_path``.
-    """
     kind, n = params["dataset"], int(params["num_train"])
     if n < 1:
         raise ValueError(f"num_train must be positive, got {n}")
     if kind == "molrg":
-        return {"source": "molrg", "num_classes": int(params["molrg_classes"]), "intrinsic_dim": int(params["molrg_dim"]),
-                "resolution": int(params["resolution"]), "channels": int(params["channels"]),
-                "seed": int(params["data_seed"]), "num_train": n}  # fmt: skip
+        return cells.molrg_spec(params["molrg_classes"], params["molrg_dim"], params["resolution"],
+                                params["channels"], params["data_seed"], pool_size=n)  # fmt: skip
+    if kind == "fashion_mnist":
+        path = params.get("dataset_path") or FASHION_MNIST_ROOT
+        return cells.fashion_mnist_spec(path, params["resolution"], params["channels"], pool_size=n)
     if kind == "images":
         if not params.get("dataset_path"):
             raise ValueError("dataset='images' needs dataset_path (an EDM zip or folder of training images)")
-        return {"source": "images", "path": str(params["dataset_path"]), "num_train": n}
-    raise ValueError(f"unknown dataset {kind!r}; expected 'molrg' or 'images'")
-
-
-def molrg_model(spec: Mapping[str, Any]):
-    """The ``MoLRG`` of a molrg data spec (its bases depend only on the spec's seed)."""
-    from ..molrg import MoLRG
-
-    if spec["source"] != "molrg":
-        raise ValueError(f"data source {spec['source']!r} has no closed-form model (only 'molrg' has)")
-    return MoLRG.create(spec["num_classes"], spec["intrinsic_dim"], spec["resolution"], spec["channels"],
-                        generator=spec["seed"])  # fmt: skip
-
-
-def molrg_draw(spec: Mapping[str, Any], count: int, seed: int) -> torch.Tensor:
-    """``count`` MoLRG points (float32 model space, classes shuffled) drawn from ``seed``."""
-    model = molrg_model(spec)
-    g = torch.Generator().manual_seed(int(seed))
-    x, _ = model.sample(-(-count // model.num_classes), generator=g)
-    return x[torch.randperm(len(x), generator=g)[:count]].contiguous()
+        return cells.images_spec(params["dataset_path"], n)
+    raise ValueError(f"unknown dataset {kind!r}; expected 'molrg', 'fashion_mnist' or 'images'")
 
 
 def training_data(spec: Mapping[str, Any]) -> torch.Tensor:
     """The training set: float32 model space (MoLRG) or uint8 images (N, C, R, R)."""
-    n = spec["num_train"]
-    if spec["source"] == "molrg":
-        return molrg_draw(spec, n, seed=spec["seed"] * 1000 + 1)
-    from ..data import load_images
-
-    images, _ = load_images(spec["path"], max_images=n)
-    if len(images) < n:
-        raise ValueError(f"{spec['path']}: holds {len(images)} images, fewer than num_train={n}")
-    return torch.from_numpy(images)
-
-
-def unrelated_pairs(spec: Mapping[str, Any], count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two batches of ``count`` independent samples of the data distribution, for threshold calibration.
-
-    MoLRG: fresh draws of the true distribution; images: two disjoint halves of the training images.
-    """
-    if spec["source"] == "molrg":
-        x = molrg_draw(spec, 2 * count, seed=spec["seed"] * 1000 + 2 + seed)
-        return x[:count], x[count:]
-    x = training_data(spec)
-    if len(x) < 2:
-        raise ValueError("need at least two training images for unrelated pairs")
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    half = min(count, len(x) // 2)
-    return x[perm[:half]], x[perm[half : 2 * half]]
-
-
-def calibrate_threshold(distances: Any, max_false_rate: float = 0.01, decimals: int = 2) -> float:
-    """The largest threshold t (rounded down to ``decimals``) with mean(distances < t) <= max_false_rate.
-
-    ``distances`` are scores of unrelated pairs (relative L2 distances or MAEs) that must not be
-    flagged as the same image.
-    """
-    d = np.sort(np.asarray(distances, dtype=np.float64).reshape(-1))
-    if len(d) == 0 or not np.isfinite(d).all():
-        raise ValueError("distances must be a non-empty set of finite numbers")
-    if not 0 <= max_false_rate < 1:
-        raise ValueError(f"max_false_rate must be in [0, 1), got {max_false_rate}")
-    limit = d[int(np.floor(max_false_rate * len(d)))]  # t <= limit flags at most the allowed count
-    scale = 10**decimals
-    return float(np.floor(limit * scale) / scale)
+    return cells.training_set(spec, spec["pool_size"])
 
 
 # ----------------------------------------------------------------------------
 # Grid configs.
 
-_TRAIN_KEYS = ("total_steps", "duration_kimg", "lr", "lr_rampup_kimg", "betas", "ema_beta", "ema_halflife_kimg",
-               "ema_rampup_ratio", "dropout", "augment_p", "grad_clip", "precision", "batch_size")  # fmt: skip
-
-
-def sampler_spec(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The shared sampler: EDM schedule (num_steps, sigma_min, sigma_max, rho), Heun (order 2) or Euler (1)."""
-    return {"num_steps": int(params["num_steps"]), "sigma_min": float(params["sigma_min"]),
-            "sigma_max": float(params["sigma_max"]), "rho": float(params["rho"]),
-            "order": int(params["sampler_order"])}  # fmt: skip
-
 
 def model_configs(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """One run config per model setting, keyed by the setting's display name.
+    """One run config per model setting of a panel, keyed by the setting's display name.
 
     ``models``: list of ``{name, arch, precond, seed}`` plus optional ``network`` and ``train``
     overrides; ``arch_network[arch]`` holds per-architecture network overrides; ``train`` the shared
-    training settings (``_TRAIN_KEYS``).
+    training settings (validated with ``TrainConfig``).
     """
-    spec = data_spec(params)
-    shared = dict(params["train"])
-    unknown = sorted(set(shared) - set(_TRAIN_KEYS))
-    if unknown:
-        raise ValueError(f"train: unsupported keys {unknown}; allowed: {list(_TRAIN_KEYS)}")
+    spec, sampler = data_spec(params), cells.sampler_spec(params)
     out: dict[str, dict[str, Any]] = {}
     for m in params["models"]:
         missing = {"name", "arch", "precond", "seed"} - set(m)
@@ -216,40 +128,51 @@ def model_configs(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         name = str(m["name"])
         if name in out or name == REFERENCE_NAME:
             raise ValueError(f"model name {name!r} is used twice")
-        own_train = dict(m.get("train", {}))
-        bad = sorted(set(own_train) - set(_TRAIN_KEYS))
-        if bad:
-            raise ValueError(f"model {name!r}: unsupported train keys {bad}")
         network = {**params["arch_network"].get(m["arch"], {}), **m.get("network", {})}
-        train = {"arch": m["arch"], "precond": m["precond"], "network": network, "seed": int(m["seed"]),
-                 **shared, **own_train}  # fmt: skip
-        out[name] = {"kind": KIND_MODEL, "version": VERSION, "data": spec, "train": train,
-                     "sampler": sampler_spec(params), "eval_seeds": str(params["eval_seeds"]),
-                     "sample_batch": int(params["sample_batch"])}  # fmt: skip
+        train_section = {**params["train"], **m.get("train", {})}
+        try:
+            train = cells.train_config(m["arch"], m["precond"], network, train_section, seed=int(m["seed"]))
+        except ValueError as e:
+            raise ValueError(f"model {name!r}: {e}") from None
+        out[name] = {"kind": KIND_MODEL, "version": VERSION, "data": spec, "train": train, "sampler": sampler,
+                     "eval_seeds": str(params["eval_seeds"]), "sample_batch": int(params["sample_batch"]),
+                     "diagnostic_count": int(params.get("diagnostic_count", 256))}  # fmt: skip
     return out
 
 
 def reference_config(params: Mapping[str, Any]) -> dict[str, Any]:
     """Run config of the closed-form posterior-mean denoiser of the true distribution (MoLRG only)."""
-    return {"kind": KIND_REFERENCE, "version": VERSION, "data": data_spec(params), "sampler": sampler_spec(params),
-            "eval_seeds": str(params["eval_seeds"]), "sample_batch": int(params["sample_batch"])}  # fmt: skip
+    return {"kind": KIND_REFERENCE, "version": VERSION, "data": data_spec(params),
+            "sampler": cells.sampler_spec(params), "eval_seeds": str(params["eval_seeds"]),
+            "sample_batch": int(params["sample_batch"]), "diagnostic_count": int(params.get("diagnostic_count", 256))}  # fmt: skip
+
+
+def grid(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every cell of a panel, name -> config: the model settings and, for MoLRG with ``reference``,
+    the closed-form denoiser."""
+    out = model_configs(params)
+    if params.get("reference") and params["dataset"] == "molrg":
+        out[REFERENCE_NAME] = reference_config(params)
+    return out
 
 
 def validate_configs(configs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """Dry run: build each model setting's TrainConfig and network; one row per model with its
+    """Dry run: each model setting's network built on the meta device; one row per model with its
     parameter count, steps, kimg and sigma range (the schedule is clamped to it)."""
     from ..networks import make_network
-    from ..training import TrainConfig
 
     rows = []
     for name, c in configs.items():
-        cfg = TrainConfig.from_dict(c["train"])
-        res, ch = _data_shape(c["data"])
-        net = make_network(cfg.arch, cfg.precond, res, ch, **cfg.network)
-        steps = cfg.num_steps()
-        rows.append({"model": name, "arch": cfg.arch, "precond": cfg.precond, "seed": cfg.seed,
+        if c["kind"] != KIND_MODEL:
+            continue
+        t = c["train"]
+        ch, res = cells.data_shape(c["data"])
+        with torch.device("meta"):
+            net = make_network(t["arch"], t["precond"], res, ch, **t["network"])
+        steps = cells.num_steps(t)
+        rows.append({"model": name, "arch": t["arch"], "precond": t["precond"], "seed": t["seed"],
                      "params": sum(p.numel() for p in net.parameters()), "steps": steps,
-                     "kimg": steps * cfg.batch_size / 1000, **sigma_range(net, c["sampler"])})  # fmt: skip
+                     "kimg": steps * t["batch_size"] / 1000, **sigma_range(net, c["sampler"])})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -261,86 +184,58 @@ def sigma_range(net: Any, sampler: Mapping[str, Any]) -> dict[str, float]:
     return {"sigma_first": float(s[0]), "sigma_last": float(s[-2])}
 
 
-def _data_shape(spec: Mapping[str, Any]) -> tuple[int, int]:
-    if spec["source"] == "molrg":
-        return spec["resolution"], spec["channels"]
-    from ..data import iter_image_batches
-
-    first = next(iter_image_batches(spec["path"], 1, max_images=1))
-    return int(first.shape[-1]), int(first.shape[1])
-
-
 # ----------------------------------------------------------------------------
 # Cell functions (module level, run in worker processes by RunStore.run_grid).
 
 
-def _device() -> torch.device:
-    from ..devices import default_device
+@torch.no_grad()
+def denoising_error(net: Any, clean: torch.Tensor, sigmas: Sequence[float], device: torch.device,
+                    seed: int = 0) -> np.ndarray:  # fmt: skip
+    """Relative denoising error on held-out points, ||D(x + sigma e; sigma) - x|| / ||x|| (median over
+    points), per sigma (clamped to the net's range): where a model's denoiser fails, by noise level."""
+    from ..data import to_model
 
-    return default_device()
-
-
-def _store_samples(x: torch.Tensor, spec: Mapping[str, Any]) -> np.ndarray:
-    """float64 samples -> stored form: float32 model space (MoLRG) or EDM-quantised uint8 images."""
-    if spec["source"] == "molrg":
-        return x.float().numpy()
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).numpy()
-
-
-def _sample(net: Any, config: Mapping[str, Any], device: torch.device) -> torch.Tensor:
-    from ..sampling import generate
-
-    return generate(net, config["eval_seeds"], batch_size=config["sample_batch"], device=device, output="float",
-                    **config["sampler"])  # fmt: skip
-
-
-def run_model_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Train one model setting on the shared data, sample it at the evaluation seeds; store samples and seeds."""
-    from ..checkpoints import save_network
-    from ..sampling import parse_seeds
-    from ..training import TrainConfig, train
-
-    device = _device()
-    data = training_data(config["data"])
-    cfg = TrainConfig.from_dict(config["train"])
-    cfg.log_every = max(1, cfg.num_steps() // 20)
-    workdir = Path(staging) / "train"
-    t0 = time.perf_counter()
-    result = train(cfg, data, outdir=workdir, device=device, progress=False)
-    train_s = time.perf_counter() - t0
-    save_network(result.ema, Path(staging) / "network.pkl")
-    shutil.rmtree(workdir, ignore_errors=True)
-    t0 = time.perf_counter()
-    x = _sample(result.ema, config, device)
-    sample_s = time.perf_counter() - t0
-    losses = [h["loss"] for h in result.history]
-    out = {"arch": cfg.arch, "precond": cfg.precond, "seed": cfg.seed, "steps": result.steps, "kimg": result.kimg,
-           "final_loss": losses[-1] if losses else None, "train_seconds": train_s, "sample_seconds": sample_s,
-           "params": sum(p.numel() for p in result.ema.parameters()), **sigma_range(result.ema, config["sampler"])}  # fmt: skip
-    seeds = np.asarray(parse_seeds(config["eval_seeds"]), dtype=np.int64)
-    return out, {"samples": _store_samples(x, config["data"]), "seeds": seeds}
+    x = (to_model(clean) if clean.dtype == torch.uint8 else clean.float()).to(device)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in sigmas:
+        s = float(min(max(s, float(getattr(net, "sigma_min", 0))), float(getattr(net, "sigma_max", np.inf))))
+        e = torch.randn(x.shape, generator=g).to(device)
+        d = net(x + s * e, torch.full((len(x),), s, device=device))
+        err = (d.double() - x.double()).flatten(1).norm(dim=1) / x.double().flatten(1).norm(dim=1).clamp_min(1e-12)
+        out.append(float(err.median()))
+    return np.asarray(out)
 
 
-def run_reference_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Sample the closed-form MoLRG posterior mean (the optimal denoiser of the true distribution)."""
+def _sample_cell(net: Any, config: Mapping[str, Any], device: torch.device, info: dict) -> tuple[dict, dict]:
+    """Sample ``net`` at the evaluation seeds and measure its held-out denoising error."""
     from ..sampling import parse_seeds
 
-    device = _device()
-    net = molrg_model(config["data"]).denoiser().to(device)
     t0 = time.perf_counter()
-    x = _sample(net, config, device)
-    seeds = np.asarray(parse_seeds(config["eval_seeds"]), dtype=np.int64)
-    out = {"sample_seconds": time.perf_counter() - t0, **sigma_range(net, config["sampler"])}
-    return out, {"samples": _store_samples(x, config["data"]), "seeds": seeds}
+    x = cells.sample(net, config["sampler"], config["eval_seeds"], config["sample_batch"], device)
+    info.update(sample_seconds=time.perf_counter() - t0, **sigma_range(net, config["sampler"]))
+    held_out = cells.fresh_samples(config["data"], config["diagnostic_count"])
+    arrays = {"samples": cells.store_samples(x, config["data"]),
+              "seeds": np.asarray(parse_seeds(config["eval_seeds"]), dtype=np.int64),
+              "diagnostic_sigma": np.asarray(DIAGNOSTIC_SIGMAS),
+              "diagnostic_error": denoising_error(net, held_out, DIAGNOSTIC_SIGMAS, device)}  # fmt: skip
+    return info, arrays
 
 
 def run_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Dispatch on ``config['kind']`` (one function for ``RunStore.run_grid``)."""
-    if config["kind"] == KIND_MODEL:
-        return run_model_cell(config, staging)
+    """Train one model setting (or build the closed-form reference), sample it at the evaluation seeds."""
+    from ..checkpoints import save_network
+
+    device = cells.device()
     if config["kind"] == KIND_REFERENCE:
-        return run_reference_cell(config, staging)
-    raise ValueError(f"unknown cell kind {config['kind']!r}")
+        net = cells.make_molrg(config["data"]).denoiser().to(device)
+        return _sample_cell(net, config, device, {})
+    if config["kind"] != KIND_MODEL:
+        raise ValueError(f"unknown cell kind {config['kind']!r}")
+    net, info = cells.train_model(config["train"], training_data(config["data"]), device)
+    save_network(net, Path(staging) / "network.nbh")
+    t = config["train"]
+    return _sample_cell(net, config, device, {"arch": t["arch"], "precond": t["precond"], "seed": t["seed"], **info})
 
 
 # ----------------------------------------------------------------------------
@@ -451,103 +346,102 @@ def source_features(
     sscd_model: Any = None,            # sscd: an SSCD instance (or callable) or a file/URL/name
     device: str | torch.device | None = None,
 ) -> Any:  # fmt: skip
-    """The source's descriptors as a ``FeatureSet`` with seeds; computed once, then read from the cache.
-
-    'relative': the samples themselves, flattened, in model space [-1, 1] (compared by relative L2
-    distance); 'sscd': SSCD descriptors (compared by cosine); 'pixel': unit pixel vectors (cosine).
-    """
+    """The source's descriptors as a ``FeatureSet`` with seeds, sorted by seed; computed once, then
+    read from the cache. 'relative': the samples themselves, flattened, in model space [-1, 1];
+    'sscd': SSCD descriptors; 'pixel': unit pixel vectors (both compared by cosine)."""
+    from ..data import to_model, to_uint8
     from ..features import FeatureSet, extract_features
 
-    if backend not in ("relative", "sscd", "pixel"):
-        raise ValueError(f"unknown similarity backend {backend!r}; expected 'relative', 'sscd' or 'pixel'")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown similarity backend {backend!r}; expected one of {BACKENDS}")
     path = Path(cache_dir) / f"{_slug(source.name)}-{backend}-{_slug(source.key)}.npz"
+    order = np.argsort(source.seeds, kind="stable")
+    seeds, x = source.seeds[order], source.samples[order]
     if path.exists():
         fs = FeatureSet.load(path)
-        if fs.seeds is not None and np.array_equal(fs.seeds.numpy(), source.seeds):
+        if fs.seeds is not None and np.array_equal(fs.seeds.numpy(), seeds):
             return fs
-    x = source.samples
     if backend == "relative":
         t = torch.from_numpy(np.ascontiguousarray(x))
-        t = t.double() / 127.5 - 1 if t.dtype == torch.uint8 else t.double()
-        fs = FeatureSet(
-            t.reshape(len(t), -1), source.seeds, meta={"backend": backend, "origin": source.origin}
-        )
+        t = to_model(t).double() if t.dtype == torch.uint8 else t.double()
+        fs = FeatureSet(t.reshape(len(t), -1), seeds, meta={"backend": backend, "origin": source.origin})
     else:
         if x.dtype != np.uint8:
-            x = (torch.from_numpy(x).double() * 127.5 + 128).clip(0, 255).to(torch.uint8).numpy()
+            x = to_uint8(np.asarray(x))
         fs = extract_features(x, backend=backend, model=sscd_model if backend == "sscd" else None,
-                              seeds=source.seeds, device=device)  # fmt: skip
+                              seeds=seeds, device=device)  # fmt: skip
         fs.meta["origin"] = source.origin
     fs.save(path)
     return fs
 
 
 # ----------------------------------------------------------------------------
-# Score matrices.
+# Criteria and score matrices.
 
 
-def score_matrix(items: Mapping[str, Any], score: Callable[[Any, Any], float]) -> pd.DataFrame:
-    """Square DataFrame of ``score(items[row], items[col])`` over every ordered pair (diagonal included)."""
+def calibrate(params: Mapping[str, Any], features: Any = None) -> tuple[calibration.Calibration, calibration.Calibration]:
+    """The panel's RP criterion (same image) and MAE criterion, each calibrated on unrelated pairs of
+    held-out data; ``rp_threshold``/``mae_threshold`` (not None) replace the calibrated values."""
+    spec = data_spec(params)
+    statistic = {"relative": "relative", "sscd": "cosine", "pixel": "cosine"}[params["backend"]]
+    count, noise, false = int(params["calibration_pairs"]), float(params["near_noise"]), float(params["max_false_rate"])
+    rp = calibration.calibrate_same(spec, count, noise, false, 0.99, statistic, features)
+    mae = calibration.calibrate_same(spec, count, noise, false, 0.99, "mae")
+    for cal, key in ((rp, "rp_threshold"), (mae, "mae_threshold")):
+        if params.get(key) is not None:
+            cal.criterion = scores.Criterion("same", cal.criterion.statistic, float(params[key]))
+    return rp, mae
+
+
+def _paired_flags(a: Any, b: Any, crit: scores.Criterion) -> np.ndarray:
+    """Per-seed flags of two seed-sorted feature/sample arrays under a same-image criterion."""
+    return crit.flags(calibration.same_scores(a, b, crit.statistic))
+
+
+def score_matrix(items: Mapping[str, Any], crit: scores.Criterion, boot: int = 200, seed: int = 0
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """Share of seeds flagged by ``crit`` for every ordered pair of sources (row a, column b as the
+    reference), and its bootstrap standard error over seeds (``boot`` resamples, the same for every
+    entry). ``items``: name -> rows aligned by seed (FeatureSet features, or uint8/float samples)."""
     names = list(items)
-    m = np.array([[score(items[a], items[b]) for b in names] for a in names], dtype=float)
-    return pd.DataFrame(m, index=names, columns=names)
+    data = {k: v.features if hasattr(v, "features") else torch.as_tensor(np.asarray(v)) for k, v in items.items()}
+    lengths = {len(v) for v in data.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"sources have different numbers of seeds: {sorted(lengths)}")
+    flags = np.stack([[_paired_flags(data[a], data[b], crit) for b in names] for a in names]).astype(float)
+    s = flags.shape[-1]
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, s, s), minlength=s) for _ in range(boot)], 1)  # (S, B)
+    reps = flags @ counts / s  # (A, A, B)
+    mean = pd.DataFrame(flags.mean(-1), index=names, columns=names)
+    se = pd.DataFrame(reps.std(-1, ddof=1), index=names, columns=names)
+    return mean, se
 
 
-def rp_matrix(features: Mapping[str, Any], backend: str, threshold: float) -> pd.DataFrame:
-    """RP between every two sources' FeatureSets: cosine > threshold ('sscd', 'pixel') or relative
-    L2 distance ||row - col|| / ||col|| < threshold ('relative')."""
-    from ..scores import reproducibility_score, rp_relative
-
-    if backend == "relative":
-        return score_matrix(features, lambda a, b: rp_relative(a, b, threshold))
-    return score_matrix(features, lambda a, b: reproducibility_score(a, b, threshold))
+def sorted_samples(source: SampleSource) -> np.ndarray:
+    """The source's samples in seed order (what the MAE matrix compares)."""
+    return source.samples[np.argsort(source.seeds, kind="stable")]
 
 
-def mae_matrix(sources: Mapping[str, SampleSource], threshold: float) -> pd.DataFrame:
-    """MAE score between every two sources: share of seeds with mean |x_row - x_col| (in [0, 1] units) < threshold."""
-    from ..scores import mae_score
-
-    seeded = {k: (s.samples, s.seeds) for k, s in sources.items()}
-    return score_matrix(seeded, lambda a, b: mae_score(a, b, threshold))
-
-
-def pair_distances(a: SampleSource, b: SampleSource) -> pd.DataFrame:
-    """Per-seed relative L2 distance ||a - b|| / ||b|| and MAE ([0, 1] units) between two sources."""
-    from ..scores import mean_abs_difference, pair_by_seed, relative_distance
-
-    seeds, xa, xb = pair_by_seed((a.samples, a.seeds), (b.samples, b.seeds))
-    return pd.DataFrame({"seed": seeds, "relative": relative_distance(xa, xb).numpy(),
-                         "mae": mean_abs_difference(xa, xb).numpy()})  # fmt: skip
-
-
-def sample_quality(
-    sources: Mapping[str, SampleSource], spec: Mapping[str, Any], fresh: int = 500
-) -> pd.DataFrame:
-    """Per source (plus, for MoLRG, ``fresh`` new draws of the data as a baseline row): median sample norm, median relative distance to the nearest training point
-    (memorization shows as ~0), and for MoLRG the median relative distance to the nearest true
-    subspace, min_k ||x - U_k U_k^T x|| / ||x|| (0 for a sample on the data's support)."""
-    from ..scores import nearest_neighbors
+def copy_quality(sources: Mapping[str, SampleSource], spec: Mapping[str, Any], copy: scores.Criterion
+                 ) -> pd.DataFrame:  # fmt: skip
+    """Per source: GL (share of samples that are not copies of a training point, with the calibrated
+    copy criterion), median relative distance to the nearest training point, median sample norm and,
+    for MoLRG, the median relative distance to the nearest true subspace (0: on the data's support)."""
+    from ..data import to_model
 
     train = training_data(spec)
-    bases = molrg_model(spec).bases if spec["source"] == "molrg" else None
-    sources = dict(sources)
-    if bases is not None and fresh > 0:  # the baseline: new draws of the true distribution
-        x = molrg_draw(spec, fresh, seed=spec["seed"] * 1000 + 3).numpy()
-        sources[FRESH_NAME] = SampleSource(FRESH_NAME, x, np.arange(fresh), "true distribution", "fresh")
+    mix = cells.make_molrg(spec) if spec["source"] == "molrg" else None
     rows = []
     for name, src in sources.items():
         t = torch.from_numpy(np.ascontiguousarray(src.samples))
-        x = (t.double() / 127.5 - 1 if t.dtype == torch.uint8 else t.double()).reshape(len(t), -1)
-        norm = x.norm(dim=1).clamp(min=1e-12)
-        d, idx = nearest_neighbors(x, train, k=1)
-        y = train.reshape(len(train), -1)
-        y = (y.double() / 127.5 - 1 if y.dtype == torch.uint8 else y.double())[idx[:, 0]]
-        row = {"source": name, "median norm": float(norm.median()),
-               "nearest training point (rel.)": float((d[:, 0] / y.norm(dim=1).clamp(min=1e-12)).median())}  # fmt: skip
-        if bases is not None:
-            proj = torch.einsum("knd,sn->ksd", bases.double(), x)
-            resid = (x.square().sum(1)[None] - proj.square().sum(2)).clamp(min=0).sqrt()
-            row["off-subspace (rel.)"] = float((resid.min(0).values / norm).median())
+        rel = calibration.copy_scores(t, train, copy.statistic) if copy.statistic == "relative" else None
+        x = (to_model(t) if t.dtype == torch.uint8 else t).double().reshape(len(t), -1)
+        row = {"source": name, "median norm": float(x.norm(dim=1).median())}
+        if rel is not None:
+            row.update({"GL": 1 - float(copy.flags(rel).mean()), "nearest training point (rel.)": float(np.median(rel))})
+        if mix is not None:
+            row["off-subspace (rel.)"] = float(mix.off_subspace(t).median())
         rows.append(row)
     return pd.DataFrame(rows).set_index("source")
 
@@ -564,18 +458,105 @@ def summary_table(rp: pd.DataFrame, mae: pd.DataFrame, trained: Sequence[str]) -
 
 
 def reference_column(matrix: pd.DataFrame, reference: str = REFERENCE_NAME) -> pd.Series:
-    """Each source's score against the reference (the row of the matrix with the reference as b)."""
+    """Each source's score against the reference (the column of the matrix with the reference as b)."""
     return matrix[reference].drop(reference)
 
 
-def cells_table(cells: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+def cells_table(cells_: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """Per in-house model: arch, precond, seed, params, steps, final loss, seconds, sigma range."""
     keys = ["arch", "precond", "seed", "params", "steps", "kimg", "final_loss", "train_seconds", "sample_seconds",
             "sigma_first", "sigma_last"]  # fmt: skip
-    rows = [{"model": n, **{k: c.get(k) for k in keys}} for n, c in cells.items()]
+    rows = [{"model": n, **{k: c.get(k) for k in keys}} for n, c in cells_.items()]
     return pd.DataFrame(rows, columns=["model", *keys]).set_index("model")
 
 
-def config_fingerprint(configs: Mapping[str, Mapping[str, Any]]) -> str:
-    """Short hash of a set of configs (for labelling cached artefacts)."""
-    return hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()[:12]
+def diagnostics_table(cells_: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Held-out relative denoising error per model (rows) and noise level sigma (columns)."""
+    rows = {n: dict(zip(c["arrays"]["diagnostic_sigma"], c["arrays"]["diagnostic_error"])) for n, c in cells_.items()}
+    table = pd.DataFrame(rows).T
+    table.columns = [f"sigma {s:g}" for s in table.columns]
+    return table
+
+
+# ----------------------------------------------------------------------------
+# Checks.
+
+
+def similarity_checks(rp: pd.DataFrame, rp_se: pd.DataFrame, trained: Sequence[str], setting: str,
+                      quality: pd.DataFrame, seeds: int, rp_min: float = 0.7, gl_min: float = 0.9
+                      ) -> list[dict[str, Any]]:  # fmt: skip
+    """P1 Figs. 6/12 on one panel. Phenomenon: every off-diagonal RP among trained models >= ``rp_min``
+    (the lowest entry of the authors' matrix, 0.70), each with its margin; sanity: every trained
+    model generalizes (GL >= ``gl_min`` with the copy criterion), the condition of the claim. The
+    standard error is the bootstrap one, floored by the binomial error over ``seeds``."""
+    from ..results import check
+
+    rows = []
+    names = list(trained)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            v = 0.5 * (rp.loc[a, b] + rp.loc[b, a])
+            se = max(0.5 * (rp_se.loc[a, b] + rp_se.loc[b, a]), scores.rate_se([v], seeds))
+            rows.append(check("RP between two models", f"{setting}: {a} | {b}", v, ">=", rp_min, se,
+                              paper=f"{off_diagonal(paper_rp_matrix()).min():.2f}-{off_diagonal(paper_rp_matrix()).max():.2f}"))  # fmt: skip
+    if "GL" in quality:
+        for name in names:
+            gl = float(quality.loc[name, "GL"])
+            rows.append(check("the model generalizes (GL)", f"{setting}: {name}", gl, ">=", gl_min, kind="sanity",
+                              paper="~1 (generalization regime)"))  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------
+# Figures.
+
+
+def plot_matrices(panels_: Mapping[str, tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]],
+                  labels: Mapping[str, tuple[str, str]], profile: str):  # fmt: skip
+    """RP and MAE-score heatmaps (entry ± bootstrap se) per panel, and the authors' matrices."""
+    import matplotlib.pyplot as plt
+
+    from .. import plotting
+
+    rows = len(panels_) + 1
+    size = max(len(m[0]) for m in panels_.values())
+    fig, axes = plt.subplots(rows, 2, figsize=(2 * (1.6 + 0.95 * size), rows * (1.2 + 0.9 * size)), squeeze=False)
+    for row, (name, (rp, rp_se, mae, mae_se)) in zip(axes, panels_.items()):
+        rl, ml = labels[name]
+        plotting.annotated_heatmap(rp, ax=row[0], errors=rp_se, title=f"{name}: RP ({rl})", cbar_label="RP")
+        plotting.annotated_heatmap(mae, ax=row[1], errors=mae_se, title=f"{name}: MAE score ({ml})",
+                                   cbar_label="MAE score")  # fmt: skip
+    plotting.annotated_heatmap(paper_rp_matrix(), ax=axes[-1][0], triangle="upper",
+                               title="RP, the authors (CIFAR-10, SSCD)", cbar_label="RP")  # fmt: skip
+    plotting.annotated_heatmap(paper_mae_matrix(), ax=axes[-1][1], triangle="upper",
+                               title="MAE score, the authors (CIFAR-10)", cbar_label="MAE score")  # fmt: skip
+    for ax in axes.flat:
+        ax.grid(False)
+        ax.title.set_fontsize(9)
+    fig.tight_layout()
+    plotting.profile_badge(fig, profile)
+    return fig
+
+
+def plot_pair_distances(sources: Mapping[str, SampleSource], anchor: str, cal: calibration.Calibration,
+                        profile: str, title: str):  # fmt: skip
+    """Per-seed same-image statistic of every source against ``anchor``, over the unrelated pairs'
+    distribution (grey) and the calibrated threshold (dashed)."""
+    import matplotlib.pyplot as plt
+
+    from .. import plotting
+
+    null = cal.scores[cal.scores["kind"] == "unrelated pairs"]["score"]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    bins = np.logspace(-2.3, 0.7, 60)
+    ax.hist(np.clip(null, bins[0], None), bins=bins, density=True, color="0.75", label="unrelated pairs")
+    others = [n for n in sources if n != anchor]
+    for name, color in zip(others, plotting.colors(len(others))):
+        d = calibration.same_scores(sorted_samples(sources[name]), sorted_samples(sources[anchor]), "relative")
+        ax.hist(np.clip(d, bins[0], None), bins=bins, density=True, histtype="step", lw=1.4, color=color, label=name)
+    ax.axvline(cal.threshold, ls="--", color="k", lw=1, label=f"threshold {cal.threshold:g}")
+    ax.set(xscale="log", xlabel=f"||x - x_ref|| / ||x_ref||, reference: {anchor}", ylabel="density", title=title)
+    ax.legend(fontsize=7, ncol=2)
+    plotting.profile_badge(fig, profile)
+    fig.tight_layout()
+    return fig
