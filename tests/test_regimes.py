@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import matplotlib
 
@@ -281,3 +282,17 @@ def test_plotting_helpers():
         ax3 = plotting.image_grid(np.zeros((5, 1, 4, 4), dtype=np.uint8), nrow=2)
         assert ax3.images[0].get_array().shape == (2 * 5 + 1, 3 * 5 + 1)
         plt.close("all")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian dataset-fashion-mnist absent")
+def test_both_criteria_on_real_fashion_mnist():
+    """On the real test split: held-out images are not copies, planted copies are; unrelated pairs are
+    not the same image, near-identical pairs are; and the copy threshold is far stricter."""
+    from nbhelpers.experiments import calibration
+
+    spec = cells.fashion_mnist_spec("/usr/share/datasets/fashion-mnist", resolution=8, pool_size=1024)
+    copy = calibration.calibrate_copy(spec, [64, 1024], count=500, copy_noise=0.03)
+    same = calibration.calibrate_same(spec, count=500, near_noise=0.03)
+    assert (copy.table["null_rate"] <= 0.01).all() and (copy.table["control_rate"] >= 0.99).all()
+    assert same.table["null_rate"].iloc[0] <= 0.01 and same.table["control_rate"].iloc[0] >= 0.99
+    assert copy.threshold < same.threshold / 2
