@@ -23,11 +23,10 @@ import pandas as pd
 import torch
 
 from ..jacobian import AUTHORS_SNR_GRID, effective_rank
-from ..scores import calibrate_threshold, nn_relative_distance, noisy_copies
 from . import cells
 
 KIND_RANK = "jacobian-rank"
-VERSION = 2
+VERSION = 1
 
 # ----------------------------------------------------------------------------
 # The authors' numbers for this chapter (reference/PAPERS.md, "Jacobian rank (P2 Fig. 3)"): rank ratio
@@ -261,21 +260,11 @@ def _profile(model: Any, config: Mapping[str, Any], device: torch.device) -> pd.
     )
 
 
-def copy_threshold(train: torch.Tensor, fresh: torch.Tensor, noise: float = 0.1, seed: int = 0):
-    """The copy criterion's threshold on ||x - NN(x)|| / ||NN(x)|| for a training set: the interval that flags
-    at most 1 % of held-out ``fresh`` samples and at least 99 % of planted noisy copies (relative noise
-    ``noise``); (threshold, ThresholdInterval) or (NaN, None) when no threshold does both."""
-    copies = noisy_copies(train, len(fresh), noise, torch.Generator().manual_seed(seed))
-    iv = calibrate_threshold(
-        nn_relative_distance(fresh, train)[0], nn_relative_distance(copies, train)[0], "below"
-    )
-    return (iv.suggested, iv) if iv is not None else (math.nan, None)
-
-
 def _history(net: Any, config: Mapping[str, Any], df: pd.DataFrame, work: Path, device: torch.device) -> dict:
     """The U-Net's rank profile and the copy statistic of its samples at each of ``rank_steps``."""
     from ..checkpoints import load_network
     from ..training import snapshot_path
+    from .calibration import copy_scores
 
     total, batch = cells.num_steps(config["train"]), int(config["train"]["batch_size"])
     x = training_data(config)
@@ -285,16 +274,13 @@ def _history(net: Any, config: Mapping[str, Any], df: pd.DataFrame, work: Path, 
         frames.append((df if s == total else _profile(model, config, device)).assign(train_steps=s))
         if config.get("gl_samples", 0) > 0:  # is the model still generalizing? copies among its samples
             samples = cells.sample(model, cells.EDM_SAMPLER, range(config["gl_samples"]), 256, device)
-            rel = nn_relative_distance(samples, x)[0].numpy()
-            copies.append(pd.DataFrame({"train_steps": s, "rel": rel}))
+            copies.append(pd.DataFrame({"train_steps": s, "rel": copy_scores(samples, x, "relative")}))
     hist = pd.concat(frames, ignore_index=True)
     cols = ("train_steps", "point", "sigma", "snr", "rank", "rank_ratio")
     arrays = {f"history_{c}": hist[c].to_numpy(dtype=float) for c in cols}
     if copies:
         c = pd.concat(copies, ignore_index=True)
-        thr, iv = copy_threshold(x, _held_out(config, 1000).float())
-        arrays.update(copies_train_steps=c["train_steps"].to_numpy(float), copies_rel=c["rel"].to_numpy(),
-                      copy_threshold=np.asarray([thr]))  # fmt: skip
+        arrays.update(copies_train_steps=c["train_steps"].to_numpy(float), copies_rel=c["rel"].to_numpy())
     return arrays
 
 
@@ -357,22 +343,21 @@ def rank_history(cells_: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return out
 
 
-def rank_generalization(cells_: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """GL (share of samples that are not copies, at the training set's calibrated copy threshold) of the
-    U-Net at each step of its rank history, with its binomial standard error: columns label,
-    train_steps, gl, gl_se, samples, threshold; empty without such cells."""
+def rank_generalization(cells_: Sequence[Mapping[str, Any]], cal: Any) -> pd.DataFrame:
+    """GL (share of samples that are not copies under the calibrated copy criterion ``cal`` of the
+    training set, :func:`calibration.calibrate_copy`) of the U-Net at each step of its rank history,
+    with its binomial standard error: columns label, train_steps, gl, gl_se, samples, threshold."""
     rows = []
     for c in cells_:
         a = c.get("arrays", {})
         if "copies_train_steps" not in a:
             continue
-        thr = float(a["copy_threshold"][0])
         t = pd.DataFrame({"train_steps": a["copies_train_steps"].astype(int), "rel": a["copies_rel"]})
         for s, g in t.groupby("train_steps"):
-            gl = float((g.rel >= thr).mean()) if math.isfinite(thr) else math.nan
+            gl = 1.0 - float(cal.criterion.flags(g.rel.to_numpy()).mean())
             se = math.sqrt(max(gl * (1 - gl), 0.25 / len(g)) / len(g))
             rows.append({"label": c["label"], "train_steps": int(s), "gl": gl, "gl_se": se, "samples": len(g),
-                         "threshold": thr})  # fmt: skip
+                         "threshold": cal.threshold})  # fmt: skip
     return pd.DataFrame(rows, columns=["label", "train_steps", "gl", "gl_se", "samples", "threshold"])
 
 

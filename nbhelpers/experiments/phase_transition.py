@@ -38,12 +38,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..scores import calibrate_threshold, nn_relative_distance, noisy_copies
 from . import cells
 
 KIND_LOWRANK = "phase-lowrank"
 KIND_UNET = "phase-unet"
-VERSION = 2
+VERSION = 1
 
 # ----------------------------------------------------------------------------
 # The authors' numbers for this chapter (reference/PAPERS.md, "MoLRG (P2)"), one row each: the value,
@@ -444,93 +443,79 @@ def unet_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
     return configs
 
 
+def unet_spec(params: Mapping[str, Any], d: int) -> dict[str, Any]:
+    """The MoLRG spec of the U-Net panel for dimension d, with a pool of K d max(64, largest ratio)
+    points whose first K N_k are the training set of N_k (nested sets, as in the other chapters)."""
+    K = int(params["molrg_classes"])
+    pool = K * d * max(64, math.ceil(max(float(r) for r in params["unet_ratios"])))
+    return cells.molrg_spec(K, d, params["molrg_resolution"], params["molrg_channels"], params["data_seed"],
+                            pool_size=pool)  # fmt: skip
+
+
 def unet_config(params: Mapping[str, Any], d: int, ratio: float, seed: int, train: Mapping[str, Any]) -> dict:
-    """The config of one U-Net cell: data spec, N_k, network, validated train config, evaluation."""
-    spec = cells.molrg_spec(params["molrg_classes"], d, params["molrg_resolution"], params["molrg_channels"],
-                            params["data_seed"])  # fmt: skip
+    """The config of one U-Net cell: data spec, training-set size K N_k, validated train config, evaluation."""
+    spec = unet_spec(params, d)
     nk = max(1, int(round(ratio * d)))
     # The batch is not capped by the training-set size (a batch then holds each point several times with
     # different noise), so every cell sees the same number of noisy samples whatever its N_k.
     cfg = cells.train_config("ddpmpp", "edm", params["unet_network"], train, seed=seed)
-    return {"kind": KIND_UNET, "version": VERSION, "data": spec, "per_class": nk, "ratio": ratio, "seed": seed,
-            "train": cfg, "eval_seeds": str(params["eval_seeds"]), "fresh": int(params["fresh_samples"]),
-            "copy_noise": float(params["copy_noise"])}  # fmt: skip
-
-
-def unet_training_set(spec: Mapping[str, Any], per_class: int) -> torch.Tensor:
-    """The U-Net's training set: ``per_class`` clean points of each class (K * per_class, C, R, R)."""
-    return cells.molrg_draw(spec, int(spec["num_classes"]) * int(per_class), cells.molrg_stream(spec, 1))
+    return {"kind": KIND_UNET, "version": VERSION, "data": spec, "per_class": nk, "size": nk * spec["num_classes"],
+            "ratio": ratio, "seed": seed, "train": cfg, "eval_seeds": str(params["eval_seeds"])}  # fmt: skip
 
 
 def run_unet_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Train a U-Net on K N_k MoLRG samples and sample it; store the relative distance to the nearest
-    training point of its samples, of held-out samples and of planted noisy copies, and the samples'
-    off-subspace distance."""
+    """Train a U-Net on the first K N_k points of the pool and sample it; store the copy statistic of
+    its samples (relative distance to the nearest training point) and their off-subspace distance."""
+    from .calibration import copy_scores
+
     device = cells.device()
     spec = config["data"]
-    x = unet_training_set(spec, config["per_class"])
+    x = cells.training_set(spec, config["size"])
     net, info = cells.train_model(config["train"], x, device)
     t0 = time.perf_counter()
     samples = cells.sample(net, cells.EDM_SAMPLER, config["eval_seeds"], 256, device)
     info["sample_seconds"] = time.perf_counter() - t0
-    fresh = cells.fresh_samples(spec, config["fresh"])
-    g = torch.Generator().manual_seed(int(config["seed"]) * 7 + 1)
-    copies = noisy_copies(x, config["fresh"], config["copy_noise"], g)
-    mix = cells.make_molrg(spec)
-    arrays = {"rel": nn_relative_distance(samples, x)[0].numpy(), "fresh_rel": nn_relative_distance(fresh, x)[0].numpy(),
-              "copy_rel": nn_relative_distance(copies, x)[0].numpy(),
-              "off_subspace": mix.off_subspace(samples).numpy()}  # fmt: skip
-    result = {"d": spec["intrinsic_dim"], "per_class": config["per_class"], "ratio": config["ratio"],
-              "seed": config["seed"], **info}  # fmt: skip
+    arrays = {
+        "rel": copy_scores(samples, x, "relative"),
+        "off_subspace": cells.make_molrg(spec).off_subspace(samples).numpy(),
+    }
+    result = {"d": spec["intrinsic_dim"], "per_class": config["per_class"], "size": config["size"],
+              "ratio": config["ratio"], "seed": config["seed"], **info}  # fmt: skip
     return result, arrays
 
 
-def calibrate_copy(
-    cells_: Sequence[Mapping[str, Any]], max_false: float = 0.01, min_true: float = 0.99
-) -> pd.DataFrame:
-    """Per d: the copy threshold t on the relative NN distance that flags at most ``max_false`` of the
-    held-out samples and at least ``min_true`` of the planted copies at every N_k of that d (the
-    geometric middle of the common interval; NaN where there is none), and the rates it gives."""
-    rows = []
-    by_d: dict[int, list] = {}
-    for c in cells_:
-        by_d.setdefault(int(c["d"]), []).append(c)
-    for d, cs in sorted(by_d.items()):
-        lows, highs = [], []
-        for c in cs:
-            iv = calibrate_threshold(
-                c["arrays"]["fresh_rel"], c["arrays"]["copy_rel"], "below", max_false, min_true
-            )
-            lows.append(iv.low if iv else math.inf)
-            highs.append(iv.high if iv else -math.inf)
-        low, high = max(lows), min(highs)
-        t = (
-            math.sqrt(low * high)
-            if low < high and low > 0
-            else (0.5 * (low + high) if low < high else math.nan)
+def unet_calibrations(params: Mapping[str, Any], dims: Sequence[int] | None = None) -> dict[int, Any]:
+    """Per d, the copy criterion of :func:`calibration.calibrate_copy`: the threshold flags at most
+    ``max_false_copy`` of ``fresh_samples`` held-out samples against every training set of the grid;
+    planted copies (relative noise ``copy_noise``) must be flagged at least ``min_true_copy`` of the time."""
+    from .calibration import calibrate_copy
+
+    out = {}
+    for d in dims if dims is not None else params["unet_dims"]:
+        spec = unet_spec(params, int(d))
+        sizes = sorted(
+            {spec["num_classes"] * max(1, int(round(float(r) * int(d)))) for r in params["unet_ratios"]}
         )
-        false = (
-            max(float((c["arrays"]["fresh_rel"] < t).mean()) for c in cs) if math.isfinite(t) else math.nan
-        )
-        true = min(float((c["arrays"]["copy_rel"] < t).mean()) for c in cs) if math.isfinite(t) else math.nan
-        rows.append(
-            {"d": d, "threshold": t, "low": low, "high": high, "max_false_rate": false, "min_true_rate": true}
-        )
-    return pd.DataFrame(rows)
+        out[int(d)] = calibrate_copy(spec, sizes, count=int(params["fresh_samples"]), copy_noise=float(params["copy_noise"]),
+                                     max_false=float(params["max_false_copy"]), min_true=float(params["min_true_copy"]))  # fmt: skip
+    return out
 
 
-def unet_table(cells_: Sequence[Mapping[str, Any]], calibration: pd.DataFrame) -> pd.DataFrame:
-    """Per (d, N_k, seed): GL (share of samples that are not copies at the d's calibrated threshold), its
-    binomial standard error, the held-out samples' GL, and the samples' median off-subspace distance."""
-    thr = dict(zip(calibration.d, calibration.threshold))
+def unet_table(cells_: Sequence[Mapping[str, Any]], cals: Mapping[int, Any]) -> pd.DataFrame:
+    """Per (d, N_k, seed): GL (share of samples that are not copies under the d's calibrated criterion),
+    its binomial standard error, the held-out samples' GL at that size, and the samples' median
+    off-subspace distance."""
     rows = []
     for c in cells_:
-        a, t = c["arrays"], thr[int(c["d"])]
-        gl = float((a["rel"] >= t).mean())
+        cal = cals[int(c["d"])]
+        a = c["arrays"]
+        gl = 1.0 - float(cal.criterion.flags(a["rel"]).mean())
+        size = int(c["size"])
+        null = cal.table.set_index("n")["null_rate"]
         rows.append({"d": c["d"], "per_class": c["per_class"], "ratio": c["ratio"], "seed": c["seed"], "gl": gl,
                      "gl_se": math.sqrt(max(gl * (1 - gl), 0.25 / len(a["rel"])) / len(a["rel"])),
-                     "gl_fresh": float((a["fresh_rel"] >= t).mean()), "off_subspace": float(np.median(a["off_subspace"])),
-                     "samples": len(a["rel"]), "train_seconds": c.get("train_seconds")})  # fmt: skip
+                     "gl_fresh": 1.0 - float(null.get(size, math.nan)), "off_subspace": float(np.median(a["off_subspace"])),
+                     "samples": len(a["rel"]), "steps": c.get("steps"), "train_seconds": c.get("train_seconds")})  # fmt: skip
     return pd.DataFrame(rows).sort_values(["d", "per_class", "seed"], ignore_index=True)
 
 
