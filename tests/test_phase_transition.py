@@ -309,3 +309,10 @@ def test_unet_transitions_with_a_seed_that_never_crosses():
     assert tr.nk_star_min.isna().all() and tr.nk_star.notna().all()  # the seed-mean curve still crosses
     fig = pt.plot_unet(stuck, tr, pt.unet_slopes(stuck, reps=10), "ci")
     assert fig.axes[1].lines, "the N_k* vs d panel is empty"
+
+
+def test_loss_weight_share():
+    assert pt.loss_weight_share("ve", 0.01, draws=10_000) == 0.0  # VE draws sigma >= 0.02
+    ve = pt.loss_weight_share("ve", 0.05, draws=200_000)
+    assert ve == pytest.approx((0.02**-2 - 0.05**-2) / (0.02**-2 - 100.0**-2), abs=0.02)  # log-uniform, 1/sigma^2
+    assert pt.loss_weight_share("vp", 0.01, draws=10_000) > pt.loss_weight_share("edm", 0.01, draws=10_000) > 0

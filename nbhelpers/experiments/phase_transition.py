@@ -343,6 +343,25 @@ def failure_causes(table: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def loss_weight_share(loss: str, below: float, draws: int = 1_000_000, seed: int = 0) -> float:
+    """Share of a denoising loss's total weight E[lambda(sigma)] that falls on sigma < ``below``, by Monte
+    Carlo over the loss's own sigma distribution (``draws`` draws from ``seed``)."""
+    from ..losses import make_loss
+
+    fn = make_loss(loss)
+    sigma = fn.sample_sigma(int(draws), torch.Generator().manual_seed(int(seed)), "cpu").double()
+    weight = fn.weight(sigma)
+    return float((weight * (sigma < below)).sum() / weight.sum())
+
+
+def wrong_directions(fits: pd.DataFrame, threshold: float, tol: float = 0.03) -> pd.Series:
+    """How many directions a failed fit has wrong, when its distance is within ``tol`` of sqrt(j/d)
+    (j of d directions of one subspace wrong, the others right), else NaN; indexed like ``fits``."""
+    j = (fits.distance**2 * fits.d).round()
+    near = (fits.distance - np.sqrt(j / fits.d)).abs() <= tol
+    return j.where(near & (fits.distance >= threshold) & (j >= 1))
+
+
 def transition_point(table: pd.DataFrame, x: str, y: str, level: float, interpolate: bool = True) -> float:
     """First x at which mean y reaches ``level`` and stays there; NaN if never.
 
@@ -423,8 +442,8 @@ def lowrank_checks(table: pd.DataFrame, trans: pd.DataFrame) -> list[dict[str, A
             slope = float(
                 np.polyfit(np.log(t.d.to_numpy(float)), np.log((t.ratio_star * t.d).to_numpy(float)), 1)[0]
             )
-            out.append(check("low-rank, trained: exponent of N_k* in d", f"n={n}", abs(slope - 1), "<=", 0.5,
-                             paper="1 (linear in d)", note=f"exponent {slope:.2f}; |exponent - 1| <= 0.5 tells linear from constant or quadratic"))  # fmt: skip
+            out.append(check("low-rank, trained: |exponent of N_k* in d - 1|", f"n={n}, exponent {slope:.2f}", abs(slope - 1), "<=", 0.5,
+                             paper="1 (linear in d)", note="|exponent - 1| <= 0.5 tells linear from constant or quadratic"))  # fmt: skip
     return out
 
 
@@ -584,16 +603,14 @@ def unet_checks(table: pd.DataFrame, slopes: Mapping[str, float]) -> list[dict[s
 
 
 def length_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """U-Net cells of the training-length probe: ``length_probe['d']`` at every ratio, trained for
-    ``length_probe['total_steps']`` instead of ``unet_train``'s, with the first training seed."""
+    """U-Net cells of the training-length probe: ``length_probe['d']`` at its ``ratios`` (default: every
+    ratio), trained for ``length_probe['total_steps']`` instead of ``unet_train``'s, first training seed."""
     p = params["length_probe"]
     if not p:
         return []
     train = {**dict(params["unet_train"]), "total_steps": int(p["total_steps"])}
-    return [
-        unet_config(params, int(p["d"]), float(r), int(params["train_seeds"][0]), train)
-        for r in params["unet_ratios"]
-    ]
+    ratios = p.get("ratios", params["unet_ratios"])
+    return [unet_config(params, int(p["d"]), float(r), int(params["train_seeds"][0]), train) for r in ratios]
 
 
 # ----------------------------------------------------------------------------
@@ -676,6 +693,7 @@ def plot_unet(table: pd.DataFrame, trans: pd.DataFrame, slopes: Mapping[str, flo
     """(b) U-Net GL against N_k per d (mean +- binomial se over seeds; dotted: held-out samples) and N_k*
     against d with the fit N_k* = c d (bootstrap band) beside the paper's 50-60 d; the shorter-trained
     probe as open markers."""
+    import matplotlib as mpl
     import matplotlib.pyplot as plt
 
     from ..plotting import colors, log2_axis, profile_badge, style
@@ -721,6 +739,9 @@ def plot_unet(table: pd.DataFrame, trans: pd.DataFrame, slopes: Mapping[str, flo
                     label=f"{int(short.steps.iloc[0])} steps")  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(ds, [str(d) for d in ds])
+        ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())
+        ax.yaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("intrinsic dimension d")
         ax.set_ylabel("transition N_k*")
         ax.set_title("U-Net transition vs d")
