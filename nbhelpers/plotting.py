@@ -326,8 +326,18 @@ def mean_se_lines(
     palette = palette or dict(zip(groups, colors(len(groups))))
     for g in groups:
         t = table[table[hue] == g].sort_values(x)
-        ax.errorbar(t[x], t[y], yerr=t[se] if se in t else None, marker="o", ms=4, capsize=2.5, lw=1.3,
-                    ls=linestyle, color=palette[g], label=f"{g}{label_suffix}")  # fmt: skip
+        ax.errorbar(
+            t[x],
+            t[y],
+            yerr=t[se] if se in t else None,
+            marker="o",
+            ms=4,
+            capsize=2.5,
+            lw=1.3,
+            ls=linestyle,
+            color=palette[g],
+            label=f"{g}{label_suffix}",
+        )
     if log2:
         log2_axis(ax, table[x].unique(), label=x)
     if ylim is not None:

@@ -141,9 +141,20 @@ def checks_table(rows: list[dict[str, Any]]):
 
     checked = [r for r in rows if r.get("passed") is not None]
     table = pd.DataFrame(
-        [{"kind": r.get("kind"), "quantity": r["quantity"], "setting": r["setting"], "measured": r["measured"],
-          "paper": r.get("paper"), "check": r.get("check"), "result": _verdict(r), "margin (se)": r.get("margin"),
-          "note": r.get("note", "")} for r in checked]  # fmt: skip
+        [
+            {
+                "kind": r.get("kind"),
+                "quantity": r["quantity"],
+                "setting": r["setting"],
+                "measured": r["measured"],
+                "paper": r.get("paper"),
+                "check": r.get("check"),
+                "result": _verdict(r),
+                "margin (se)": r.get("margin"),
+                "note": r.get("note", ""),
+            }
+            for r in checked
+        ]
     )
     if table.empty:
         return table
@@ -155,14 +166,21 @@ def findings(rows: list[dict[str, Any]]) -> str:
     """Markdown: how many sanity checks passed and which phenomena were shown or not, with numbers."""
     sanity = [r for r in rows if r.get("kind") == "sanity" and r.get("passed") is not None]
     pheno = [r for r in rows if r.get("kind") == "phenomenon" and r.get("passed") is not None]
-    lines = [f"**Sanity checks: {sum(r['passed'] for r in sanity)} of {len(sanity)} pass.** "
-             f"**Phenomena: {sum(r['passed'] for r in pheno)} of {len(pheno)} shown at this profile's scale.**", ""]  # fmt: skip
+    lines = [
+        f"**Sanity checks: {sum(r['passed'] for r in sanity)} of {len(sanity)} pass.** "
+        f"**Phenomena: {sum(r['passed'] for r in pheno)} of {len(pheno)} shown at this profile's scale.**",
+        "",
+    ]
     for r in sanity:
         if not r["passed"]:
-            lines.append(f"- sanity check FAILED: {r['quantity']} ({r['setting']}): {r['measured']} ({r['check']})")
+            lines.append(
+                f"- sanity check FAILED: {r['quantity']} ({r['setting']}): {r['measured']} ({r['check']})"
+            )
     for r in pheno:
         margin = "" if r.get("margin") is None else f", margin {r['margin']} se"
         paper = "" if r.get("paper") is None else f"; paper: {r['paper']}"
-        lines.append(f"- **{_verdict(r)}**: {r['quantity']} ({r['setting']}): {r['measured']} "
-                     f"(wanted {r['check']}{margin}){paper}")  # fmt: skip
+        lines.append(
+            f"- **{_verdict(r)}**: {r['quantity']} ({r['setting']}): {r['measured']} "
+            f"(wanted {r['check']}{margin}){paper}"
+        )
     return "\n".join(lines)

@@ -417,7 +417,11 @@ def rate_se(rates: Sequence[float] | np.ndarray, count: int) -> float:
 FLAGS = ("below", "above")
 # 'relative': ||x - y|| / ||y|| (model space); 'cosine': descriptor cosine; 'mae': mean absolute
 # pixel difference in [0, 1] units. Distances are flagged when small, cosines when large.
-STATISTICS = ("relative", "cosine", "mae")  # 'below': a score <= t is flagged (distances); 'above': a score > t (cosines)
+STATISTICS = (
+    "relative",
+    "cosine",
+    "mae",
+)  # 'below': a score <= t is flagged (distances); 'above': a score > t (cosines)
 
 
 def _scores(x: Any, what: str) -> np.ndarray:
@@ -446,7 +450,9 @@ def flag_rates(scores: Any, thresholds: Sequence[float] | np.ndarray, flag: str 
     return flagged(a[None, :], t, flag).mean(1)
 
 
-def calibrate_null(null: Any, max_false_rate: float = 0.01, flag: str = "below", decimals: int | None = 2) -> float:
+def calibrate_null(
+    null: Any, max_false_rate: float = 0.01, flag: str = "below", decimals: int | None = 2
+) -> float:
     """The loosest threshold that flags at most ``max_false_rate`` of the ``null`` scores (data that
     must not be flagged), rounded to ``decimals`` towards the strict side (None: no rounding)."""
     _check_flag(flag)
@@ -499,5 +505,7 @@ class Criterion:
 
     def __str__(self) -> str:
         op = "<=" if self.flag == "below" else ">"
-        what = {"relative": "||x - y|| / ||y||", "cosine": "cos(f(x), f(y))", "mae": "mean |x - y|"}[self.statistic]
+        what = {"relative": "||x - y|| / ||y||", "cosine": "cos(f(x), f(y))", "mae": "mean |x - y|"}[
+            self.statistic
+        ]
         return f"{self.question}: {what} {op} {self.threshold:g}"
