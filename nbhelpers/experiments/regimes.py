@@ -979,3 +979,52 @@ def plot_rp_optimal(
     plotting.profile_badge(fig, profile)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     return fig
+
+
+# ----------------------------------------------------------------------------
+# Numbers the chapter's prose quotes (glued, never typed).
+
+
+def key_numbers(
+    tables: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]],
+    keys: Mapping[str, str],
+    hist: pd.DataFrame | None = None,
+    low: float = 0.1,
+) -> dict[str, Any]:
+    """Values for the prose, named by position so that they exist for any grid: per panel key
+    (``keys``: panel name -> 'main'/'molrg'), ``{k}_nmin``/``{k}_nmax``, the narrowest and widest
+    width (``{k}_w_narrow``/``_wide``), their GL at both ends (``{k}_gl_narrow_nmin``, ...), the
+    cross-width RP at both ends and its minimum in between (``{k}_rp_cross_nmin``, ``_nmax``,
+    ``_dip``, ``_dip_n``) with its chance level, and the GL = 0.5 crossings (``{k}_nhalf_narrow``,
+    ``_wide``); with ``hist``, the first training step at which every width's GL at the smallest N is
+    below ``low`` (``main_hist_steps_memorized``, NaN if never) and the final GL per width."""
+    out: dict[str, Any] = {}
+    for name, (gl, rp) in tables.items():
+        k = keys[name]
+        ns, widths = sorted(gl["n"].unique()), sorted(gl["width"].unique())
+        ends = {"nmin": ns[0], "nmax": ns[-1]}
+        named = {"narrow": widths[0], "wide": widths[-1]}
+        out.update({f"{k}_{e}": int(n) for e, n in ends.items()})
+        out.update({f"{k}_w_{w}": int(v) for w, v in named.items()})
+        for w, width in named.items():
+            for e, n in ends.items():
+                out[f"{k}_gl_{w}_{e}"] = float(gl[(gl.width == width) & (gl.n == n)]["gl"].mean())
+        cross = rp[rp["pair"] == pair_label(widths[0], widths[-1])]
+        by_n = cross.groupby("n")[["rp", "chance"]].mean()
+        for e, n in ends.items():
+            out[f"{k}_rp_cross_{e}"] = float(by_n.loc[n, "rp"])
+            out[f"{k}_chance_cross_{e}"] = float(by_n.loc[n, "chance"])
+        inner = by_n.loc[ns[1:-1], "rp"]
+        if len(inner):
+            out[f"{k}_rp_cross_dip"], out[f"{k}_rp_cross_dip_n"] = float(inner.min()), int(inner.idxmin())
+        half = n_half(gl).groupby("width")["n_half"].mean()
+        out.update({f"{k}_nhalf_{w}": float(half[v]) for w, v in named.items()})
+        if "subspace_agreement" in rp:
+            out[f"{k}_subspace_cross_nmax"] = float(cross[cross.n == ns[-1]]["subspace_agreement"].mean())
+            out[f"{k}_subspace_chance"] = float(rp["subspace_chance"].iloc[0])
+    if hist is not None and len(hist):
+        small = hist[hist["n"] == hist["n"].min()].groupby(["steps", "width"])["gl"].mean().unstack()
+        below = small.index[(small < low).all(axis=1)]
+        out["main_hist_steps_memorized"] = int(below[0]) if len(below) else math.nan
+        out.update({f"main_hist_gl_final_w{int(w)}": float(small[w].iloc[-1]) for w in small.columns})
+    return out
