@@ -8,13 +8,11 @@ the first N images in that order (the authors' ``dataset_tool.py --max-images``)
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import gzip
 import io
 import json
 import os
-import pickle
 import shutil
 import tarfile
 import tempfile
@@ -405,33 +403,17 @@ def _pad_images(images: np.ndarray, resolution: int) -> np.ndarray:
 # ----------------------------------------------------------------------------
 # CIFAR-10 (python tarball).
 
-_CIFAR_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals a pickled numpy array needs; anything else is refused."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _CIFAR_GLOBALS:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed (only numpy array data)")
-        if name == "_reconstruct":
-            return np.ndarray.__reduce__(np.empty(0, dtype=np.uint8))[0]
-        if name == "encode":
-            return codecs.encode
-        return getattr(np, name)
-
 
 def _safe_unpickle(data: bytes, where: str):
+    """A CIFAR-10 batch pickle read by :mod:`nbhelpers.safeload`: plain data and numeric numpy arrays only."""
+    from . import safeload
+
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"{where}: cannot read this pickle safely ({e})") from e
+        return safeload.load_pickle(
+            data, where, {**safeload.plain_globals(), **safeload.numpy_globals()}, encoding="latin1"
+        )
+    except safeload.PickleError as e:
+        raise ValueError(f"{e} (not a CIFAR-10 batch this reader accepts)") from None
 
 
 def load_cifar10(
@@ -466,10 +448,13 @@ def load_cifar10(
                 data, labs = d.get("data"), d.get("labels")
                 if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
                     raise ValueError(f"{where}: 'data' must be a uint8 array (N, 3072)")
-                if data.shape[1] != 3 * 32 * 32 or labs is None or len(labs) != len(data):
-                    raise ValueError(f"{where}: data {data.shape} and {len(labs or [])} labels do not match")
+                labs = np.asarray(labs) if isinstance(labs, list | np.ndarray) else None
+                if labs is None or labs.ndim != 1 or (len(labs) and labs.dtype.kind not in "iu"):
+                    raise ValueError(f"{where}: 'labels' must be a list of integers")
+                if data.shape[1] != 3 * 32 * 32 or len(labs) != len(data):
+                    raise ValueError(f"{where}: data {data.shape} and {len(labs)} labels do not match")
                 images.append(data.reshape(-1, 3, 32, 32))
-                labels.append(np.asarray(labs, dtype=np.int64))
+                labels.append(labs.astype(np.int64))
                 if max_images is not None and sum(len(x) for x in images) >= max_images:
                     break
     except (tarfile.TarError, OSError, EOFError) as e:
