@@ -17,6 +17,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -94,8 +95,16 @@ class _ImageSource:
         if self._zip is not None:
             try:
                 return self._zip.read(name)
-            except (zipfile.BadZipFile, OSError, KeyError) as e:
-                raise ValueError(f"{self.path}: cannot read member {name!r} ({e})") from e
+            except (
+                zipfile.BadZipFile,
+                OSError,
+                KeyError,
+                EOFError,
+                zlib.error,
+                NotImplementedError,
+                RuntimeError,
+            ) as e:
+                raise ValueError(f"{self.path}: cannot read member {name!r} ({type(e).__name__}: {e})") from e
         return (self.path / name).read_bytes()
 
     def where(self, name: str) -> str:
@@ -105,8 +114,10 @@ class _ImageSource:
         """One image as uint8 (C, H, W)."""
         try:
             with PIL.Image.open(io.BytesIO(self.read(name))) as img:
-                arr = np.asarray(img)
-        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                arr = np.asarray(_plain_mode(img))
+        except PIL.Image.DecompressionBombError as e:
+            raise ValueError(f"{self.where(name)}: image too large ({e})") from e
+        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error) as e:
             raise ValueError(f"{self.where(name)}: unreadable image ({e})") from e
         if arr.dtype != np.uint8:
             raise ValueError(f"{self.where(name)}: not an 8-bit image (pixel type {arr.dtype})")
@@ -145,6 +156,11 @@ class _ImageSource:
             )
         values = [table[n] for n in self.names]
         if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            bad = [(n, v) for n, v in zip(self.names, values) if not 0 <= v < 2**31]
+            if bad:
+                raise ValueError(
+                    f"{where}: class labels must be non-negative integers, got {bad[0][1]} for {bad[0][0]!r}"
+                )
             return np.asarray(values, dtype=np.int64)
         if all(isinstance(v, list) for v in values):
             try:
@@ -159,6 +175,22 @@ class _ImageSource:
         if self._zip is not None:
             self._zip.close()
             self._zip = None
+
+
+# Image modes stored as something other than plain channels, and what they are converted to.
+_CONVERT_MODES = {"P": "RGB", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB",
+                  "RGBX": "RGB", "RGBa": "RGBA", "La": "LA", "1": "L"}  # fmt: skip
+
+
+def _plain_mode(img: PIL.Image.Image) -> PIL.Image.Image:
+    """``img`` with plain channels: palette images become their colours (RGBA if the palette has
+    transparency), CMYK and other colour spaces RGB, bilevel L; LA stays two channels."""
+    mode = img.mode
+    if mode == "P" and "transparency" in img.info:
+        return img.convert("RGBA")
+    if mode in _CONVERT_MODES:
+        return img.convert(_CONVERT_MODES[mode])
+    return img
 
 
 @contextlib.contextmanager
@@ -477,7 +509,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise ValueError(f"{path}: corrupt gzip data ({e})") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path}: bad IDX magic number {raw[:4].hex() or '(empty)'}")
