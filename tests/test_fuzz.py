@@ -90,7 +90,7 @@ CHILD = textwrap.dedent(
         try:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 code = main(["generate", "--network", str(path), "--outdir", str(root / "out"), "--seeds", "0",
-                             "--steps", "1", "--batch", "1", "--device", "cpu"])
+                             "--steps", "1", "--batch", "1", "--device", "cpu", "--overwrite"])
             result = {0: "ok", 2: "refused"}.get(code, f"exit {code}")
         except SystemExit as e:
             result = f"exit {e.code}"
@@ -106,7 +106,7 @@ def test_fuzzed_checkpoints_load_or_exit_2_with_one_line(tmp_path):
     net = tiny_net(**SMALL)
     (tmp_path / "base.pkl").write_bytes(snapshot_bytes(net, init_kwargs=SMALL))
     save_network(net, tmp_path / "base.nbh")
-    count = 300
+    count = 240
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path), str(count), "13"],
