@@ -287,11 +287,16 @@ def _add_dataset(sub) -> None:
 
 
 def cmd_dataset(a: argparse.Namespace) -> int:
+    from .atomic import check_writable
     from .data import convert_dataset
 
     dest = Path(a.dest)
     if dest.exists() and not a.overwrite:
         raise CLIError(f"{dest}: already exists (use --overwrite)")
+    if dest.suffix.lower() == ".zip":
+        check_writable(dest)
+    else:  # written beside, then renamed
+        check_writable(dest.parent, folder=True)
     out = convert_dataset(
         a.source, a.dest, max_images=a.max_images, resolution=a.resolution, overwrite=a.overwrite
     )
@@ -525,8 +530,17 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _check_train_output(a: argparse.Namespace) -> None:
+    if not a.dry_run:
+        from .atomic import check_writable
+
+        check_writable(a.outdir, folder=True)
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from .data import load_images
+
+    _check_train_output(a)
 
     images, labels = load_images(a.data, max_images=a.max_images)
     if a.cond and labels is None:
@@ -581,6 +595,7 @@ def cmd_train_molrg(a: argparse.Namespace) -> int:
 
     from .molrg import LowRankDenoiser, MoLRG
 
+    _check_train_output(a)
     name = (
         f"MoLRG_dataset_resolution{a.img_res}_classnum{a.class_num}_perclassdim{a.per_class_dim}"
         f"_sample{a.sample_per_class}"
@@ -821,7 +836,10 @@ def _load_features(path: str):
 
 
 def cmd_sscd_feature(a: argparse.Namespace) -> int:
+    from .atomic import check_writable
     from .features import SSCD, extract_features
+
+    check_writable(a.features)
 
     device = _device(a.device)
     model = None

@@ -134,6 +134,8 @@ class _ImageSource:
             meta = json.loads(self.read(DATASET_JSON).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from e
+        except RecursionError:
+            raise ValueError(f"{where}: nested too deeply") from None
         if not isinstance(meta, dict) or "labels" not in meta:
             raise ValueError(f"{where}: expected an object with a 'labels' entry")
         entries = meta["labels"]
@@ -165,7 +167,7 @@ class _ImageSource:
         if all(isinstance(v, list) for v in values):
             try:
                 arr = np.asarray(values, dtype=np.float32)
-            except ValueError as e:
+            except (ValueError, TypeError, RecursionError) as e:
                 raise ValueError(f"{where}: label vectors of different lengths or types ({e})") from e
             if arr.ndim == 2:
                 return arr

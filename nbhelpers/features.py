@@ -295,8 +295,12 @@ class FeatureSet:
                 seeds = z["seeds"] if "seeds" in z.files else None
                 names = z["names"].tolist() if "names" in z.files else None
                 meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+                if not isinstance(meta, dict):
+                    raise ValueError("'meta' is not a JSON object")
         except errors as e:
             raise ValueError(f"{path}: not a readable feature file ({e})") from e
+        except RecursionError:
+            raise ValueError(f"{path}: 'meta' is nested too deeply") from None
         try:
             return cls(features, seeds, names, meta)
         except ValueError as e:

@@ -200,6 +200,8 @@ def test_unwritable_output_exits_2_before_compute(tmp_path, capsys, monkeypatch,
             ["sscd", "feature", "--backend", "pixel", "--images", images, "--features", tmp_path / "f.npz"],
             "f.npz",
         ),
+        (["train", "--outdir", tmp_path / "t", "--data", tmp_path / "missing.zip"], "t"),
+        (["train-molrg", "--outdir", tmp_path / "m", "--path", tmp_path / "nowhere"], "m"),
     ]:
         code, _, err = run(capsys, *argv)
         one_line_error(code, err, name, os.strerror(err_no))
