@@ -152,14 +152,50 @@ def _add_generate(sub) -> None:
         "--export-noise", dest="export_noise", metavar="NPZ", help="also write the initial noise per seed"
     )
     p.add_argument("--noise", metavar="NPZ", help="start from this exported noise instead of the seeds' own")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="recompute every image (default: keep the images a previous identical run already wrote)",
+    )
     p.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=cmd_generate)
 
 
+def _sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, or of a folder's files (names and contents, in sorted order)."""
+    import hashlib
+
+    path, h = Path(path), hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_image_output(out: str) -> None:
+    """Before any compute: the --outdir folder (or the .zip and its staging folder) can be written."""
+    from .atomic import check_writable
+
+    path = Path(out)
+    if path.suffix.lower() == ".zip":
+        check_writable(path)
+        check_writable(path.parent / f".{path.name}.partial", folder=True)
+    else:
+        check_writable(path, folder=True)
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
+    from .atomic import check_writable
     from .sampling import export_noise, generate, load_noise
 
+    _check_image_output(a.outdir)
+    if a.export_noise:
+        check_writable(a.export_noise)
     device = _device(a.device)
+    record: dict[str, Any] = {}
     if a.optimal_denoiser:
         if not a.dataset:
             raise CLIError("--optimal_denoiser needs --dataset")
@@ -169,14 +205,21 @@ def cmd_generate(a: argparse.Namespace) -> int:
         images, _ = load_images(a.dataset, max_images=a.max_images)
         net = OptimalDenoiser(images, device=device)
         order = 2 if a.solver == "heun" else 1
+        import hashlib
+
+        record["optimal_denoiser_of"] = hashlib.sha256(images.tobytes()).hexdigest()
         _print0(
             f"Optimal denoiser of {a.dataset} ({len(images)} images), {'Heun' if order == 2 else 'Euler'} steps"
         )
     else:
         if not a.network:
             raise CLIError("--network is required (or use --optimal_denoiser --dataset)")
-        net = _load_net(a.network, device)
+        from .download import resolve
+
+        network = resolve(a.network)
+        net = _load_net(str(network), device)
         order = 1 if a.solver == "euler" else 2
+        record["network_sha256"] = _sha256(network)
     seeds = a.seeds
     latents = None
     if a.noise:
@@ -186,7 +229,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
         if missing:
             raise CLIError(f"{a.noise}: no noise for seeds {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         latents = latents[[wanted[s] for s in seeds]]
+        record["noise_sha256"] = _sha256(a.noise)
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+    record.update(steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho, order=order,
+                  S_churn=a.S_churn, S_min=a.S_min, S_max=repr(a.S_max), S_noise=a.S_noise, class_idx=a.class_idx,
+                  subdirs=a.subdirs)  # fmt: skip
     if a.export_noise:
         export_noise(seeds, shape, a.export_noise)
         _print0(f"Initial noise for {len(seeds)} seeds written to {a.export_noise}")
@@ -210,6 +257,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         out=a.outdir,
         subdirs=a.subdirs,
         progress=True,
+        skip_existing=not a.overwrite,
+        record=record,
     )
     _print0("Done.")
     return 0
@@ -238,11 +287,16 @@ def _add_dataset(sub) -> None:
 
 
 def cmd_dataset(a: argparse.Namespace) -> int:
+    from .atomic import check_writable
     from .data import convert_dataset
 
     dest = Path(a.dest)
     if dest.exists() and not a.overwrite:
         raise CLIError(f"{dest}: already exists (use --overwrite)")
+    if dest.suffix.lower() == ".zip":
+        check_writable(dest)
+    else:  # written beside, then renamed
+        check_writable(dest.parent, folder=True)
     out = convert_dataset(
         a.source, a.dest, max_images=a.max_images, resolution=a.resolution, overwrite=a.overwrite
     )
@@ -333,8 +387,17 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
     g.add_argument("--transfer", metavar="PKL|URL", help="initialise from a network snapshot (fine-tuning)")
     g.add_argument(
         "--resume",
-        metavar="PT|latest",
-        help="resume from a training-state file, or 'latest' in the run folder",
+        metavar="PT|DIR|latest",
+        help="resume from a training-state file or run folder (continues there), or 'latest': the newest "
+        "run of the same description; data and options must match the saved run",
+    )
+    g.add_argument(
+        "--allow-changed",
+        dest="allow_changed",
+        type=lambda s: [v.strip().lstrip("-") for v in s.split(",") if v.strip()],
+        default=[],
+        metavar="LIST",
+        help="on resume, options allowed to differ from the saved run, e.g. lr or data (a deliberate change)",
     )
     g.add_argument("-n", "--dry-run", dest="dry_run", action="store_true", help="print the options and exit")
 
@@ -373,21 +436,45 @@ def _train_config(a: argparse.Namespace, arch: str, network: dict[str, Any]):
 
 
 def _run_dir(outdir: str, desc: str, nosubdir: bool, resume: str | None) -> Path:
-    """EDM's numbered run folder ``<outdir>/<id:05d>-<desc>``; with --resume latest, the newest one."""
+    """EDM's numbered run folder ``<outdir>/<id:05d>-<desc>``. ``--resume latest``: the newest run
+    folder of the same description that holds a state dump; ``--resume PATH``: PATH's own folder."""
+    from .training import find_latest_state
+
+    if resume not in (None, "latest"):
+        path = Path(resume)
+        if path.is_dir():
+            return path
+        if path.is_file():
+            return path.parent
+        raise CLIError(f"{resume}: no such training-state file or run folder")
     out = Path(outdir)
     if nosubdir:
         return out
     ids = []
     if out.is_dir():
         for child in out.iterdir():
-            m = re.match(r"^(\d+)-", child.name)
+            m = re.match(r"^(\d+)-(.*)$", child.name)
             if child.is_dir() and m:
-                ids.append((int(m.group(1)), child))
+                ids.append((int(m.group(1)), m.group(2), child))
     if resume == "latest":
-        if not ids:
-            raise CLIError(f"{out}: --resume latest but there is no previous run folder")
-        return max(ids)[1]
-    return out / f"{max((i for i, _ in ids), default=-1) + 1:05d}-{desc}"
+        same = [(i, child) for i, d, child in ids if d == desc and find_latest_state(child) is not None]
+        if not same:
+            others = ", ".join(child.name for *_, child in sorted(ids)[-3:]) or "none"
+            raise CLIError(
+                f"{out}: --resume latest found no earlier run '{desc}' with a state dump (run folders: "
+                f"{others}); check --data and the options, or resume a folder with --resume PATH"
+            )
+        return max(same)[1]
+    return out / f"{max((i for i, *_ in ids), default=-1) + 1:05d}-{desc}"
+
+
+# --allow-changed accepts the command-line names too (mapped to TrainConfig fields).
+_ALLOW_CHANGED = {
+    "lr-rampup": "lr_rampup_kimg", "lr_rampup": "lr_rampup_kimg", "ema": "ema_halflife_kimg",
+    "batch": "batch_size", "augment": "augment_p", "xflip": "augment_kwargs", "fp16": "precision",
+    "cbase": "network", "model_channels": "network", "cres": "network", "num_blocks": "network",
+    "attn": "network", "embed_channels": "network", "cond": "label_dim",
+}  # fmt: skip
 
 
 def _train_common(a: argparse.Namespace, config, data, desc: str, net=None, extra: dict | None = None) -> int:
@@ -408,11 +495,11 @@ def _train_common(a: argparse.Namespace, config, data, desc: str, net=None, extr
         net.train().requires_grad_(True)
     resume = None
     if a.resume:
-        resume = "latest" if a.resume == "latest" else a.resume
-        if resume != "latest" and not Path(resume).is_file():
-            raise CLIError(f"{resume}: no such training-state file")
+        resume = "latest" if a.resume == "latest" or Path(a.resume).is_dir() else a.resume
     device = None if a.device is None else _device(a.device)
-    result = train(config, data, outdir=run_dir, device=device, resume=resume, progress=_rank0(), net=net)
+    allow = sorted({_ALLOW_CHANGED.get(n, n) for n in a.allow_changed})
+    result = train(config, data, outdir=run_dir, device=device, resume=resume, progress=_rank0(), net=net,
+                   allow_changed=allow)  # fmt: skip
     _print0(f"Finished: {result.steps} steps, {result.kimg:.1f} kimg. Snapshots in {run_dir}")
     return 0
 
@@ -443,8 +530,17 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _check_train_output(a: argparse.Namespace) -> None:
+    if not a.dry_run:
+        from .atomic import check_writable
+
+        check_writable(a.outdir, folder=True)
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from .data import load_images
+
+    _check_train_output(a)
 
     images, labels = load_images(a.data, max_images=a.max_images)
     if a.cond and labels is None:
@@ -499,6 +595,7 @@ def cmd_train_molrg(a: argparse.Namespace) -> int:
 
     from .molrg import LowRankDenoiser, MoLRG
 
+    _check_train_output(a)
     name = (
         f"MoLRG_dataset_resolution{a.img_res}_classnum{a.class_num}_perclassdim{a.per_class_dim}"
         f"_sample{a.sample_per_class}"
@@ -575,47 +672,87 @@ def _add_jacobian(sub) -> None:
         "--rule", choices=["authors", "energy"], default="authors", help="rank rule (default: the authors')"
     )
     p.add_argument("--chunk", type=int, metavar="INT", help="basis vectors per batched VJP (memory bound)")
-    p.add_argument("--out", metavar="CSV|JSON", help="write the table to this file")
+    p.add_argument(
+        "--out",
+        metavar="CSV|JSON",
+        help="write the table to this file (after every seed; a rerun continues it)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="recompute every seed even if --out has it")
     p.add_argument("--device", help="cuda, cpu ... (default: cuda if available)")
     p.set_defaults(func=cmd_jacobian)
 
 
+def _jacobian_record_path(out: str) -> Path:
+    return Path(out).with_name(f".{Path(out).name}.nbhelpers-jacobian.json")
+
+
+def _previous_jacobian_rows(out: str, record: dict) -> dict[int, Any]:
+    """Rows of an earlier run of the same command in ``--out``, per seed (empty if there is none)."""
+    import pandas as pd
+
+    path, record_path = Path(out), _jacobian_record_path(out)
+    if not path.exists():
+        return {}
+    try:
+        stored = json.loads(record_path.read_text("utf-8")) if record_path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        stored = None
+    if stored != json.loads(json.dumps(record)):
+        raise CLIError(
+            f"{out}: exists and was not written by this same command (network, sigmas, ratio and rule); "
+            "use another --out or pass --overwrite"
+        )
+    try:
+        table = pd.read_json(path, orient="records") if out.endswith(".json") else pd.read_csv(path)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"{out}: unreadable ({e}); pass --overwrite to recompute it") from None
+    if "seed" not in table.columns or "point" not in table.columns:
+        raise CLIError(f"{out}: not a rank table; pass --overwrite to recompute it")
+    return {int(seed): rows for seed, rows in table.groupby("seed", sort=False)}
+
+
 def cmd_jacobian(a: argparse.Namespace) -> int:
+    import pandas as pd
     import torch
 
+    from .atomic import atomic_write_text, check_writable
+    from .download import resolve
     from .jacobian import rank_profile
     from .sampling import SeedNoise, edm_sampler
 
+    if a.out:
+        check_writable(a.out)
+        check_writable(_jacobian_record_path(a.out))
     device = _device(a.device)
-    net = _load_net(a.network_pkl, device)
+    network = resolve(a.network_pkl)
+    net = _load_net(str(network), device)
     shape = [int(net.img_channels), int(net.img_resolution), int(net.img_resolution)]
-    if a.trajectory:
-        table = rank_profile(
-            net,
-            seeds=a.seeds,
-            trajectory=True,
-            ratio=a.ratio,
-            rule=a.rule,
-            chunk_size=a.chunk,
-            device=device,
-            batch_size=1,
-        )
-    else:
-        # Clean points: the network's own samples for the seeds (as the authors start from generated images).
-        latents = SeedNoise(a.seeds, device=device).randn(shape)
-        with torch.no_grad():
-            clean = edm_sampler(net, latents).to(torch.float32)
-        table = rank_profile(
-            net,
-            clean=clean,
-            sigmas=a.sigmas,
-            seeds=a.seeds,
-            ratio=a.ratio,
-            rule=a.rule,
-            chunk_size=a.chunk,
-            device=device,
-            batch_size=1,
-        )
+    record = dict(network_sha256=_sha256(network), trajectory=a.trajectory, sigmas=a.sigmas, ratio=a.ratio,
+                  rule=a.rule)  # fmt: skip
+    done = _previous_jacobian_rows(a.out, record) if a.out and not a.overwrite else {}
+    if done:
+        _print0(f"{a.out}: keeping the rows of {len(set(done) & set(a.seeds))} seeds from an earlier run")
+    elif a.out:
+        atomic_write_text(_jacobian_record_path(a.out), json.dumps(record, sort_keys=True))
+    kwargs = dict(ratio=a.ratio, rule=a.rule, chunk_size=a.chunk, device=device, batch_size=1)
+    frames = []
+    for point, seed in enumerate(a.seeds):  # one seed at a time, each written as soon as it is done
+        if seed in done:
+            frames.append(done[seed].assign(point=point))
+            continue
+        if a.trajectory:
+            table = rank_profile(net, seeds=[seed], trajectory=True, **kwargs)
+        else:
+            # Clean points: the network's own samples for the seeds (as the authors start from generated images).
+            latents = SeedNoise([seed], device=device).randn(shape)
+            with torch.no_grad():
+                clean = edm_sampler(net, latents).to(torch.float32)
+            table = rank_profile(net, clean=clean, sigmas=a.sigmas, seeds=[seed], **kwargs)
+        frames.append(table.assign(point=point))
+        if a.out:
+            _write_table(a.out, pd.concat(frames, ignore_index=True))
+    table = pd.concat(frames, ignore_index=True)
+    table = table.sort_values(["step", "point", "rule"], kind="stable", ignore_index=True)
     summary = table.groupby("sigma", sort=False).agg(
         snr=("snr", "first"),
         rank_mean=("rank", "mean"),
@@ -624,16 +761,16 @@ def cmd_jacobian(a: argparse.Namespace) -> int:
     )
     print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
     if a.out:
-        from .atomic import atomic_write_text
-
-        text = (
-            table.to_json(orient="records", indent=1)
-            if a.out.endswith(".json")
-            else table.to_csv(index=False)
-        )
-        atomic_write_text(a.out, text)
+        _write_table(a.out, table)
         print(f"Wrote {a.out}")
     return 0
+
+
+def _write_table(out: str, table) -> None:
+    from .atomic import atomic_write_text
+
+    text = table.to_json(orient="records", indent=1) if out.endswith(".json") else table.to_csv(index=False)
+    atomic_write_text(out, text)
 
 
 # ----------------------------------------------------------------------------
@@ -699,7 +836,10 @@ def _load_features(path: str):
 
 
 def cmd_sscd_feature(a: argparse.Namespace) -> int:
+    from .atomic import check_writable
     from .features import SSCD, extract_features
+
+    check_writable(a.features)
 
     device = _device(a.device)
     model = None
@@ -715,10 +855,38 @@ def cmd_sscd_feature(a: argparse.Namespace) -> int:
     return 0
 
 
+def _few(values, k: int = 5) -> str:
+    values = sorted(values)
+    return ", ".join(map(str, values[:k])) + (f", ... ({len(values)} in all)" if len(values) > k else "")
+
+
+def _check_same_seeds(src, tgt, source: str, target: str) -> None:
+    """rpscore pairs samples by seed: both files need the same seeds, each once (errors name the files)."""
+    seeds = {}
+    for fs, path in ((src, source), (tgt, target)):
+        if fs.seeds is None:
+            raise CLIError(f"{path}: has no seeds (its image names did not give them); rpscore pairs by seed")
+        values = fs.seeds.tolist()
+        if len(set(values)) != len(values):
+            repeated = {s for s in values if values.count(s) > 1} if len(values) < 10**5 else set()
+            raise CLIError(f"{path}: repeated seeds {_few(repeated)}")
+        seeds[path] = set(values)
+    only_a, only_b = seeds[source] - seeds[target], seeds[target] - seeds[source]
+    if only_a or only_b:
+        parts = [
+            f"only in {source}: {_few(only_a)}" if only_a else "",
+            f"only in {target}: {_few(only_b)}" if only_b else "",
+        ]
+        raise CLIError(
+            "the two feature files have different seeds (" + "; ".join(p for p in parts if p) + ")"
+        )
+
+
 def cmd_sscd_rpscore(a: argparse.Namespace) -> int:
     from .scores import reproducibility_score
 
     src, tgt = _load_features(a.source), _load_features(a.target)
+    _check_same_seeds(src, tgt, a.source, a.target)
     rp = reproducibility_score(src, tgt, threshold=a.t)
     if a.json:
         print(json.dumps({"reproducibility_score": rp, "threshold": a.t, "num_pairs": len(src.features)}))
@@ -780,20 +948,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(argv)
     prog = f"nbhelpers {a.command}" + (f" {a.sscd_cmd}" if a.command == "sscd" else "")
     try:
+        _check_numbers(a)
         return int(a.func(a) or 0)
     except CLIError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        _error(prog, e)
+    except OSError as e:  # missing, unwritable, read-only, full: the path is in the message
+        _error(prog, e)
     except ValueError as e:  # bad content: corrupt files, mismatched seeds, unsafe pickles ...
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        _error(prog, e)
     except Exception as e:
         from .download import DownloadError
 
         if not isinstance(e, DownloadError):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        _error(prog, e)
     return EXIT_USAGE
+
+
+def _error(prog: str, e: BaseException) -> None:
+    """One line on stderr, whatever the exception's message looks like."""
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    print(f"{prog}: error: {text}", file=sys.stderr)
+
+
+# Options (by dest) that must be positive integers, and float options that must be finite
+# (checked after parsing, for every subcommand that has them).
+_POSITIVE = ("batch", "batch_gpu", "model_channels", "steps", "max_images", "snap", "dump", "num_blocks",
+             "img_res", "img_channels", "class_num", "per_class_dim", "sample_per_class", "embed_channels",
+             "chunk")  # fmt: skip
+_FINITE = ("t", "lr", "lr_rampup", "ema", "dropout", "augment", "duration", "tick", "sigma_min", "sigma_max",
+           "rho", "S_churn", "S_min", "S_noise", "ratio")  # fmt: skip
+
+
+_OPTION = {"model_channels": "--cbase/--model_channels", "batch_gpu": "--batch-gpu", "max_images": "--max-images",
+           "lr_rampup": "--lr-rampup"}  # fmt: skip
+
+
+def _check_numbers(a: argparse.Namespace) -> None:
+    for name in _POSITIVE:
+        v = getattr(a, name, None)
+        if v is not None and v < 1:
+            raise CLIError(f"{_OPTION.get(name, '--' + name)} must be a positive integer, got {v}")
+    for name in _FINITE:
+        v = getattr(a, name, None)
+        if v is not None and not math.isfinite(v):
+            raise CLIError(f"{_OPTION.get(name, '--' + name)} must be a finite number, got {v}")
+    if getattr(a, "S_max", None) is not None and math.isnan(a.S_max):
+        raise CLIError("--S_max must be a number, got nan")
+    if getattr(a, "cres", None) is not None and (not a.cres or min(a.cres) < 1):
+        raise CLIError(f"--cres must be positive channel multipliers, got {a.cres}")
 
 
 if __name__ == "__main__":

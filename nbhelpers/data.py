@@ -8,17 +8,16 @@ the first N images in that order (the authors' ``dataset_tool.py --max-images``)
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import gzip
 import io
 import json
 import os
-import pickle
 import shutil
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -96,8 +95,16 @@ class _ImageSource:
         if self._zip is not None:
             try:
                 return self._zip.read(name)
-            except (zipfile.BadZipFile, OSError, KeyError) as e:
-                raise ValueError(f"{self.path}: cannot read member {name!r} ({e})") from e
+            except (
+                zipfile.BadZipFile,
+                OSError,
+                KeyError,
+                EOFError,
+                zlib.error,
+                NotImplementedError,
+                RuntimeError,
+            ) as e:
+                raise ValueError(f"{self.path}: cannot read member {name!r} ({type(e).__name__}: {e})") from e
         return (self.path / name).read_bytes()
 
     def where(self, name: str) -> str:
@@ -107,8 +114,10 @@ class _ImageSource:
         """One image as uint8 (C, H, W)."""
         try:
             with PIL.Image.open(io.BytesIO(self.read(name))) as img:
-                arr = np.asarray(img)
-        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                arr = np.asarray(_plain_mode(img))
+        except PIL.Image.DecompressionBombError as e:
+            raise ValueError(f"{self.where(name)}: image too large ({e})") from e
+        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error) as e:
             raise ValueError(f"{self.where(name)}: unreadable image ({e})") from e
         if arr.dtype != np.uint8:
             raise ValueError(f"{self.where(name)}: not an 8-bit image (pixel type {arr.dtype})")
@@ -125,6 +134,8 @@ class _ImageSource:
             meta = json.loads(self.read(DATASET_JSON).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from e
+        except RecursionError:
+            raise ValueError(f"{where}: nested too deeply") from None
         if not isinstance(meta, dict) or "labels" not in meta:
             raise ValueError(f"{where}: expected an object with a 'labels' entry")
         entries = meta["labels"]
@@ -147,11 +158,16 @@ class _ImageSource:
             )
         values = [table[n] for n in self.names]
         if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            bad = [(n, v) for n, v in zip(self.names, values) if not 0 <= v < 2**31]
+            if bad:
+                raise ValueError(
+                    f"{where}: class labels must be non-negative integers, got {bad[0][1]} for {bad[0][0]!r}"
+                )
             return np.asarray(values, dtype=np.int64)
         if all(isinstance(v, list) for v in values):
             try:
                 arr = np.asarray(values, dtype=np.float32)
-            except ValueError as e:
+            except (ValueError, TypeError, RecursionError) as e:
                 raise ValueError(f"{where}: label vectors of different lengths or types ({e})") from e
             if arr.ndim == 2:
                 return arr
@@ -161,6 +177,22 @@ class _ImageSource:
         if self._zip is not None:
             self._zip.close()
             self._zip = None
+
+
+# Image modes stored as something other than plain channels, and what they are converted to.
+_CONVERT_MODES = {"P": "RGB", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB",
+                  "RGBX": "RGB", "RGBa": "RGBA", "La": "LA", "1": "L"}  # fmt: skip
+
+
+def _plain_mode(img: PIL.Image.Image) -> PIL.Image.Image:
+    """``img`` with plain channels: palette images become their colours (RGBA if the palette has
+    transparency), CMYK and other colour spaces RGB, bilevel L; LA stays two channels."""
+    mode = img.mode
+    if mode == "P" and "transparency" in img.info:
+        return img.convert("RGBA")
+    if mode in _CONVERT_MODES:
+        return img.convert(_CONVERT_MODES[mode])
+    return img
 
 
 @contextlib.contextmanager
@@ -405,33 +437,17 @@ def _pad_images(images: np.ndarray, resolution: int) -> np.ndarray:
 # ----------------------------------------------------------------------------
 # CIFAR-10 (python tarball).
 
-_CIFAR_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals a pickled numpy array needs; anything else is refused."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _CIFAR_GLOBALS:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed (only numpy array data)")
-        if name == "_reconstruct":
-            return np.ndarray.__reduce__(np.empty(0, dtype=np.uint8))[0]
-        if name == "encode":
-            return codecs.encode
-        return getattr(np, name)
-
 
 def _safe_unpickle(data: bytes, where: str):
+    """A CIFAR-10 batch pickle read by :mod:`nbhelpers.safeload`: plain data and numeric numpy arrays only."""
+    from . import safeload
+
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"{where}: cannot read this pickle safely ({e})") from e
+        return safeload.load_pickle(
+            data, where, {**safeload.plain_globals(), **safeload.numpy_globals()}, encoding="latin1"
+        )
+    except safeload.PickleError as e:
+        raise ValueError(f"{e} (not a CIFAR-10 batch this reader accepts)") from None
 
 
 def load_cifar10(
@@ -466,10 +482,13 @@ def load_cifar10(
                 data, labs = d.get("data"), d.get("labels")
                 if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
                     raise ValueError(f"{where}: 'data' must be a uint8 array (N, 3072)")
-                if data.shape[1] != 3 * 32 * 32 or labs is None or len(labs) != len(data):
-                    raise ValueError(f"{where}: data {data.shape} and {len(labs or [])} labels do not match")
+                labs = np.asarray(labs) if isinstance(labs, list | np.ndarray) else None
+                if labs is None or labs.ndim != 1 or (len(labs) and labs.dtype.kind not in "iu"):
+                    raise ValueError(f"{where}: 'labels' must be a list of integers")
+                if data.shape[1] != 3 * 32 * 32 or len(labs) != len(data):
+                    raise ValueError(f"{where}: data {data.shape} and {len(labs)} labels do not match")
                 images.append(data.reshape(-1, 3, 32, 32))
-                labels.append(np.asarray(labs, dtype=np.int64))
+                labels.append(labs.astype(np.int64))
                 if max_images is not None and sum(len(x) for x in images) >= max_images:
                     break
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -492,7 +511,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise ValueError(f"{path}: corrupt gzip data ({e})") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path}: bad IDX magic number {raw[:4].hex() or '(empty)'}")

@@ -207,6 +207,8 @@ def seeds_from_names(names: Sequence[str]) -> np.ndarray | None:
         m = _SEED_NAME.match(Path(str(name)).stem)
         if m is None:
             return None
+        if len(m.group(1)) > 19 or int(m.group(1)) > 2**63 - 1:
+            raise ValueError(f"{name}: the seed in this image name is larger than 2^63 - 1")
         seeds.append(int(m.group(1)))
     arr = np.asarray(seeds, dtype=np.int64)
     return arr if len(np.unique(arr)) == len(arr) else None
@@ -224,9 +226,18 @@ class FeatureSet:
     def __post_init__(self) -> None:
         f = self.features
         f = torch.from_numpy(np.asarray(f)) if not isinstance(f, torch.Tensor) else f
-        if f.ndim != 2:
-            raise ValueError(f"features must be (N, F), got shape {tuple(f.shape)}")
-        self.features = f.detach().to("cpu", torch.float32)
+        if f.ndim != 2 or (len(f) and f.shape[1] == 0):
+            raise ValueError(f"features must be (N, F) with F >= 1, got shape {tuple(f.shape)}")
+        if not (
+            f.is_floating_point()
+            or f.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+        ):
+            raise ValueError(f"features must be numbers, got {f.dtype}")
+        f = f.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(f).all()):
+            bad = int((~torch.isfinite(f)).any(1).sum())
+            raise ValueError(f"features contain NaN or infinite values ({bad} of {len(f)} rows)")
+        self.features = f
         n = len(self.features)
         if self.seeds is not None:
             s = torch.as_tensor(
@@ -277,11 +288,19 @@ class FeatureSet:
                 if "features" not in z.files:
                     raise ValueError(f"no 'features' array (keys: {', '.join(z.files) or 'none'})")
                 features = z["features"]
+                if features.dtype.kind not in "fiub":
+                    raise ValueError(f"'features' must be numbers, got {features.dtype}")
+                if features.size == 0:
+                    raise ValueError(f"no descriptors ('features' has shape {features.shape})")
                 seeds = z["seeds"] if "seeds" in z.files else None
                 names = z["names"].tolist() if "names" in z.files else None
                 meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+                if not isinstance(meta, dict):
+                    raise ValueError("'meta' is not a JSON object")
         except errors as e:
             raise ValueError(f"{path}: not a readable feature file ({e})") from e
+        except RecursionError:
+            raise ValueError(f"{path}: 'meta' is nested too deeply") from None
         try:
             return cls(features, seeds, names, meta)
         except ValueError as e:
@@ -352,5 +371,8 @@ def extract_features(
         raise ValueError("no images given")
     features = torch.cat(feats)
     if seeds is None and names is not None:
-        seeds = seeds_from_names(names)
+        try:
+            seeds = seeds_from_names(names)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}" if source else str(e)) from None
     return FeatureSet(features, seeds, names, meta)

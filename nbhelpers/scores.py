@@ -78,7 +78,7 @@ def _flat(x: Any, what: str) -> torch.Tensor:
         raise ValueError(f"{what} must be batched (N, ...), got shape {tuple(t.shape)}")
     if t.dtype != torch.uint8 and not t.is_floating_point():
         raise ValueError(f"{what} must be uint8 or floating point, got {t.dtype}")
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def _rows(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -117,6 +117,19 @@ def _seeded(x: Seeded, what: str) -> tuple[torch.Tensor, np.ndarray]:
     if (counts > 1).any():
         raise ValueError(f"{what}: repeated seeds {uniq[counts > 1][:5].tolist()}")
     return data, seeds.astype(np.int64)
+
+
+def _check_finite(x: Any, what: str) -> None:
+    """Input validation: floating data must be finite (a NaN would silently change a score)."""
+    t = _tensor(x)
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        rows = int((~torch.isfinite(t.reshape(len(t), -1))).any(1).sum()) if t.ndim else 1
+        raise ValueError(f"{what} contains NaN or infinite values ({rows} rows)")
+
+
+def _check_threshold(threshold: float) -> None:
+    if not isinstance(threshold, int | float | np.floating | np.integer) or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
 
 
 def _few(values: np.ndarray, k: int = 5) -> str:
@@ -158,6 +171,8 @@ def pair_by_seed(
 
 def paired_cosine(xa: Any, xb: Any) -> torch.Tensor:
     """Cosine similarity of row j of xa and row j of xb, (M,) float64 (0 for a zero row)."""
+    _check_finite(xa, "xa")
+    _check_finite(xb, "xb")
     a, b = _rows(_flat(xa, "xa"), "cpu", torch.float64), _rows(_flat(xb, "xb"), "cpu", torch.float64)
     if a.shape != b.shape:
         raise ValueError(f"xa and xb must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -166,6 +181,8 @@ def paired_cosine(xa: Any, xb: Any) -> torch.Tensor:
 
 def relative_distance(xa: Any, xb: Any) -> torch.Tensor:
     """||xa_j - xb_j|| / ||xb_j|| per aligned row, (M,) float64; uint8 is compared in model space."""
+    _check_finite(xa, "xa")
+    _check_finite(xb, "xb")
     a, b = _rows(_flat(xa, "xa"), "cpu", torch.float64), _rows(_flat(xb, "xb"), "cpu", torch.float64)
     if a.shape != b.shape:
         raise ValueError(f"xa and xb must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -178,6 +195,8 @@ def mean_abs_difference(xa: Any, xb: Any) -> torch.Tensor:
 
     uint8 images are divided by 255; float images are taken as model space [-1, 1].
     """
+    _check_finite(xa, "xa")
+    _check_finite(xb, "xb")
     a, b = _unit_interval(_tensor(xa)), _unit_interval(_tensor(xb))
     if a.shape != b.shape or a.ndim < 2:
         raise ValueError(
@@ -205,6 +224,7 @@ def pairwise_agreement(
 
 def reproducibility_score(a: Seeded, b: Seeded, threshold: float = 0.6, on_mismatch: str = "error") -> float:
     """RP = fraction of seeds j with cos(f(xa_j), f(xb_j)) > threshold (P1; SSCD features, 0.6)."""
+    _check_threshold(threshold)
     return pairwise_agreement(a, b, lambda xa, xb: paired_cosine(xa, xb) > threshold, on_mismatch)
 
 
@@ -213,6 +233,7 @@ def rp_relative(a: Seeded, b: Seeded, threshold: float = 0.1, on_mismatch: str =
 
     0.1 gave a clean drop with training-set size in the CPU pilot on MoLRG; 1/3 is looser.
     """
+    _check_threshold(threshold)
     return pairwise_agreement(a, b, lambda xa, xb: relative_distance(xa, xb) < threshold, on_mismatch)
 
 
@@ -221,6 +242,7 @@ def mae_score(
 ) -> float:
     """MAE score: fraction of seeds whose images differ by a mean absolute difference (in [0, 1]
     units) below ``threshold`` (default ``MAE_THRESHOLD`` = 0.1; the authors' value is not published)."""
+    _check_threshold(threshold)
     return pairwise_agreement(
         a_images, b_images, lambda xa, xb: mean_abs_difference(xa, xb) < threshold, on_mismatch
     )
@@ -252,6 +274,8 @@ def max_similarity(
     the working memory is about query_chunk x key_chunk similarities plus the two chunks.
     The products run on ``device`` (default: where the query is), in ``dtype``.
     """
+    _check_finite(query, "query")
+    _check_finite(keys, "keys")
     q_all, k_all = _flat(query, "query"), _flat(keys, "keys")
     if q_all.shape[1] != k_all.shape[1]:
         raise ValueError(f"query has {q_all.shape[1]} features per row, keys have {k_all.shape[1]}")
@@ -282,6 +306,7 @@ def memorized_fraction(
     device: str | torch.device | None = None,
 ) -> float:  # fmt: skip
     """Fraction of generated samples whose max cosine similarity to the training set exceeds ``threshold``."""
+    _check_threshold(threshold)
     values, _ = max_similarity(generated, train, chunk_size, device)
     if len(values) == 0:
         raise ValueError("generated is empty")
@@ -310,6 +335,8 @@ def nearest_neighbors(
     uint8 rows are compared in model space; any (N, ...) shape is flattened. The products run on
     ``device`` (default: where the query is).
     """
+    _check_finite(query, "query")
+    _check_finite(keys, "keys")
     q_all, k_all = _flat(query, "query"), _flat(keys, "keys")
     if q_all.shape[1] != k_all.shape[1]:
         raise ValueError(f"query rows have {q_all.shape[1]} values, keys rows {k_all.shape[1]}")
@@ -386,6 +413,7 @@ def memorized_by_nn_ratio(
     device: str | torch.device | None = None,
 ) -> float:  # fmt: skip
     """Fraction of generated samples with ``nn_ratio < threshold`` (memorized; the CPU pilot's GL criterion)."""
+    _check_threshold(threshold)
     r = nn_ratio(generated, train, chunk_size, device)
     if len(r) == 0:
         raise ValueError("generated is empty")

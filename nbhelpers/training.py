@@ -30,13 +30,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nbhelpers.atomic import atomic_path, atomic_write_text
+from nbhelpers.atomic import atomic_path, atomic_write_text, remove_stale_tmp
 from nbhelpers.augment import AugmentPipe, make_augment_pipe
 from nbhelpers.devices import default_device
 from nbhelpers.losses import LOSSES, DenoisingLoss, make_loss
@@ -62,6 +63,8 @@ __all__ = [
     "find_latest_state",
     "snapshot_path",
     "state_dump_path",
+    "data_fingerprint",
+    "RESUME_FREE_OPTIONS",
 ]
 
 STATE_FORMAT = "nbhelpers.training-state"
@@ -301,8 +304,11 @@ def _resolve_device(device: torch.device | str | None, distributed: bool) -> tor
 
 
 def snapshot_path(outdir: str | os.PathLike, nimg: int) -> Path:
-    """Path of the EMA snapshot taken after ``nimg`` training images."""
-    return Path(outdir) / f"network-snapshot-{nimg // 1000:06d}.nbh"
+    """Path of the EMA snapshot taken after ``nimg`` training images: named by the exact image count
+    (10 digits, sortable), so snapshots of distinct steps never share a name."""
+    if int(nimg) < 0:
+        raise ValueError(f"nimg must be non-negative, got {nimg}")
+    return Path(outdir) / f"network-snapshot-{int(nimg):010d}.nbh"
 
 
 def state_dump_path(outdir: str | os.PathLike, step: int) -> Path:
@@ -324,19 +330,70 @@ def find_latest_state(outdir: str | os.PathLike) -> Path | None:
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a state dump with ``torch.load(weights_only=True)``: tensors and plain containers only."""
+    """Read a state dump with :func:`safeload.read_torch_file`: tensors and plain containers only."""
+    from nbhelpers import safeload
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training state {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"training state {path} cannot be read: {e}") from e
+        state = safeload.read_torch_file(path)
+    except safeload.PickleError as e:
+        raise ValueError(f"training state {e}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not an nbhelpers training state (format tag missing)")
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: unsupported training-state version {state.get('version')}")
+    kinds = dict(step=int, window_steps=int, net=dict, ema=dict, optimizer=dict, config=dict, history=list,
+                 window_loss=torch.Tensor)  # fmt: skip
+    bad = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind)]
+    if bad:
+        raise ValueError(f"{path}: training state is missing or has malformed entries {bad}")
     return state
+
+
+# Options that may differ on resume without changing what the run computes up to where it stopped.
+RESUME_FREE_OPTIONS = frozenset({
+    "duration_kimg", "total_steps", "snapshot_kimg", "snapshot_steps", "state_dump_kimg",
+    "state_dump_steps", "log_every", "compile", "num_threads", "batch_gpu",
+})  # fmt: skip
+
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> str:
+    """SHA-256 of the training data (images and labels as stored), to tell data sets apart on resume."""
+    h = hashlib.sha256()
+    for t in (images, labels):
+        if t is not None:
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_resume(
+    path: Path, state: dict, config: TrainConfig, fingerprint: str, data_shape: list, allow_changed
+) -> None:
+    """Refuse a resume whose data or result-changing options differ from the saved run's, unless
+    each difference is named in ``allow_changed``."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(allow_changed) - fields - {"data"})
+    if unknown:
+        raise ValueError(f"allow_changed: unknown option(s) {unknown}; expected 'data' or TrainConfig fields")
+    saved, now = state.get("config") or {}, config.to_dict()
+    changed = {
+        k: (saved.get(k), now.get(k))
+        for k in sorted(fields - RESUME_FREE_OPTIONS)
+        if saved.get(k) != now.get(k)
+    }
+    saved_shape = list(state.get("data_shape") or [])
+    if state.get("data_sha256", fingerprint) != fingerprint or saved_shape != list(data_shape):
+        changed["data"] = (f"data of shape {saved_shape}", f"other data of shape {list(data_shape)}")
+    refused = {k: v for k, v in changed.items() if k not in allow_changed}
+    if refused:
+        what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ValueError(
+            f"{path}: this run differs from the saved one ({what}); resume only the same run, or allow "
+            f"the change explicitly (allow_changed={sorted(refused)}; CLI: --allow-changed {','.join(refused)})"
+        )
 
 
 def _save_snapshot(ema: torch.nn.Module, path: Path) -> bool:
@@ -386,6 +443,10 @@ def _prepare_data(
     if labels.shape[0] != images.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {images.shape[0]} images")
     if labels.ndim == 1 and not labels.is_floating_point():
+        if labels.numel() and int(labels.min()) < 0:
+            raise ValueError(f"class labels must be non-negative, got {int(labels.min())}")
+        if label_dim is not None and labels.numel() and int(labels.max()) >= label_dim:
+            raise ValueError(f"class label {int(labels.max())} is out of range for label_dim={label_dim}")
         dim = label_dim if label_dim is not None else int(labels.max()) + 1
         labels = F.one_hot(labels.long(), dim)
     elif labels.ndim != 2:
@@ -431,6 +492,7 @@ def train(
     resume: str | os.PathLike | None = None,
     progress: bool = True,
     net: torch.nn.Module | None = None,
+    allow_changed: Sequence[str] = (),
 ) -> TrainResult:
     """Train a denoiser on in-memory ``data``; returns the network, its EMA and the log.
 
@@ -440,6 +502,8 @@ def train(
     resume:  a state-dump path, 'latest' (newest dump in outdir, which must exist) or 'auto'
              (newest dump if any, else a fresh start).
     net:     a prebuilt trainable denoiser (e.g. molrg.LowRankDenoiser); default make_network(config).
+    allow_changed: on resume, the data ('data') and every option outside ``RESUME_FREE_OPTIONS``
+             must equal the saved run's; names listed here may differ (a deliberate change).
     Under torchrun the process group is joined (``init_distributed``) and each rank trains on its
     slice of every global batch. Raises TrainingDivergedError on a non-finite loss.
     """
@@ -494,18 +558,15 @@ def train(
         if found is None and resume == "latest":
             raise FileNotFoundError(f"no training-state-*.pt in {outdir} to resume from")
         resume = found
+    fingerprint = data_fingerprint(images, labels) if (outdir is not None or resume is not None) else None
     if resume is not None:
         state = load_training_state(resume)
-        for key in ("seed", "batch_size"):
-            if state["config"][key] != getattr(config, key):
-                raise ValueError(
-                    f"{resume}: saved {key}={state['config'][key]} differs from this run's {getattr(config, key)}"
-                )
+        _check_resume(Path(resume), state, config, fingerprint, list(images.shape), allow_changed)
         try:
             net.load_state_dict(state["net"])
             ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{resume}: state does not fit this network/optimizer: {e}") from e
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -529,6 +590,7 @@ def train(
     stats_file = None
     if outdir is not None and is_main:
         outdir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(outdir)
         atomic_write_text(outdir / "training_options.json", json.dumps(config.to_dict(), indent=2) + "\n")
         atomic_write_text(outdir / "stats.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         stats_file = open(outdir / "stats.jsonl", "a")
@@ -577,7 +639,8 @@ def train(
         path = state_dump_path(outdir, at_step)
         state = dict(
             format=STATE_FORMAT, version=STATE_VERSION, step=at_step, nimg=nimg_at(at_step),
-            world_size=world_size, data_shape=list(images.shape), config=config.to_dict(),
+            world_size=world_size, data_shape=list(images.shape), data_sha256=fingerprint,
+            config=config.to_dict(),
             net={k: v.detach().cpu() for k, v in net.state_dict().items()},
             ema={k: v.detach().cpu() for k, v in ema.state_dict().items()},
             optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,

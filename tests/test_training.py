@@ -377,7 +377,8 @@ def test_exact_resume_and_outdir(tmp_path):
     out = tmp_path / "full"
     names = sorted(p.name for p in out.iterdir())
     assert names == [
-        "network-snapshot-000000.nbh", "stats.jsonl", "training-state-000000003.pt",
+        "network-snapshot-0000000032.nbh", "network-snapshot-0000000056.nbh", "stats.jsonl",
+        "training-state-000000003.pt",
         "training-state-000000006.pt", "training-state-000000007.pt", "training_options.json",
     ]  # fmt: skip
     opts = TrainConfig.from_dict(json.loads((out / "training_options.json").read_text()))
@@ -393,7 +394,7 @@ def test_exact_resume_and_outdir(tmp_path):
 
     from nbhelpers.checkpoints import load_network
 
-    snap = load_network(out / "network-snapshot-000000.nbh", device="cpu")
+    snap = load_network(out / "network-snapshot-0000000056.nbh", device="cpu")
     assert_same(snap, full.ema)
     with pytest.raises(FileNotFoundError):
         run(base_config(**kw), data, outdir=tmp_path / "empty", resume="latest")
