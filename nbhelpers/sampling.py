@@ -276,8 +276,13 @@ def generate(
     subdirs: bool = False,             # PNGs in {seed - seed % 1000:06d}/ subfolders.
     output: str = "uint8",             # "uint8": EDM-quantised images; "float": float64 samples.
     progress: bool = False,
+    sampler: Callable[..., torch.Tensor] | None = None,  # instead of edm_sampler: sampler(net, x_T, labels, noise=noise)
 ) -> torch.Tensor:  # fmt: skip
-    """Sample one image per seed in batches; returns a CPU tensor (N, C, H, W), uint8 or float64."""
+    """Sample one image per seed in batches; returns a CPU tensor (N, C, H, W), uint8 or float64.
+
+    ``sampler`` (e.g. a ``functools.partial`` of ``schedules.ablation_sampler``) replaces the EDM
+    sampler and its arguments above (``num_steps`` ... ``sigmas``).
+    """
     if output not in ("uint8", "float"):
         raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
     if batch_size < 1:
@@ -300,11 +305,14 @@ def generate(
         if latents is not None:
             x_T = latents[idx].to(device=device, dtype=torch.float32)
         labels = _labels_for(net, class_labels, idx, noise, device)
-        x = edm_sampler(
-            net, x_T, labels, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-            order=order, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, noise=noise,
-            sigmas=sigmas,
-        )  # fmt: skip
+        if sampler is not None:
+            x = sampler(net, x_T, labels, noise=noise)
+        else:
+            x = edm_sampler(
+                net, x_T, labels, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                order=order, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, noise=noise,
+                sigmas=sigmas,
+            )  # fmt: skip
         result[idx] = (to_uint8(x) if output == "uint8" else x).cpu()
     if out is not None:
         save_images(result if output == "uint8" else to_uint8(result), seeds, out, subdirs=subdirs)
