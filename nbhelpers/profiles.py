@@ -98,22 +98,25 @@ def load_profile(notebook: str, profile: str) -> dict[str, Any]:
         raise ValueError(f"{path}: invalid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of parameter names to values")
-    if profile == "smoke":
-        from .smoke import asset_dir
-
-        data = _expand(data, SMOKE_PLACEHOLDER, str(asset_dir()))
-    return data
+    return expand_smoke_assets(data) if profile == "smoke" else data
 
 
-def _expand(value: Any, placeholder: str, replacement: str) -> Any:
-    """``value`` with ``placeholder`` replaced in every string, inside lists and dicts too."""
-    if isinstance(value, str):
-        return value.replace(placeholder, replacement)
-    if isinstance(value, list):
-        return [_expand(v, placeholder, replacement) for v in value]
-    if isinstance(value, dict):
-        return {k: _expand(v, placeholder, replacement) for k, v in value.items()}
-    return value
+def expand_smoke_assets(value: Any) -> Any:
+    """``value`` with ``{smoke_assets}`` replaced by the smoke asset folder in every string (lists, dicts too)."""
+    from .smoke import asset_dir
+
+    folder = str(asset_dir())
+
+    def expand(v: Any) -> Any:
+        if isinstance(v, str):
+            return v.replace(SMOKE_PLACEHOLDER, folder)
+        if isinstance(v, list):
+            return [expand(x) for x in v]
+        if isinstance(v, dict):
+            return {k: expand(x) for k, x in v.items()}
+        return v
+
+    return expand(value)
 
 
 class Params(dict):
