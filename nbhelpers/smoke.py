@@ -8,7 +8,7 @@ deterministically and without downloading anything:
 - ``teacher-edm-ddpmpp-8x8.pkl``: a small DDPM++ (EDM preconditioning, augmentation, dropout 0.13)
   trained for a few seconds on colour blobs, written as NVlabs' ``torch_utils.persistence`` pickles a
   snapshot (``nbhelpers.edm_pickle``);
-- ``vp-ddpmpp-8x8.pkl``: a second snapshot, DDPM++ with VP preconditioning, random weights;
+- ``vp-ddpmpp-8x8.pkl``: a second, smaller snapshot, DDPM++ with VP preconditioning, random weights;
 - ``sscd-tiny.torchscript.pt``: a TorchScript model with SSCD's interface (normalised RGB images in,
   unit-norm descriptors out);
 - ``teacher-images-8x8.zip``: an EDM data set of the teacher's samples for seeds 0..63;
@@ -47,7 +47,7 @@ __all__ = [
     "verify_assets",
 ]
 
-ASSETS_VERSION = 1
+ASSETS_VERSION = 2
 ENV_VAR = "NBHELPERS_SMOKE_ASSETS"
 RESOLUTION = 8
 TEACHER_IMAGES = 64
@@ -62,6 +62,7 @@ FILES = {
 }
 MANIFEST = "manifest.json"
 _NETWORK = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.13)
+_SMALL_NETWORK = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.13)
 _TEACHER_STEPS = 60
 _EDM_AUGMENT = dict(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 
@@ -117,11 +118,11 @@ def _teacher_net() -> torch.nn.Module:
 
 
 def _random_net(arch: str, precond: str, seed: int) -> torch.nn.Module:
-    """A network of this project with random weights moved away from the init (outputs not ~0)."""
+    """A small network of this project with random weights moved away from the init (outputs not ~0)."""
     from .networks import make_network
 
     g = torch.Generator().manual_seed(seed)
-    net = make_network(arch, precond, RESOLUTION, 3, augment_dim=9, generator=g, **_NETWORK)
+    net = make_network(arch, precond, RESOLUTION, 3, augment_dim=9, generator=g, **_SMALL_NETWORK)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
@@ -139,13 +140,22 @@ def _write_snapshot(path: Path, net: torch.nn.Module) -> None:
 
 def make_assets(folder: str | os.PathLike) -> dict[str, str]:
     """Write every asset into ``folder`` (replacing what is there) and its manifest; returns the manifest."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: one thread is as fast, and immune to a busy machine
+    try:
+        return _make_assets(folder)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _make_assets(folder: Path) -> dict[str, str]:
     from .atomic import atomic_path
     from .data import synthetic_dataset
     from .sampling import generate
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MANIFEST).unlink(missing_ok=True)
     teacher = _teacher_net()
     _write_snapshot(folder / FILES["teacher"], teacher)
     _write_snapshot(folder / FILES["checkpoint_vp"], _random_net("ddpmpp", "vp", seed=2))

@@ -166,6 +166,7 @@ def test_training_options_are_accepted_with_their_meaning(tmp_path, capsys):
     assert code == 0, err
     assert '"loss_scaling": 4.0' in out and '"optimizer": "adam"' in out
     code, out, err = run(capsys, "train-molrg", "--outdir", tmp_path / "m", "--path", tmp_path / "d", "--dry-run",
+                         "--img_res", "4", "--class_num", "2", "--per_class_dim", "2", "--sample_per_class", "8",
                          "--optimizer", "sgd", "--ls", "2", "--workers", "2", "--bench", "1")  # fmt: skip
     assert code == 0 and '"optimizer": "sgd"' in out and '"loss_scaling": 2.0' in out
 

@@ -25,8 +25,10 @@ SCORE = re.compile(r"^(GL|pairwise RP|RP vs optimal|RP among|MAE score|rank rati
 
 @pytest.fixture
 def assets(monkeypatch):
-    """The smoke assets, and one thread per kernel (two notebooks share the 2 CI cores under -n 2)."""
+    """The smoke assets, one thread per kernel (two notebooks share the 2 CI cores under -n 2), and
+    the kernel's own inline backend, so that figures are drawn into the notebook (CI sets Agg)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     return smoke.ensure_assets()
 
 
