@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 EXIT_USAGE = 2
+DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")  # = schedules.DISCRETIZATIONS (the CLI imports lazily)
+SCHEDULES = ("vp", "ve", "linear")
+SCALINGS = ("vp", "none")
 
 
 class CLIError(Exception):
@@ -56,11 +59,32 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (0/1/true/false), got {s!r}")
 
 
-def _resolution(s: str) -> int:
+def _resolution(s: str) -> tuple[int, int]:
+    """``R`` or ``WxH`` as (width, height)."""
     m = re.fullmatch(r"(\d+)(?:x(\d+))?", s)
-    if not m or (m.group(2) and m.group(1) != m.group(2)):
-        raise argparse.ArgumentTypeError(f"expected a square resolution like 32 or 32x32, got {s!r}")
-    return int(m.group(1))
+    if not m or int(m.group(1)) < 1 or (m.group(2) and int(m.group(2)) < 1):
+        raise argparse.ArgumentTypeError(f"expected a resolution like 32 or 32x32, got {s!r}")
+    return int(m.group(1)), int(m.group(2) or m.group(1))
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
+    return v
 
 
 def _float_list(s: str) -> list[float]:
@@ -122,24 +146,22 @@ def _add_generate(sub) -> None:
     p.add_argument("--subdirs", action="store_true", help="one subfolder per 1000 seeds")
     p.add_argument("--class", dest="class_idx", type=int, metavar="INT", help="class label (default: random)")
     p.add_argument("--batch", type=int, default=64, metavar="INT", help="maximum batch size (default 64)")
-    p.add_argument(
-        "--steps", type=int, default=18, metavar="INT", help="number of sampling steps (default 18)"
-    )
-    p.add_argument(
-        "--sigma_min", type=float, default=0.002, metavar="FLOAT", help="lowest noise level (default 0.002)"
-    )
-    p.add_argument(
-        "--sigma_max", type=float, default=80.0, metavar="FLOAT", help="highest noise level (default 80)"
-    )
-    p.add_argument("--rho", type=float, default=7.0, metavar="FLOAT", help="time step exponent (default 7)")
-    p.add_argument(
-        "--S_churn", type=float, default=0.0, metavar="FLOAT", help="stochasticity strength (default 0)"
-    )
-    p.add_argument("--S_min", type=float, default=0.0, metavar="FLOAT", help="stoch. min noise level")
-    p.add_argument("--S_max", type=float, default=math.inf, metavar="FLOAT", help="stoch. max noise level")
-    p.add_argument("--S_noise", type=float, default=1.0, metavar="FLOAT", help="stoch. noise inflation")
+    _add_sampler_options(p, ablation=True)
     p.add_argument(
         "--solver", choices=["euler", "heun"], help="ODE solver (default heun; euler with --optimal_denoiser)"
+    )
+    p.add_argument(
+        "--disc",
+        choices=list(DISCRETIZATIONS),
+        help="ablate the time step discretisation (EDM's ablation sampler)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=list(SCHEDULES),
+        help="ablate the noise schedule sigma(t) (default linear with --disc)",
+    )
+    p.add_argument(
+        "--scaling", choices=list(SCALINGS), help="ablate the signal scaling s(t) (default none with --disc)"
     )
     p.add_argument(
         "--optimal_denoiser", action="store_true", help="sample the empirical optimal denoiser of --dataset"
@@ -185,6 +207,52 @@ def _check_image_output(out: str) -> None:
         check_writable(path.parent / f".{path.name}.partial", folder=True)
     else:
         check_writable(path, folder=True)
+
+
+def _add_sampler_options(p: argparse.ArgumentParser, ablation: bool, steps_help: str | None = None) -> None:
+    """EDM's sampler options (generate.py and jacobian.py share them); sigma defaults 0.002 and 80."""
+    p.add_argument(
+        "--steps", type=_positive_int, default=None if steps_help else 18, metavar="INT",
+        help=steps_help or "number of sampling steps (default 18)",
+    )  # fmt: skip
+    lo = "; with --disc: vp 0.0105, ve 0.02, iddpm and edm 0.002" if ablation else ""
+    hi = "; with --disc: vp 152, ve 100, iddpm 81, edm 80" if ablation else ""
+    p.add_argument(
+        "--sigma_min", type=_positive_float, metavar="FLOAT", help=f"lowest noise level (default 0.002{lo})"
+    )
+    p.add_argument(
+        "--sigma_max", type=_positive_float, metavar="FLOAT", help=f"highest noise level (default 80{hi})"
+    )
+    p.add_argument(
+        "--rho", type=_positive_float, default=7.0, metavar="FLOAT", help="time step exponent (default 7)"
+    )
+    p.add_argument(
+        "--S_churn", type=float, default=0.0, metavar="FLOAT", help="stochasticity strength (default 0)"
+    )
+    p.add_argument(
+        "--S_min", type=float, default=0.0, metavar="FLOAT", help="stoch. min noise level (default 0)"
+    )
+    p.add_argument(
+        "--S_max", type=float, default=math.inf, metavar="FLOAT", help="stoch. max noise level (default inf)"
+    )
+    p.add_argument(
+        "--S_noise", type=float, default=1.0, metavar="FLOAT", help="stoch. noise inflation (default 1)"
+    )
+
+
+def _ablation(a: argparse.Namespace, solver: str):
+    """EDM's ablation sampler for --disc/--schedule/--scaling (None when none is given), as generate.py picks it."""
+    if a.disc is None and a.schedule is None and a.scaling is None:
+        return None
+    import functools
+
+    from .schedules import ablation_sampler
+
+    return functools.partial(
+        ablation_sampler, num_steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho,
+        solver=solver, discretization=a.disc or "edm", schedule_name=a.schedule or "linear",
+        scaling=a.scaling or "none", S_churn=a.S_churn, S_min=a.S_min, S_max=a.S_max, S_noise=a.S_noise,
+    )  # fmt: skip
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -245,10 +313,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
         device=device,
         class_labels=a.class_idx,
         num_steps=a.steps,
-        sigma_min=a.sigma_min,
-        sigma_max=a.sigma_max,
+        sigma_min=0.002 if a.sigma_min is None else a.sigma_min,
+        sigma_max=80.0 if a.sigma_max is None else a.sigma_max,
         rho=a.rho,
         order=order,
+        sampler=_ablation(a, "heun" if order == 2 else "euler"),
         S_churn=a.S_churn,
         S_min=a.S_min,
         S_max=a.S_max,
@@ -281,7 +350,14 @@ def _add_dataset(sub) -> None:
     )
     p.add_argument("--dest", required=True, metavar="PATH", help="output folder or .zip")
     p.add_argument("--max-images", dest="max_images", type=int, metavar="INT", help="keep the first N images")
-    p.add_argument("--resolution", type=_resolution, metavar="R|RxR", help="downscale square images to R x R")
+    p.add_argument(
+        "--transform", choices=["center-crop", "center-crop-wide"],
+        help="crop mode, with --resolution WxH (EDM's): the centred square, or a wide band letterboxed on a square",
+    )  # fmt: skip
+    p.add_argument(
+        "--resolution", type=_resolution, metavar="R|WxH",
+        help="output size: square images area-resized to R x R; with --transform, the crop's W x H",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
     p.set_defaults(func=cmd_dataset)
 
@@ -293,13 +369,24 @@ def cmd_dataset(a: argparse.Namespace) -> int:
     dest = Path(a.dest)
     if dest.exists() and not a.overwrite:
         raise CLIError(f"{dest}: already exists (use --overwrite)")
+    if a.transform and a.resolution is None:
+        raise CLIError(f"--transform {a.transform} needs --resolution WxH")
+    if a.resolution is not None and not a.transform and a.resolution[0] != a.resolution[1]:
+        raise CLIError(
+            f"--resolution {a.resolution[0]}x{a.resolution[1]}: not square (only --transform makes it so)"
+        )
+    if a.transform == "center-crop" and a.resolution[0] != a.resolution[1]:
+        raise CLIError("--transform center-crop gives W x H images; the data set needs them square (W = H)")
+    if a.transform == "center-crop-wide" and a.resolution[1] > a.resolution[0]:
+        raise CLIError("--transform center-crop-wide needs H <= W (a band pasted into a W x W square)")
     if dest.suffix.lower() == ".zip":
         check_writable(dest)
     else:  # written beside, then renamed
         check_writable(dest.parent, folder=True)
     out = convert_dataset(
-        a.source, a.dest, max_images=a.max_images, resolution=a.resolution, overwrite=a.overwrite
-    )
+        a.source, a.dest, max_images=a.max_images, resolution=a.resolution, overwrite=a.overwrite,
+        transform=a.transform,
+    )  # fmt: skip
     print(f"Wrote {out}")
     return 0
 
@@ -368,6 +455,23 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
         "--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (overrides --fp16)"
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g.add_argument(
+        "--ls", type=_positive_float, default=1.0, metavar="FLOAT",
+        help="loss scaling: the loss is multiplied by this before backward (default 1; Adam is nearly invariant to it)",
+    )  # fmt: skip
+    g.add_argument(
+        "--bench", type=_bool, default=True, metavar="BOOL",
+        help="cuDNN benchmarking (default 1; only affects CUDA convolutions)",
+    )  # fmt: skip
+    if defaults.get("cache"):
+        g.add_argument(
+            "--cache", type=_bool, default=True, metavar="BOOL",
+            help="accepted for EDM's train.py; the data set is always held in memory (on the device), so 0 changes nothing",
+        )  # fmt: skip
+    g.add_argument(
+        "--workers", type=_positive_int, default=1, metavar="INT",
+        help="accepted for EDM's scripts; batches are indexed from the in-memory data set, so no DataLoader workers run",
+    )  # fmt: skip
     g.add_argument("--device", help="cuda, cpu ... (default: cuda if available; LOCAL_RANK under torchrun)")
     g = p.add_argument_group("I/O")
     g.add_argument("--desc", metavar="STR", help="string to include in the result folder name")
@@ -387,9 +491,10 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
     g.add_argument("--transfer", metavar="PKL|URL", help="initialise from a network snapshot (fine-tuning)")
     g.add_argument(
         "--resume",
-        metavar="PT|DIR|latest",
-        help="resume from a training-state file or run folder (continues there), or 'latest': the newest "
-        "run of the same description; data and options must match the saved run",
+        metavar="PT|DIR|latest|BOOL",
+        help="resume from a training-state file or run folder (continues there), or 'latest' (also 1/true, "
+        "as trainMoLRG.py's boolean): the newest run of the same description; data and options must match "
+        "the saved run",
     )
     g.add_argument(
         "--allow-changed",
@@ -399,6 +504,17 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
         metavar="LIST",
         help="on resume, options allowed to differ from the saved run, e.g. lr or data (a deliberate change)",
     )
+    if defaults.get("molrg"):
+        g.add_argument(
+            "--resumedir", metavar="DIR",
+            help="run folder to continue in: resume from its newest training-state file, or start there if it has none",
+        )  # fmt: skip
+        g.add_argument(
+            "--optimizer",
+            choices=["adam", "sgd"],
+            default="adam",
+            help="optimizer (default adam; sgd is plain SGD)",
+        )
     g.add_argument("-n", "--dry-run", dest="dry_run", action="store_true", help="print the options and exit")
 
 
@@ -432,6 +548,8 @@ def _train_config(a: argparse.Namespace, arch: str, network: dict[str, Any]):
         log_every=max(1, round(a.tick * 1000 / a.batch)),
         precision=precision,
         compile=a.compile,
+        optimizer=getattr(a, "optimizer", "adam"),
+        loss_scaling=a.ls,
     )
 
 
@@ -477,6 +595,13 @@ _ALLOW_CHANGED = {
 }  # fmt: skip
 
 
+def _resume_option(value: str | None) -> str | None:
+    """--resume: a state file, 'latest', or a boolean (trainMoLRG.py's): true means 'latest'."""
+    if value is None or value.lower() in ("0", "false", "no", "off", ""):
+        return None
+    return "latest" if value.lower() in ("latest", "1", "true", "yes", "on") else value
+
+
 def _train_common(a: argparse.Namespace, config, data, desc: str, net=None, extra: dict | None = None) -> int:
     from .training import train
 
@@ -484,7 +609,14 @@ def _train_common(a: argparse.Namespace, config, data, desc: str, net=None, extr
     desc = f"{desc}-gpus{world}-batch{config.batch_size}-{config.precision}" + (
         f"-{a.desc}" if a.desc else ""
     )
-    run_dir = _run_dir(a.outdir, desc, a.nosubdir, a.resume)
+    resume = _resume_option(a.resume)
+    resumedir = getattr(a, "resumedir", None)
+    if a.transfer and (resume or resumedir):
+        raise CLIError("--transfer and --resume/--resumedir cannot be given together")
+    if resumedir:
+        run_dir, resume = Path(resumedir), "auto"  # its newest state dump, or a fresh start there
+    else:
+        run_dir = _run_dir(a.outdir, desc, a.nosubdir, resume)
     options = {"config": config.to_dict(), "run_dir": str(run_dir), "world_size": world, **(extra or {})}
     _print0("Training options:\n" + json.dumps(options, indent=2))
     if a.dry_run:
@@ -493,9 +625,11 @@ def _train_common(a: argparse.Namespace, config, data, desc: str, net=None, extr
     if a.transfer:
         net = _load_net(a.transfer, "cpu")
         net.train().requires_grad_(True)
-    resume = None
-    if a.resume:
-        resume = "latest" if a.resume == "latest" or Path(a.resume).is_dir() else a.resume
+    if resume not in (None, "latest", "auto"):  # a run folder continues from its newest state dump
+        resume = "latest" if Path(resume).is_dir() else resume
+    import torch
+
+    torch.backends.cudnn.benchmark = bool(a.bench)
     device = None if a.device is None else _device(a.device)
     allow = sorted({_ALLOW_CHANGED.get(n, n) for n in a.allow_changed})
     result = train(config, data, outdir=run_dir, device=device, resume=resume, progress=_rank0(), net=net,
@@ -526,7 +660,9 @@ def _add_train(sub) -> None:
         metavar="LIST",
         help="attention resolutions",
     )
-    _add_training_options(p, {"precond": "vp", "duration": 200.0, "batch": 512, "augment": 0.12, "snap": 50})
+    _add_training_options(
+        p, {"precond": "vp", "duration": 200.0, "batch": 512, "augment": 0.12, "snap": 50, "cache": True}
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -586,7 +722,9 @@ def _add_train_molrg(sub) -> None:
     p.add_argument(
         "--embed_channels", type=int, default=1024, metavar="INT", help="model_channels of the network"
     )
-    _add_training_options(p, {"precond": "edm", "duration": 6.0, "batch": 512, "augment": 0.0, "snap": 10})
+    _add_training_options(
+        p, {"precond": "edm", "duration": 6.0, "batch": 512, "augment": 0.0, "snap": 10, "molrg": True}
+    )
     p.set_defaults(func=cmd_train_molrg)
 
 
@@ -651,21 +789,32 @@ def _add_jacobian(sub) -> None:
         sub,
         "jacobian",
         "Rank of the denoiser's Jacobian vs SNR (the authors' jacobian.py).",
-        "nbhelpers jacobian --network_pkl https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl",
+        "nbhelpers jacobian --network_pkl https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl --steps 18",
+        "Rank of the denoiser's Jacobian vs SNR (the authors' jacobian.py). Along a sampling trajectory\n"
+        "(--trajectory, or --steps as the authors' script): the Jacobian where each step starts. Otherwise\n"
+        "on a sigma grid (--sigmas) around clean points that the sampler (same options) generates.",
     )
     p.add_argument("--network_pkl", required=True, metavar="PKL|URL", help="network snapshot")
+    p.add_argument(
+        "--class", dest="class_idx", type=int, metavar="INT", help="class label (default: random per seed)"
+    )
     p.add_argument(
         "--seeds",
         type=_int_list,
         default=_int_list("0-4"),
         metavar="LIST",
-        help="starting noise seeds (default 0-4)",
+        help="starting noise seeds (default 0-4; the authors' script draws one unseeded latent)",
+    )
+    _add_sampler_options(
+        p,
+        ablation=False,
+        steps_help="sampling steps of the trajectory (default 18); giving it selects --trajectory",
     )
     p.add_argument(
         "--sigmas", type=_float_list, metavar="LIST", help="noise levels; default: the authors' SNR grid"
     )
     p.add_argument(
-        "--trajectory", action="store_true", help="evaluate along 18-step sampling trajectories instead"
+        "--trajectory", action="store_true", help="evaluate along sampling trajectories (--steps steps)"
     )
     p.add_argument("--ratio", type=float, default=0.99, metavar="FLOAT", help="rank threshold (default 0.99)")
     p.add_argument(
@@ -711,6 +860,26 @@ def _previous_jacobian_rows(out: str, record: dict) -> dict[int, Any]:
     return {int(seed): rows for seed, rows in table.groupby("seed", sort=False)}
 
 
+def _class_labels(net, seeds: list[int], class_idx: int | None, shape: list[int], device):
+    """One-hot labels per seed as ``generate`` picks them (the seed's draw after its latent), or None."""
+    import torch
+
+    from .sampling import SeedNoise
+
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    if class_idx is not None and not 0 <= class_idx < label_dim:
+        raise CLIError(f"--class {class_idx}: the network has {label_dim} classes")
+    if not label_dim:
+        return None
+    if class_idx is None:
+        noise = SeedNoise(seeds, device=device)
+        noise.randn(shape)
+        idx = noise.randint(label_dim)
+    else:
+        idx = torch.full((len(seeds),), class_idx, device=device)
+    return torch.eye(label_dim, device=device)[idx]
+
+
 def cmd_jacobian(a: argparse.Namespace) -> int:
     import pandas as pd
     import torch
@@ -727,27 +896,39 @@ def cmd_jacobian(a: argparse.Namespace) -> int:
     network = resolve(a.network_pkl)
     net = _load_net(str(network), device)
     shape = [int(net.img_channels), int(net.img_resolution), int(net.img_resolution)]
-    record = dict(network_sha256=_sha256(network), trajectory=a.trajectory, sigmas=a.sigmas, ratio=a.ratio,
-                  rule=a.rule)  # fmt: skip
+    trajectory = a.trajectory or a.steps is not None
+    if trajectory and a.sigmas is not None:
+        raise CLIError(
+            "--sigmas is for the sigma grid; a trajectory (--trajectory, --steps) sets its own levels"
+        )
+    sampler = dict(
+        num_steps=a.steps or 18, sigma_min=0.002 if a.sigma_min is None else a.sigma_min,
+        sigma_max=80.0 if a.sigma_max is None else a.sigma_max, rho=a.rho, S_churn=a.S_churn, S_min=a.S_min,
+        S_max=a.S_max, S_noise=a.S_noise,
+    )  # fmt: skip
+    record = dict(network_sha256=_sha256(network), trajectory=trajectory, sigmas=a.sigmas, ratio=a.ratio,
+                  rule=a.rule, sampler=sampler, class_idx=a.class_idx)  # fmt: skip
     done = _previous_jacobian_rows(a.out, record) if a.out and not a.overwrite else {}
     if done:
         _print0(f"{a.out}: keeping the rows of {len(set(done) & set(a.seeds))} seeds from an earlier run")
     elif a.out:
         atomic_write_text(_jacobian_record_path(a.out), json.dumps(record, sort_keys=True))
-    kwargs = dict(ratio=a.ratio, rule=a.rule, chunk_size=a.chunk, device=device, batch_size=1)
+    common = dict(ratio=a.ratio, rule=a.rule, chunk_size=a.chunk, device=device, batch_size=1)
     frames = []
     for point, seed in enumerate(a.seeds):  # one seed at a time, each written as soon as it is done
         if seed in done:
             frames.append(done[seed].assign(point=point))
             continue
-        if a.trajectory:
-            table = rank_profile(net, seeds=[seed], trajectory=True, **kwargs)
+        labels = _class_labels(net, [seed], a.class_idx, shape, device)
+        if trajectory:
+            table = rank_profile(net, seeds=[seed], trajectory=True, class_labels=labels, **sampler, **common)
         else:
             # Clean points: the network's own samples for the seeds (as the authors start from generated images).
-            latents = SeedNoise([seed], device=device).randn(shape)
+            noise = SeedNoise([seed], device=device)
+            latents = noise.randn(shape)
             with torch.no_grad():
-                clean = edm_sampler(net, latents).to(torch.float32)
-            table = rank_profile(net, clean=clean, sigmas=a.sigmas, seeds=[seed], **kwargs)
+                clean = edm_sampler(net, latents, labels, noise=noise, **sampler).to(torch.float32)
+            table = rank_profile(net, clean=clean, sigmas=a.sigmas, seeds=[seed], class_labels=labels, **common)
         frames.append(table.assign(point=point))
         if a.out:
             _write_table(a.out, pd.concat(frames, ignore_index=True))

@@ -589,24 +589,107 @@ def _is_idx_folder(path: Path) -> bool:
     return path.is_dir() and any((path / f"train-images-idx3-ubyte{ext}").exists() for ext in ("", ".gz"))
 
 
+TRANSFORMS = ("center-crop", "center-crop-wide")
+
+
+def transform_image(img: np.ndarray, transform: str, width: int, height: int) -> np.ndarray | None:
+    """EDM ``dataset_tool.py --transform`` of one uint8 image (C, H, W), grayscale made RGB, Lanczos resize.
+
+    ``center-crop``: the centred square of the shorter side, resized to ``width`` x ``height``.
+    ``center-crop-wide``: the centred band of aspect ``width``/``height``'s source rows, resized to
+    ``width`` x ``height`` and pasted into the middle of a black ``width`` x ``width`` canvas; None
+    (the image is skipped) when the source is narrower than ``width`` or the band lower than ``height``.
+    """
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    hwc = img.transpose(1, 2, 0)
+    if hwc.shape[2] == 1:
+        hwc = hwc.repeat(3, axis=2)
+    h, w = hwc.shape[:2]
+    if transform == "center-crop":
+        c = min(h, w)
+        hwc = hwc[(h - c) // 2 : (h + c) // 2, (w - c) // 2 : (w + c) // 2]
+    else:
+        band = int(np.round(width * h / w))
+        if w < width or band < height:
+            return None
+        hwc = hwc[(h - band) // 2 : (h + band) // 2]
+    out = np.asarray(PIL.Image.fromarray(np.ascontiguousarray(hwc[:, :, :3]), "RGB").resize(
+        (width, height), PIL.Image.Resampling.LANCZOS))  # fmt: skip
+    if transform == "center-crop-wide":
+        canvas = np.zeros((width, width, 3), dtype=np.uint8)
+        canvas[(width - height) // 2 : (width + height) // 2] = out
+        out = canvas
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def _transformed(
+    images: Iterable[np.ndarray],
+    labels: np.ndarray | None,
+    transform: str,
+    size: tuple[int, int],
+    where: Path,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Apply ``transform_image`` to each image (any sizes), dropping skipped images and their labels."""
+    kept, keep_idx = [], []
+    for i, img in enumerate(images):
+        out = transform_image(img, transform, *size)
+        if out is not None:
+            kept.append(out)
+            keep_idx.append(i)
+    if not kept:
+        raise ValueError(f"{where}: every image is smaller than {size[0]}x{size[1]} ({transform} skips them)")
+    if kept[0].shape[1] != kept[0].shape[2]:
+        raise ValueError(
+            f"{where}: images after {transform} are {kept[0].shape[2]}x{kept[0].shape[1]}, not square"
+        )
+    return np.stack(kept), None if labels is None else labels[keep_idx]
+
+
 def convert_dataset(
     source: str | os.PathLike,
     dest: str | os.PathLike,
     max_images: int | None = None,
-    resolution: int | None = None,
+    resolution: int | tuple[int, int] | None = None,
     batch_size: int = 1024,
     overwrite: bool = False,
+    transform: str | None = None,
 ) -> Path:
     """The authors' ``dataset_tool.py --source --dest --max-images``: copy the first N images to an EDM data set.
 
     ``source``: a folder or zip of images (labels kept), the CIFAR-10 python tarball (training
     split) or a folder of (Fashion-)MNIST IDX files (training split). ``resolution`` resizes
-    square images by area averaging (``resize_images``); non-square sources are refused.
+    square images by area averaging (``resize_images``); non-square sources are refused. With
+    ``transform`` (``TRANSFORMS``, needs ``resolution`` = (width, height)) each image is cropped and
+    resized as EDM's ``dataset_tool.py --transform`` does (:func:`transform_image`).
     """
     source = Path(source).expanduser()
     _check_max_images(max_images)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or directory")
+    if transform is not None:
+        if resolution is None:
+            raise ValueError(f"--transform {transform} needs --resolution WxH")
+        size = (resolution, resolution) if isinstance(resolution, int) else tuple(int(v) for v in resolution)
+        if _is_idx_folder(source) or (
+            source.is_file() and not zipfile.is_zipfile(source) and _is_cifar_tarball(source)
+        ):
+            loader = load_fashion_mnist if source.is_dir() else load_cifar10
+            images, labels = _transformed(
+                *loader(source, train=True, max_images=max_images), transform, size, source
+            )
+        else:
+            with _open_source(source) as src:  # decoded one at a time: the sources may differ in size
+                names, labels = src.names[:max_images], src.labels()
+                labels = None if labels is None else labels[: len(names)]
+                images, labels = _transformed((src.decode(n) for n in names), labels, transform, size, source)
+        return write_dataset(images, dest, labels=labels, overwrite=overwrite)
+    if isinstance(resolution, tuple):
+        if resolution[0] != resolution[1]:
+            raise ValueError(
+                f"resolution {resolution[0]}x{resolution[1]} is not square (only --transform makes that)"
+            )
+        resolution = resolution[0]
 
     def fit(batch: np.ndarray) -> np.ndarray:
         if resolution is None:

@@ -348,6 +348,10 @@ def rank_profile(
     sigma_max: float = 80.0,
     rho: float = 7.0,
     order: int = 2,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = math.inf,
+    S_noise: float = 1.0,
     class_labels: torch.Tensor | None = None,
     ratio: float = 0.99,
     rule: str | Sequence[str] = "authors",
@@ -365,8 +369,10 @@ def rank_profile(
 
     - ``trajectory=True``: ``points`` are standard-normal latents (B, C, H, W) (or made from
       ``seeds``); ``edm_sampler`` runs from them (``num_steps``, ``sigma_min``, ``sigma_max``, ``rho``,
-      ``order``) and the Jacobian is taken at each noisy point ``x_i`` where step i starts, with
-      ``sigma = t_i`` (the authors' procedure; see the module docstring). ``sigmas`` must be None.
+      ``order``, and the churn ``S_churn``, ``S_min``, ``S_max``, ``S_noise``, whose noise comes from
+      the seeds' generators as in ``sampling.generate``) and the Jacobian is taken at each noisy point
+      where step i starts, with its sigma (``t_i``, or the raised ``t_hat`` under churn): the authors'
+      procedure (see the module docstring). ``sigmas`` must be None.
     - sigma grid (default): for each sigma in ``sigmas`` (default ``1 / AUTHORS_SNR_GRID``), either
       at the given noisy ``points`` as they are, or, with ``clean=`` images x0 (B, C, H, W), at
       ``x0 + sigma * eps`` with one eps per point shared by all sigmas (from ``generator``, or from
@@ -395,7 +401,10 @@ def rank_profile(
         seeds = [int(s) for s in seeds]
     dev = torch.device(device) if device is not None else _module_device(net) or torch.device("cpu")
 
+    noise = None  # the seeds' generators, continued by the churn after the latents are drawn
+
     def from_seeds(shape: Sequence[int] | None, dtype: torch.dtype) -> torch.Tensor:
+        nonlocal noise
         from nbhelpers.sampling import SeedNoise
 
         if shape is None:
@@ -405,7 +414,8 @@ def rank_profile(
                 raise ValueError(
                     "latents from seeds need img_shape=(C, H, W) or a net with img_channels/img_resolution"
                 ) from None
-        return SeedNoise(seeds, device=dev).randn([int(d) for d in shape], dtype=dtype)
+        noise = SeedNoise(seeds, device=dev)
+        return noise.randn([int(d) for d in shape], dtype=dtype)
 
     evaluations: list[tuple[int, float, torch.Tensor]] = []  # (step, sigma, x)
     if trajectory:
@@ -419,7 +429,10 @@ def rank_profile(
         latents = points if points is not None else from_seeds(img_shape, torch.float32)
         from nbhelpers.sampling import edm_sampler
 
-        kwargs = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, order=order)
+        if S_churn > 0 and noise is None:
+            raise ValueError("S_churn > 0 needs seeds= (the churn noise comes from the seeds' generators)")
+        kwargs = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, order=order,
+                      S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, noise=noise)  # fmt: skip
         if class_labels is not None:
             kwargs["class_labels"] = class_labels
         with _eval_mode(net), torch.no_grad():

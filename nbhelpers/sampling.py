@@ -287,6 +287,7 @@ def generate(
     progress: bool = False,
     skip_existing: bool = False,       # with out: reuse images already written there (a resumed job).
     record: dict | None = None,        # with out: how the images are made, kept beside them and checked.
+    sampler: Callable[..., torch.Tensor] | None = None,  # instead of edm_sampler: sampler(net, x_T, labels, noise=noise)
 ) -> torch.Tensor:  # fmt: skip
     """Sample one image per seed in batches; returns a CPU tensor (N, C, H, W), uint8 or float64.
 
@@ -296,6 +297,8 @@ def generate(
     the seeds whose images are missing. ``record`` (JSON-serialisable: network, sampler options) is
     stored with the images; with ``skip_existing``, images stored under another record (or none)
     are an error rather than silently mixed in. Non-finite samples (NaN weights or noise) are an error.
+    ``sampler`` (e.g. a ``functools.partial`` of ``schedules.ablation_sampler``) replaces the EDM
+    sampler and its arguments above (``num_steps`` ... ``sigmas``).
     """
     if output not in ("uint8", "float"):
         raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
@@ -328,11 +331,14 @@ def generate(
         if latents is not None:
             x_T = latents[idx].to(device=device, dtype=torch.float32)
         labels = _labels_for(net, class_labels, idx, noise, device)
-        x = edm_sampler(
-            net, x_T, labels, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-            order=order, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, noise=noise,
-            sigmas=sigmas,
-        )  # fmt: skip
+        if sampler is not None:
+            x = sampler(net, x_T, labels, noise=noise)
+        else:
+            x = edm_sampler(
+                net, x_T, labels, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                order=order, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, noise=noise,
+                sigmas=sigmas,
+            )  # fmt: skip
         if not bool(torch.isfinite(x).all()):
             raise ValueError(
                 f"sampling gave NaN or infinite values for seeds {_seed_list([seeds[i] for i in pos])}: "

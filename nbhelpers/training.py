@@ -105,7 +105,9 @@ class TrainConfig:
     batch_gpu: int | None = None  # Images per forward pass per process; None = batch_size / world size.
     duration_kimg: float | None = None  # Training length in thousands of images ...
     total_steps: int | None = None  # ... or in optimizer steps.
-    lr: float = 1e-3  # Adam learning rate after the ramp-up.
+    lr: float = 1e-3  # Learning rate after the ramp-up.
+    optimizer: str = "adam"  # 'adam' (betas, eps) or 'sgd' (plain, as trainMoLRG.py --optimizer sgd).
+    loss_scaling: float = 1.0  # The summed loss is multiplied by this before backward (EDM's --ls).
     lr_rampup_kimg: float = 10000.0  # Linear learning-rate ramp-up, kimg; 0 = none.
     betas: tuple[float, float] = (0.9, 0.999)  # Adam betas.
     eps: float = 1e-8  # Adam epsilon.
@@ -153,6 +155,10 @@ class TrainConfig:
             errors.append(f"ema_beta must be in [0, 1), got {self.ema_beta}")
         if self.ema_beta is None and (self.ema_halflife_kimg is None or self.ema_halflife_kimg < 0):
             errors.append("give ema_beta or a non-negative ema_halflife_kimg")
+        if self.optimizer not in ("adam", "sgd"):
+            errors.append(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if not self.loss_scaling > 0:
+            errors.append(f"loss_scaling must be positive, got {self.loss_scaling}")
         if self.precision not in PRECISIONS:
             errors.append(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.augment_p <= 1:
@@ -472,12 +478,10 @@ def _build_network(config: TrainConfig, augment_pipe: AugmentPipe | None) -> tor
 
 def _make_optimizer(net: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in net.parameters() if p.requires_grad]
-    kwargs: dict[str, Any] = dict(lr=config.lr, betas=config.betas, eps=config.eps)
-    if device.type == "cuda":
-        kwargs["fused"] = True
-    else:
-        kwargs["foreach"] = True
-    return torch.optim.Adam(params, **kwargs)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, foreach=True)
+    kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps, **kwargs)
 
 
 # ----------------------------------------------------------------------------
@@ -685,6 +689,8 @@ def train(
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         loss = loss_fn.evaluate(model, x, y, draws[sl], augment_pipe)
                     scaled = loss.sum() / batch_local
+                    if config.loss_scaling != 1:
+                        scaled = scaled * config.loss_scaling
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 window_loss += loss.detach().mean() / rounds
 

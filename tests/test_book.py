@@ -21,6 +21,8 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = ["regimes", "optimal_denoiser", "model_similarity", "jacobian_rank", "molrg_phase_transition"]
 MATHJAX_CACHE = ROOT / ".cache" / "mathjax" / "package"
+WIDE_PARAMETER = {"model_channels": 128, "channel_mult": [2, 2, 2], "num_blocks": 4, "attn_resolutions": [16],
+                  "dropout": 0.13, "augment_dim": 9, "embedding_type": "positional", "encoder_type": "standard"}  # fmt: skip
 
 
 def _load_tool(name: str):
@@ -65,7 +67,8 @@ def tiny_figure_notebook(title: str, write_results: bool = True) -> nbformat.Not
                 f"# {title}\n\nThe rank ratio is $r/n$ and\n\n$$D(x;\\sigma) = \\mathbb{{E}}[x_0 \\mid x].$$"
             ),
             new_code_cell(
-                "profile = 'companion'\nresults_json = None\nPARAM_MARKER = 'default'",
+                "profile = 'companion'\nresults_json = None\nPARAM_MARKER = 'default'\n"
+                f"network = {WIDE_PARAMETER!r}  # a parameter line longer than the column is wide",
                 metadata={"tags": ["parameters"]},
             ),
             new_code_cell(
@@ -97,10 +100,12 @@ def make_book_tree(dest: Path) -> Path:
     ]:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
-    (dest / "book").mkdir(exist_ok=True)
+    (dest / "book" / "_static").mkdir(parents=True, exist_ok=True)
     for src in (ROOT / "book").iterdir():
         if src.suffix in (".md", ".bib"):
             shutil.copy2(src, dest / "book" / src.name)
+    for src in (ROOT / "book" / "_static").glob("*.css"):
+        shutil.copy2(src, dest / "book" / "_static" / src.name)
     for name in CHAPTERS:
         nb = tiny_figure_notebook(name.replace("_", " ").capitalize(), name != "molrg_phase_transition")
         nbformat.write(nb, dest / "notebooks" / f"{name}.ipynb")
@@ -191,6 +196,20 @@ def test_notebook_parameters_merge_yaml_profile_and_relative_results(tmp_path):
     (tmp_path / "params" / "paper" / "bad.yaml").write_text("- a list\n")
     with pytest.raises(build_book.BuildError, match="bad.yaml.*mapping"):
         build_book.load_profile_params(tmp_path, "paper", "bad")
+
+
+def test_smoke_profile_parameters_name_the_asset_folder(tmp_path, monkeypatch):
+    from nbhelpers import profiles, smoke
+
+    assert build_book.PROFILES == profiles.PROFILES
+    made = []
+    monkeypatch.setattr(smoke, "ensure_assets", lambda folder=None: made.append(folder))
+    monkeypatch.setenv(smoke.ENV_VAR, str(tmp_path / "assets"))
+    params = build_book.notebook_parameters(
+        ROOT, ROOT / "notebooks" / "regimes.ipynb", "smoke", tmp_path / "out"
+    )
+    assert made and params["profile"] == "smoke"
+    assert params["teacher"] == str(tmp_path / "assets" / smoke.FILES["teacher"])
 
 
 def test_toc_entries_and_prune():
@@ -431,7 +450,29 @@ def test_chromium_renders_every_page(built_book, tmp_path):
     assert failures == []
     assert sorted(p.relative_to(html).as_posix() for p in pages) == sorted(wanted)
     assert all((tmp_path / "shots" / f"book__{p.stem}.png").stat().st_size > 10_000 for p in pages)
-    # The checker itself fails on a broken page.
+    # The checker itself fails on a broken page ...
+    page = (html / "book" / "regimes.html").read_text(encoding="utf-8")
+    wide = (
+        "<table><tr>"
+        + "".join(f"<td>column{i:02d}_holding_a_long_value</td>" for i in range(12))
+        + "</tr></table>"
+    )
+    (html / "book" / "wide.html").write_text(
+        page.replace("</article>", wide + "</article>", 1), encoding="utf-8"
+    )
+    long_line = "<pre style='white-space: pre; overflow-x: auto'>" + "x = 1;" * 200 + "</pre>"
+    (html / "book" / "scroll.html").write_text(page.replace("</article>", long_line + "</article>", 1))
+    pages, failures = check_book.check_book(
+        html, tmp_path / "shots3", browser, patterns=["book/wide.html", "book/scroll.html"]
+    )
+    assert len(pages) == 2, failures
+    assert any(
+        f.startswith("book/wide.html: overflows the content column") and "column00" in f for f in failures
+    )
+    assert any(
+        f.startswith("book/scroll.html: overflows the content column") and "needs" in f for f in failures
+    )
+    # ... and on missing files.
     (html / "_images").rename(html / "_images_gone")
     pages, failures = check_book.check_book(
         html, tmp_path / "shots2", browser, patterns=["book/regimes.html"]

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILES = ("ci", "companion", "paper")
+PROFILES = ("ci", "smoke", "companion", "paper")  # = nbhelpers.profiles.PROFILES
 SUMMARY = "summary"
 KERNEL = "python3"
 MATHJAX_SPEC = "mathjax@3"
@@ -91,6 +91,11 @@ def load_profile_params(root: Path, profile: str, stem: str) -> dict:
         raise BuildError(
             f"{path}: expected a mapping of parameter names to values, got {type(data).__name__}"
         )
+    if profile == "smoke":  # its inputs live in the asset folder, which nbhelpers.smoke fills
+        from nbhelpers import profiles, smoke
+
+        smoke.ensure_assets()
+        data = profiles.expand_smoke_assets(data)
     return data
 
 

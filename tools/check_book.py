@@ -5,10 +5,14 @@
 
 For each page it checks that the maths was typeset by the vendored MathJax (one ``mjx-container``
 per maths element, no TeX errors), that every ``<img>`` points at a non-empty file of the book, that
-no asset the page loads is missing, and that the page neither references nor requests anything
-outside this machine (Chromium's network log, with every host name made unresolvable). It installs
-nothing: Chromium comes from the system (``apt-get install -y chromium``). Exits 1 with a list of
-failures, 2 when Chromium or the book is missing.
+no asset the page loads is missing, that the page neither references nor requests anything
+outside this machine (Chromium's network log, with every host name made unresolvable), and that
+nothing overflows the content column horizontally at the window width (1280 px): no element of the
+article reaches past its edges and none needs a horizontal scroll bar or clips its content (the
+server adds a small script to each page that measures the laid-out page and writes what it found
+into the DOM, which Chromium dumps). It installs nothing: Chromium comes from the system
+(``apt-get install -y chromium``). Exits 1 with a list of failures, 2 when Chromium or the book is
+missing.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import argparse
 import contextlib
 import fnmatch
 import functools
+import html as html_lib
 import http.server
+import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -61,6 +68,55 @@ FETCHING_LINK_RELS = {
     "stylesheet", "preload", "modulepreload", "prefetch", "preconnect", "dns-prefetch",
     "icon", "shortcut", "apple-touch-icon", "manifest",
 }  # fmt: skip
+
+
+# Measures the laid-out article after the page (and MathJax) settled; the outermost offenders only.
+LAYOUT_ID = "nbh-layout-check"
+LAYOUT_SCRIPT = """<script>(function () {
+  function name(el) {
+    var s = el.tagName.toLowerCase() + (el.id ? "#" + el.id : "");
+    var c = (el.getAttribute("class") || "").trim().split(/\\s+/).slice(0, 2).join(".");
+    var text = (el.textContent || "").trim().replace(/\\s+/g, " ").slice(0, 40);
+    return s + (c ? "." + c : "") + (text ? " '" + text + "'" : "");
+  }
+  function check() {
+    var col = document.querySelector("article.bd-article") || document.querySelector("main") || document.body;
+    var box = col.getBoundingClientRect(), found = [], outer = null, all = col.querySelectorAll("*");
+    for (var i = 0; i < all.length && found.length < 20; i++) {
+      var el = all[i];
+      if (outer && outer.contains(el)) continue;
+      var st = getComputedStyle(el), r = el.getBoundingClientRect();
+      if (st.display === "none" || st.visibility === "hidden" || st.position === "fixed" || r.width === 0) continue;
+      var block = st.display.indexOf("inline") < 0;  // inline maths may overhang its box by a glyph
+      var clipped = block && el.clientWidth > 0 && el.scrollWidth > el.clientWidth + 1 && st.overflowX !== "visible";
+      var past = r.right > box.right + 1 || r.left < box.left - 1;
+      if (clipped || past) {
+        outer = el;
+        found.push(name(el) + (clipped ? " needs " + el.scrollWidth + " px, shows " + el.clientWidth
+                                       : " spans x = " + Math.round(r.left) + ".." + Math.round(r.right)));
+      }
+    }
+    var out = document.getElementById("__ID__") || document.createElement("script");
+    out.type = "application/json"; out.id = "__ID__";
+    out.textContent = JSON.stringify({width: window.innerWidth, column: [Math.round(box.left), Math.round(box.right)],
+                                      overflow: found});
+    document.body.appendChild(out);
+  }
+  window.addEventListener("load", function () { check(); setTimeout(check, 2500); setTimeout(check, 6000); });
+})();</script>""".replace("__ID__", LAYOUT_ID)
+
+
+def layout_report(dom: str) -> dict | None:
+    """What ``LAYOUT_SCRIPT`` wrote into a dumped DOM: width, column edges, overflowing elements."""
+    marker = f'id="{LAYOUT_ID}"'
+    start = dom.find(marker)
+    if start < 0:
+        return None
+    start = dom.find(">", start) + 1
+    end = dom.find("</script>", start)
+    with contextlib.suppress(json.JSONDecodeError):
+        return json.loads(html_lib.unescape(dom[start:end]))
+    return None
 
 
 def is_remote(url: str) -> bool:
@@ -147,11 +203,30 @@ def scan_static(html_dir: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def serve(html_dir: Path) -> Iterator[tuple[str, list[tuple[str, int]]]]:
-    """Serve ``html_dir`` on a loopback port; yield (base URL, log of (path, status) requests)."""
+def serve(html_dir: Path, inject_layout: bool = True) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    """Serve ``html_dir`` on a loopback port; yield (base URL, log of (path, status) requests).
+
+    With ``inject_layout`` every HTML page gets ``LAYOUT_SCRIPT`` before ``</body>``."""
     log: list[tuple[str, int]] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
+        def send_head(self):  # pages get the layout script; everything else is served as it is
+            path = self.translate_path(self.path)
+            if os.path.isdir(path):
+                path = os.path.join(path, "index.html")
+            if not path.endswith(".html") or not os.path.isfile(path) or not inject_layout:
+                return super().send_head()
+            body = Path(path).read_bytes()
+            at = body.rfind(b"</body>")
+            body = (
+                body[:at] + LAYOUT_SCRIPT.encode() + body[at:] if at >= 0 else body + LAYOUT_SCRIPT.encode()
+            )
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return io.BytesIO(body)
+
         def log_request(self, code="-", size="-") -> None:  # noqa: ARG002 - signature of the base class
             log.append((unquote(urlsplit(self.path).path), int(code) if str(code).isdigit() else 0))
 
@@ -229,6 +304,7 @@ def check_page(
     budget_ms: int,         # Chromium's --virtual-time-budget
     width: int = 1280,      # window size in pixels
     height: int = 2000,
+    layout: bool = True,    # check horizontal overflow (needs the served page's LAYOUT_SCRIPT)
 ) -> list[str]:
 # fmt: on
     """Load one page in headless Chromium; return its failures (empty when it is fine)."""
@@ -272,6 +348,17 @@ def check_page(
             failures.append(f"{rel}: image {src} is an empty file")
     if not screenshot.is_file() or screenshot.stat().st_size == 0:
         failures.append(f"{rel}: no screenshot was written to {screenshot}")
+    if layout:
+        report = layout_report(proc.stdout)
+        if report is None:
+            failures.append(f"{rel}: the layout check did not run (no #{LAYOUT_ID} in the DOM)")
+        else:
+            edges = report.get("column", [0, 0])
+            for item in report.get("overflow", []):
+                failures.append(
+                    f"{rel}: overflows the content column (x = {edges[0]}..{edges[1]} at "
+                    f"{report.get('width')} px): {item}"
+                )
     return failures
 
 
@@ -280,7 +367,7 @@ def check_book(
     html_dir: Path,                 # built HTML (…/_build/html)
     screenshots: Path,              # folder for one PNG per page
     browser: str,                   # Chromium executable
-    serve_mode: str = "http",       # http: a loopback server; file: file:// URLs
+    serve_mode: str = "http",       # http: a loopback server (with the layout check); file: file:// URLs
     budget_ms: int = 10000,         # virtual time each page gets to finish scripts (MathJax)
     patterns: list[str] | None = None,  # glob filters on page paths relative to html_dir
     height: int = 2000,             # screenshot height in pixels (width 1280)
@@ -300,7 +387,8 @@ def check_book(
             rel = page.relative_to(html_dir).as_posix()
             shot = screenshots / (rel.replace("/", "__").removesuffix(".html") + ".png")
             start = len(log)
-            page_failures = check_page(browser, html_dir, page, base + rel, base, shot, budget_ms, height=height)
+            page_failures = check_page(browser, html_dir, page, base + rel, base, shot, budget_ms, height=height,
+                                       layout=serve_mode == "http")  # fmt: skip
             missing = sorted({p for p, status in log[start:] if status >= 400 and p != "/favicon.ico"})
             page_failures += [f"{rel}: {p} is missing from the book (HTTP 404)" for p in missing]
             print(f"{'FAIL' if page_failures else 'ok  '} {rel}", flush=True)

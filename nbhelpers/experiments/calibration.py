@@ -46,10 +46,17 @@ class Calibration:
     def threshold(self) -> float:
         return self.criterion.threshold
 
+    @classmethod
+    def given(cls, criterion: scores.Criterion) -> Calibration:
+        """A criterion whose threshold was given, not calibrated (no evidence tables)."""
+        return cls(criterion, pd.DataFrame(), pd.DataFrame(columns=["n", "kind", "score"]), 0.0, 0.0)
+
     def sanity_rows(self, setting: str) -> list[dict[str, Any]]:
         """Result rows: the null's flag rate (<= max_false by construction) and the control's (power)."""
         from ..results import check
 
+        if self.table.empty:
+            return []
         q = self.criterion.question
         null, control = _KINDS[q]
         worst_null = float(self.table["null_rate"].max())
@@ -229,9 +236,13 @@ def plot_calibration(
 
     panels = []
     for name, cal in cals.items():
+        if cal.scores.empty:
+            continue
         ns = sorted(cal.scores["n"].unique())
         ns = [n for n in ns if sizes is None or n in sizes or n == 0]
         panels += [(name, cal, n) for n in ns]
+    if not panels:
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 2.9), squeeze=False)
     for i, (ax, (name, cal, n)) in enumerate(zip(axes[0], panels)):
         sub = cal.scores[cal.scores["n"] == n]

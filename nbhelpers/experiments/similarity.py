@@ -332,6 +332,29 @@ def check_same_seeds(sources: Sequence[SampleSource], expected: Sequence[int] | 
     return ref
 
 
+def panel_sources(cells_: Mapping[str, Mapping[str, Any]], outside: Mapping[str, str] | None = None,
+                  seeds: Sequence[int] | None = None) -> dict[str, SampleSource]:  # fmt: skip
+    """A panel's sources: its stored cells and any ``outside`` folders/zips (name -> path), checked
+    to cover exactly ``seeds``."""
+    src = {n: cell_source(n, c) for n, c in cells_.items()}
+    src.update({n: load_sample_folder(n, path) for n, path in (outside or {}).items()})
+    check_same_seeds(list(src.values()), expected=seeds)
+    return src
+
+
+def regime_quality(params: Mapping[str, Any], sources: Mapping[str, SampleSource]
+                   ) -> tuple[calibration.Calibration | None, pd.DataFrame | None]:  # fmt: skip
+    """Are the sources in the generalization regime? The copy criterion of the panel's training set
+    (calibrated on held-out data as in the regimes chapter) and each source's :func:`copy_quality`;
+    (None, None) with a descriptor backend (the claim then rests on the paper's setting)."""
+    if params["backend"] != "relative":
+        return None, None
+    spec = data_spec(params)
+    cal = calibration.calibrate_copy(spec, [spec["pool_size"]], int(params["calibration_pairs"]),
+                                     float(params["near_noise"]), float(params["max_false_rate"]))  # fmt: skip
+    return cal, copy_quality(sources, spec, cal.criterion)
+
+
 # ----------------------------------------------------------------------------
 # Descriptors, cached per source.
 
@@ -386,19 +409,23 @@ def calibrate(
     params: Mapping[str, Any], features: Any = None
 ) -> tuple[calibration.Calibration, calibration.Calibration]:
     """The panel's RP criterion (same image) and MAE criterion, each calibrated on unrelated pairs of
-    held-out data; ``rp_threshold``/``mae_threshold`` (not None) replace the calibrated values."""
-    spec = data_spec(params)
+    held-out data; ``rp_threshold``/``mae_threshold`` (not None) replace the calibrated values, and
+    when both are given nothing is calibrated (the training set may then hold every image, as
+    CIFAR-10's 50,000 do in the paper profile)."""
     statistic = {"relative": "relative", "sscd": "cosine", "pixel": "cosine"}[params["backend"]]
-    count, noise, false = (
-        int(params["calibration_pairs"]),
-        float(params["near_noise"]),
-        float(params["max_false_rate"]),
-    )
+    rp_t, mae_t = params.get("rp_threshold"), params.get("mae_threshold")
+    if rp_t is not None and mae_t is not None:
+        rp = scores.Criterion("same", statistic, float(rp_t))
+        return calibration.Calibration.given(rp), calibration.Calibration.given(
+            scores.Criterion("same", "mae", float(mae_t))
+        )
+    spec, count = data_spec(params), int(params["calibration_pairs"])
+    noise, false = float(params["near_noise"]), float(params["max_false_rate"])
     rp = calibration.calibrate_same(spec, count, noise, false, 0.99, statistic, features)
     mae = calibration.calibrate_same(spec, count, noise, false, 0.99, "mae")
-    for cal, key in ((rp, "rp_threshold"), (mae, "mae_threshold")):
-        if params.get(key) is not None:
-            cal.criterion = scores.Criterion("same", cal.criterion.statistic, float(params[key]))
+    for cal, value in ((rp, rp_t), (mae, mae_t)):
+        if value is not None:
+            cal.criterion = scores.Criterion("same", cal.criterion.statistic, float(value))
     return rp, mae
 
 
