@@ -320,11 +320,13 @@ def test_summary_notebook_reports_rows_missing_and_broken_files(tmp_path):
 
     results = tmp_path / "results"
     row = {"quantity": "GL at N=64", "setting": "UNet-64", "measured": 0.123456, "paper": None,
-           "check": "<= 0.1", "passed": False, "note": "small"}  # fmt: skip
+           "check": "<= 0.1", "passed": False, "kind": "phenomenon", "margin": -1.5, "note": "small"}  # fmt: skip
+    sanity = {**row, "quantity": "copy criterion: held-out samples flagged", "kind": "sanity", "margin": None}
     _write_results(
-        results, "regimes", [row, {**row, "quantity": "GL at N=1024", "passed": True, "paper": 0.99}]
-    )
-    _write_results(results, "jacobian_rank", [{**row, "quantity": "rank ratio"}], profile="ci")
+        results, "regimes",
+        [row, {**row, "quantity": "GL at N=1024", "passed": True, "paper": 0.99, "margin": 2.0}, sanity],
+    )  # fmt: skip
+    _write_results(results, "jacobian_rank", [{**row, "quantity": "rank ratio", "kind": None}], profile="ci")
     (results / "model_similarity.json").write_text("{not json")
     out = tmp_path / "summary.ipynb"
     papermill.execute_notebook(
@@ -333,8 +335,9 @@ def test_summary_notebook_reports_rows_missing_and_broken_files(tmp_path):
     )  # fmt: skip
     text = _outputs_text(nbformat.read(out, as_version=4))
     assert "GL at N=1024" in text and "rank ratio" in text and "0.123" in text
-    assert "FAIL" in text and "pass" in text
-    assert "1 of 3 checks passed, 2 failed" in text
+    assert "FAIL" in text and "not shown" in text and "(-1.5 se)" in text
+    assert "Sanity checks: 0 of 1 pass, 1 FAIL." in text
+    assert "Phenomenon checks: 1 of 2 shown, 1 not shown." in text and "Unclassified checks: 0 of 1 passed" in text
     for name in ["optimal_denoiser", "molrg_phase_transition"]:
         assert f"**{name}**: no results file" in text
     assert "**model_similarity**" in text and "cannot be read" in text

@@ -170,11 +170,13 @@ def test_results_round_trip(tmp_path):
     ]
     path = results.write_results(tmp_path / "r" / "demo.json", "demo", "companion", rows)
     assert results.write_results("", "demo", "ci", rows) is None
-    (doc,) = results.load_results(tmp_path / "r")
-    assert doc["rows"][0]["measured"] == 0.05 and doc["rows"][1]["measured"] == "nan"
+    docs, problems = results.load_results(tmp_path / "r", ["demo", "absent"], profile="companion")
+    assert list(docs) == ["demo"] and docs["demo"]["rows"][0]["measured"] == 0.05
+    assert docs["demo"]["rows"][1]["measured"] == "nan"
+    assert len(problems) == 1 and "**absent**: no results file" in problems[0]
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="demo.json"):
-        results.load_results(tmp_path / "r")
+    docs, problems = results.load_results(tmp_path / "r", ["demo"])
+    assert docs == {} and "demo.json" in problems[0] and "cannot be read" in problems[0]
     assert os.path.exists(path)
 
 

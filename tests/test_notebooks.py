@@ -60,12 +60,14 @@ def test_parameters_cell_is_literal_and_covers_every_profile(path):
 @pytest.mark.notebook
 @pytest.mark.slow
 def test_papermill_values_win_even_when_equal_to_the_defaults(tmp_path):
-    """``-p profile paper -y 'train_seeds: [0, 1]'`` runs seeds [0, 1] (the companion default), not the
-    paper YAML's [0]; ``-p workers 2`` likewise beats the YAML's 1. A dry run prints what it resolved."""
+    """``-p profile paper -y 'widths: <companion default>'`` runs those widths, not the paper YAML's
+    [64, 128, 256]; ``-p workers 2`` likewise beats the YAML's 1. A dry run prints what it resolved."""
+    widths = profiles.notebook_defaults("regimes")["widths"]
+    assert widths != profiles.load_profile("regimes", "paper")["widths"]
     out = tmp_path / "regimes.ipynb"
     cmd = [sys.executable, "-m", "papermill", str(profiles.notebook_path("regimes")), str(out), "-k", "python3",
            "--cwd", str(tmp_path), "--no-progress-bar", "-p", "profile", "paper", "-p", "dry_run", "True",
-           "-y", "train_seeds: [0, 1]\nwidths: [64]", "-p", "workers", "2"]  # fmt: skip
+           "-y", f"train_seeds: [0, 1]\nwidths: {widths}", "-p", "workers", "2"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     nb = json.loads(out.read_text(encoding="utf-8"))
@@ -75,5 +77,5 @@ def test_papermill_values_win_even_when_equal_to_the_defaults(tmp_path):
         for o in c.get("outputs", [])
         if o.get("name") == "stdout"
     )
-    assert "widths [64], seeds [0, 1]" in text, text
+    assert f"widths {widths}, training seeds [0, 1]" in text, text
     assert "profile: paper; injected: dry_run, train_seeds, widths, workers" in text, text
