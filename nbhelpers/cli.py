@@ -928,7 +928,9 @@ def cmd_jacobian(a: argparse.Namespace) -> int:
             latents = noise.randn(shape)
             with torch.no_grad():
                 clean = edm_sampler(net, latents, labels, noise=noise, **sampler).to(torch.float32)
-            table = rank_profile(net, clean=clean, sigmas=a.sigmas, seeds=[seed], class_labels=labels, **common)
+            table = rank_profile(
+                net, clean=clean, sigmas=a.sigmas, seeds=[seed], class_labels=labels, **common
+            )
         frames.append(table.assign(point=point))
         if a.out:
             _write_table(a.out, pd.concat(frames, ignore_index=True))

@@ -337,7 +337,10 @@ def test_summary_notebook_reports_rows_missing_and_broken_files(tmp_path):
     assert "GL at N=1024" in text and "rank ratio" in text and "0.123" in text
     assert "FAIL" in text and "not shown" in text and "(-1.5 se)" in text
     assert "Sanity checks: 0 of 1 pass, 1 FAIL." in text
-    assert "Phenomenon checks: 1 of 2 shown, 1 not shown." in text and "Unclassified checks: 0 of 1 passed" in text
+    assert (
+        "Phenomenon checks: 1 of 2 shown, 1 not shown." in text
+        and "Unclassified checks: 0 of 1 passed" in text
+    )
     for name in ["optimal_denoiser", "molrg_phase_transition"]:
         assert f"**{name}**: no results file" in text
     assert "**model_similarity**" in text and "cannot be read" in text
