@@ -181,12 +181,19 @@ def edm_sampler(
     S_noise: float = 1.0,              # Noise inflation of the churn.
     noise: SeedNoise | None = None,    # Per-seed generators for the churn noise (needed if S_churn > 0).
     sigmas: torch.Tensor | Sequence[float] | None = None,  # Explicit levels; overrides the 5 above.
-    return_trajectory: bool = False,   # Also return [(sigma, x, denoised), ...], one per step.
+    callback: Callable[[dict], None] | None = None,  # Called at every step with a dict (see below).
+    return_trajectory: bool = False,   # Also return [(sigma_hat, x, denoised), ...], one per step.
 ) -> torch.Tensor | tuple[torch.Tensor, list[tuple[float, torch.Tensor, torch.Tensor]]]:  # fmt: skip
     """Integrate the probability-flow ODE from ``latents * sigmas[0]`` down the levels, in float64.
 
-    ``latents`` are standard normal, (N, C, H, W). Returns float64 samples of the same shape; with
-    ``return_trajectory`` also the list of ``(sigma, x, D(x; sigma))`` at each step's first evaluation.
+    ``latents`` are standard normal, (N, C, H, W). Returns float64 samples of the same shape.
+
+    ``callback``, as in k-diffusion's samplers, is called once per step ``i`` (after the step's first
+    denoiser evaluation, before the update) with one dict: ``x`` (N, C, H, W) float64, the point the
+    step starts from (after churn); ``i``; ``sigma`` (float, the level ``t_i``); ``sigma_hat`` (float,
+    the level of ``x``: ``t_i`` raised by churn, else ``t_i``); ``denoised``, ``D(x; sigma_hat)``. The
+    tensors are the sampler's own: read them, do not change them in place. ``return_trajectory``
+    also returns the list of ``(sigma_hat, x, denoised)`` of all steps (it holds the whole path).
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (Euler) or 2 (Heun), got {order}")
@@ -218,8 +225,12 @@ def edm_sampler(
         denoised = denoise(x_hat, t_hat)
         d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
-        if return_trajectory:
-            trajectory.append((float(t_hat), x_hat, denoised))
+        if callback is not None or return_trajectory:
+            step = dict(x=x_hat, i=i, sigma=levels[i], sigma_hat=float(t_hat), denoised=denoised)
+            if return_trajectory:
+                trajectory.append((step["sigma_hat"], x_hat, denoised))
+            if callback is not None:
+                callback(step)
 
         # Second-order correction, except on a step that ends at sigma = 0.
         if order == 2 and levels[i + 1] > 0:
