@@ -976,7 +976,12 @@ def _add_sscd(sub) -> None:
     )
     f.add_argument("--images", required=True, metavar="DIR|ZIP", help="images (generated PNGs or a dataset)")
     f.add_argument("--features", required=True, metavar="NPZ", help="output feature file")
-    f.add_argument("--backend", choices=["sscd", "pixel"], default="sscd", help="descriptor (default sscd)")
+    f.add_argument(
+        "--backend",
+        choices=["sscd", "pixel"],
+        default="sscd",
+        help="descriptor: sscd (default) or pixel (unit pixel vectors; both compared by cosine)",
+    )
     f.add_argument(
         "--model",
         metavar="PATH|URL|NAME",

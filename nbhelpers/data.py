@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import io
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -38,10 +39,49 @@ _PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 # Conversions between uint8 images and model space.
 
 
-def to_model(x: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> float32 tensor in [-1, 1] (x / 127.5 - 1)."""
+def to_model(
+    x: np.ndarray | torch.Tensor,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> tensor in model space [-1, 1] (``x / 127.5 - 1``) of ``dtype``.
+
+    The one copy of this map in the package; :func:`to_uint8` is its inverse (EDM's quantisation).
+    """
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    return t.to(device=device, dtype=torch.float32) / 127.5 - 1
+    return t.to(device=device, dtype=dtype) / 127.5 - 1
+
+
+def model_space(
+    x: np.ndarray | torch.Tensor,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Images as a model-space tensor of ``dtype``: uint8 mapped by :func:`to_model`, floating point
+    taken as model space already (only cast); any other dtype is an error."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.dtype == torch.uint8:
+        return to_model(t, device, dtype)
+    if not t.is_floating_point():
+        raise ValueError(f"images must be uint8 or floating point, got {t.dtype}")
+    return t.to(device=device, dtype=dtype)
+
+
+def flat_rows(
+    x: np.ndarray | torch.Tensor, what: str = "images", item_shape: Sequence[int] | None = None
+) -> torch.Tensor:
+    """A batch (N, ...) as rows (N, D), left in its dtype (uint8 or floating point; arrays become
+    tensors). With ``item_shape``, each item must hold ``prod(item_shape)`` values."""
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
+    if t.ndim < 2:
+        raise ValueError(f"{what} must be batched (N, ...), got shape {tuple(t.shape)}")
+    if t.dtype != torch.uint8 and not t.is_floating_point():
+        raise ValueError(f"{what} must be uint8 or floating point, got {t.dtype}")
+    if item_shape is not None and math.prod(t.shape[1:]) != math.prod(item_shape):
+        raise ValueError(
+            f"{what} has shape {tuple(t.shape)}, expected (N, {', '.join(map(str, item_shape))})"
+        )
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def to_uint8(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -728,7 +768,7 @@ def synthetic_dataset(
 
     Nested subsets of it (first N images) are then exactly the teacher's samples for seeds 0..N-1.
     """
-    from .sampling import generate
+    from .sampling import generate  # sampling imports this module (to_uint8)
 
     if n_images < 1:
         raise ValueError(f"n_images must be positive, got {n_images}")

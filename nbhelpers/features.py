@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_path
+from .data import flat_rows, model_space
 from .devices import default_device
 from .download import resolve
 
@@ -175,22 +176,11 @@ class SSCD:
 def pixel_features(images: torch.Tensor | np.ndarray, center: bool = False) -> torch.Tensor:
     """Flattened images as (N, D) float32 unit vectors, so that dot products are pixel cosines.
 
-    uint8 input is mapped to model space (x/127.5 - 1, mid-grey at 0); float input is taken as
+    uint8 input is mapped to model space (``data.to_model``, mid-grey at 0); float input is taken as
     model space already. ``center`` subtracts each image's own mean first (the cosine becomes the
     Pearson correlation of the pixels, blind to brightness shifts). An all-zero vector stays zero.
     """
-    t = (
-        torch.from_numpy(np.ascontiguousarray(images))
-        if isinstance(images, np.ndarray)
-        else torch.as_tensor(images)
-    )
-    if t.ndim < 2:
-        raise ValueError(f"images must be batched (N, ...), got shape {tuple(t.shape)}")
-    x = t.reshape(t.shape[0], -1).to(torch.float64)
-    if t.dtype == torch.uint8:
-        x = x / 127.5 - 1
-    elif not t.is_floating_point():
-        raise ValueError(f"images must be uint8 or floating point, got {t.dtype}")
+    x = model_space(flat_rows(images, "images"), dtype=torch.float64)
     if center:
         x = x - x.mean(1, keepdim=True)
     return F.normalize(x, dim=1).to(torch.float32)
@@ -331,7 +321,7 @@ def _batches(
 
 def extract_features(
     images_or_path: torch.Tensor | np.ndarray | str | os.PathLike,   # uint8 (N, C, H, W) or a folder/zip
-    backend: str = "sscd",                                           # 'sscd' or 'pixel'
+    backend: str = "sscd",                                           # 'sscd' or 'pixel' (pixel cosine)
     model: SSCD | Callable[[torch.Tensor], torch.Tensor] | str | None = None,  # sscd: model or its file/URL/name
     seeds: Sequence[int] | np.ndarray | torch.Tensor | None = None,  # default: parsed from file names
     names: Sequence[str] | None = None,                              # default: the data set's file names

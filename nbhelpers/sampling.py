@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .data import to_uint8
 from .devices import default_device
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "edm_sigmas",
     "edm_sampler",
     "generate",
-    "to_uint8",
     "save_images",
     "image_names",
     "export_noise",
@@ -238,11 +238,6 @@ def edm_sampler(
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
 
     return (x_next, trajectory) if return_trajectory else x_next
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model space [-1, 1] to uint8 as EDM saves images: ``(x*127.5+128).clip(0,255)`` truncated."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
 def _infer_device(net: Any, device: Device | None) -> torch.device:

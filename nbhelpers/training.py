@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from nbhelpers.atomic import atomic_path, atomic_write_text, remove_stale_tmp
 from nbhelpers.augment import AugmentPipe, make_augment_pipe
-from nbhelpers.data import to_model
+from nbhelpers.data import model_space
 from nbhelpers.devices import default_device
 from nbhelpers.losses import LOSSES, DenoisingLoss, LossDraws, make_loss
 
@@ -649,7 +649,7 @@ def _accumulate_gradients(
     for r in range(layout.rounds):
         sl = layout.round_slice(r)
         x = batch.images[batch.indices[sl]]
-        x = to_model(x) if x.dtype == torch.uint8 else x
+        x = model_space(x)
         y = batch.labels[batch.indices[sl]] if batch.labels is not None else None
         no_sync = ddp.no_sync() if (ddp is not None and r < layout.rounds - 1) else contextlib.nullcontext()
         dropout_seed = _derive_seed(config.seed, _DROPOUT, step, layout.rank * layout.rounds + r)
@@ -850,7 +850,7 @@ def train(
 ) -> TrainResult:
     """Train a denoiser on in-memory ``data``; returns the network, its EMA and the log.
 
-    data:    (N,C,H,W) float in model space [-1, 1] or uint8 (converted by ``data.to_model``),
+    data:    (N,C,H,W) float in model space [-1, 1] or uint8 (mapped by ``data.to_model``),
              optionally with labels as ``(images, labels)`` (class indices (N,) or one-hot (N, label_dim)).
     outdir:  where to write training_options.json, stats.jsonl, snapshots and state dumps (rank 0).
     resume:  a state-dump path, 'latest' (newest dump in outdir, which must exist) or 'auto'

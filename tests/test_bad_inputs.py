@@ -90,7 +90,6 @@ def test_feature_sets_and_scores_reject_non_finite_values(tmp_path):
     for call in [
         lambda: scores.reproducibility_score((f, np.arange(6)), (f, np.arange(6)), threshold=float("nan")),
         lambda: scores.generalization_score(f, f, threshold=float("nan")),
-        lambda: scores.memorized_by_nn_ratio(f, f, threshold=float("nan")),
     ]:
         with pytest.raises(ValueError, match="threshold"):
             call()
