@@ -26,7 +26,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from . import safeload
 from .atomic import atomic_path
+from .download import resolve
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -166,7 +168,7 @@ class _ImageSource:
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     def labels(self) -> np.ndarray | None:
-        """Labels aligned with ``names`` (int64 (N,) or float32 (N, L)), or None; checked against the images."""
+        """Labels aligned with ``names`` (int64 (N,) or float32 (N, L)) or None, checked with the images."""
         if not self.has_json:
             return None
         where = self.where(DATASET_JSON)
@@ -220,8 +222,18 @@ class _ImageSource:
 
 
 # Image modes stored as something other than plain channels, and what they are converted to.
-_CONVERT_MODES = {"P": "RGB", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB",
-                  "RGBX": "RGB", "RGBa": "RGBA", "La": "LA", "1": "L"}  # fmt: skip
+_CONVERT_MODES = {
+    "P": "RGB",
+    "PA": "RGBA",
+    "CMYK": "RGB",
+    "YCbCr": "RGB",
+    "LAB": "RGB",
+    "HSV": "RGB",
+    "RGBX": "RGB",
+    "RGBa": "RGBA",
+    "La": "LA",
+    "1": "L",
+}
 
 
 def _plain_mode(img: PIL.Image.Image) -> PIL.Image.Image:
@@ -356,61 +368,72 @@ def write_dataset(
             raise ValueError(f"{dest}: exists and is not a folder")
         if any(dest.iterdir()) and not overwrite:
             raise FileExistsError(f"{dest}: folder is not empty (pass overwrite=True to replace it)")
-    if names is not None:
-        names = [str(n).replace("\\", "/") for n in names]
-        if len(set(names)) != len(names):
-            raise ValueError(f"{dest}: duplicate image names")
-        bad = [
-            n for n in names if not n.lower().endswith(".png") or n.startswith("/") or ".." in n.split("/")
-        ]
-        if bad:
-            raise ValueError(f"{dest}: image names must be relative paths ending in .png, got {bad[0]!r}")
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        batches: Iterable = [images]
-    else:
-        batches = images
+    names = _member_names(names, dest)
+    batches = [images] if isinstance(images, (np.ndarray, torch.Tensor)) else images
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
-
-    def members() -> Iterator[tuple[str, bytes]]:
-        idx = 0
-        shape = None
-        written: list[str] = []
-        for batch in batches:
-            arr = _as_uint8_batch(batch, dest)
-            if shape is None:
-                shape = arr.shape[1:]
-            elif arr.shape[1:] != shape:
-                raise ValueError(f"{dest}: batch of shape {arr.shape[1:]} differs from {shape} (mixed sizes)")
-            for img in arr:
-                if names is not None and idx >= len(names):
-                    raise ValueError(f"{dest}: more images than names ({len(names)})")
-                name = names[idx] if names is not None else edm_image_name(idx)
-                written.append(name)
-                yield name, _encode_png(img)
-                idx += 1
-        if idx == 0:
-            raise ValueError(f"{dest}: no images to write (empty data set)")
-        if names is not None and idx != len(names):
-            raise ValueError(f"{dest}: {idx} images but {len(names)} names")
-        table = None
-        if labels is not None:
-            if len(labels) != idx:
-                raise ValueError(f"{dest}: {idx} images but {len(labels)} labels")
-            table = [[n, _label_json(lab)] for n, lab in zip(written, labels)]
-        yield DATASET_JSON, json.dumps({"labels": table}).encode("utf-8")
-
+    members = _dataset_members(batches, dest, labels, names)
     if is_zip:
         with atomic_path(dest) as tmp:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-                for name, data in members():
+                for name, data in members:
                     zf.writestr(name, data)
         return dest
+    _write_folder(members, dest)
+    return dest
 
+
+def _member_names(names: Sequence[str] | None, dest: Path) -> list[str] | None:
+    """``names`` as checked relative PNG paths with forward slashes (None stays None)."""
+    if names is None:
+        return None
+    names = [str(n).replace("\\", "/") for n in names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{dest}: duplicate image names")
+    bad = [n for n in names if not n.lower().endswith(".png") or n.startswith("/") or ".." in n.split("/")]
+    if bad:
+        raise ValueError(f"{dest}: image names must be relative paths ending in .png, got {bad[0]!r}")
+    return names
+
+
+def _dataset_members(
+    batches: Iterable, dest: Path, labels: Sequence | np.ndarray | None, names: list[str] | None
+) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each PNG of the batches, then of ``dataset.json``; checked as they come."""
+    idx = 0
+    shape = None
+    written: list[str] = []
+    for batch in batches:
+        arr = _as_uint8_batch(batch, dest)
+        if shape is None:
+            shape = arr.shape[1:]
+        elif arr.shape[1:] != shape:
+            raise ValueError(f"{dest}: batch of shape {arr.shape[1:]} differs from {shape} (mixed sizes)")
+        for img in arr:
+            if names is not None and idx >= len(names):
+                raise ValueError(f"{dest}: more images than names ({len(names)})")
+            name = names[idx] if names is not None else edm_image_name(idx)
+            written.append(name)
+            yield name, _encode_png(img)
+            idx += 1
+    if idx == 0:
+        raise ValueError(f"{dest}: no images to write (empty data set)")
+    if names is not None and idx != len(names):
+        raise ValueError(f"{dest}: {idx} images but {len(names)} names")
+    table = None
+    if labels is not None:
+        if len(labels) != idx:
+            raise ValueError(f"{dest}: {idx} images but {len(labels)} labels")
+        table = [[n, _label_json(lab)] for n, lab in zip(written, labels)]
+    yield DATASET_JSON, json.dumps({"labels": table}).encode("utf-8")
+
+
+def _write_folder(members: Iterable[tuple[str, bytes]], dest: Path) -> None:
+    """Write the members into a fresh folder beside ``dest``, then put it in ``dest``'s place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
     try:
-        for name, data in members():
+        for name, data in members:
             (tmp_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_dir / name).write_bytes(data)
         if dest.exists():
@@ -423,7 +446,6 @@ def write_dataset(
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    return dest
 
 
 # ----------------------------------------------------------------------------
@@ -480,8 +502,6 @@ def _pad_images(images: np.ndarray, resolution: int) -> np.ndarray:
 
 def _safe_unpickle(data: bytes, where: str):
     """A CIFAR-10 batch pickle read by :mod:`nbhelpers.safeload`: plain data and numeric numpy arrays only."""
-    from . import safeload
-
     try:
         return safeload.load_pickle(
             data, where, {**safeload.plain_globals(), **safeload.numpy_globals()}, encoding="latin1"
@@ -501,8 +521,6 @@ def load_cifar10(
     ``train`` picks ``data_batch_1..5`` (50,000 images, in order) or ``test_batch`` (10,000). The
     default source is ``CIFAR10_URL``, fetched (into the cache) only when ``download`` is true.
     """
-    from .download import resolve
-
     _check_max_images(max_images)
     path = resolve(CIFAR10_URL if path_or_url is None else path_or_url, download=download)
     wanted = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
@@ -654,8 +672,11 @@ def transform_image(img: np.ndarray, transform: str, width: int, height: int) ->
         if w < width or band < height:
             return None
         hwc = hwc[(h - band) // 2 : (h + band) // 2]
-    out = np.asarray(PIL.Image.fromarray(np.ascontiguousarray(hwc[:, :, :3]), "RGB").resize(
-        (width, height), PIL.Image.Resampling.LANCZOS))  # fmt: skip
+    out = np.asarray(
+        PIL.Image.fromarray(np.ascontiguousarray(hwc[:, :, :3]), "RGB").resize(
+            (width, height), PIL.Image.Resampling.LANCZOS
+        )
+    )
     if transform == "center-crop-wide":
         canvas = np.zeros((width, width, 3), dtype=np.uint8)
         canvas[(width - height) // 2 : (width + height) // 2] = out
@@ -695,7 +716,7 @@ def convert_dataset(
     overwrite: bool = False,
     transform: str | None = None,
 ) -> Path:
-    """The authors' ``dataset_tool.py --source --dest --max-images``: copy the first N images to an EDM data set.
+    """The authors' ``dataset_tool.py --source --dest --max-images``: the first N images as an EDM data set.
 
     ``source``: a folder or zip of images (labels kept), the CIFAR-10 python tarball (training
     split) or a folder of (Fashion-)MNIST IDX files (training split). ``resolution`` resizes

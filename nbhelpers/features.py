@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_path
-from .data import flat_rows, model_space
+from .data import flat_rows, image_names, iter_image_batches, model_space
 from .devices import default_device
 from .download import resolve
 
@@ -302,15 +302,13 @@ def _batches(
 ) -> tuple[Iterable[np.ndarray | torch.Tensor], list[str] | None, str | None]:
     """(batches, names, source) for an array/tensor of images or a folder/zip data set."""
     if isinstance(images_or_path, (str, os.PathLike)):
-        from . import data
-
         path = Path(images_or_path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such folder or zip of images")
-        names = data.image_names(path)
+        names = image_names(path)
         if not names:
             raise ValueError(f"{path}: no images found")
-        return data.iter_image_batches(path, batch_size), names, str(path)
+        return iter_image_batches(path, batch_size), names, str(path)
     t = (
         images_or_path
         if isinstance(images_or_path, torch.Tensor)
@@ -322,12 +320,12 @@ def _batches(
 def extract_features(
     images_or_path: torch.Tensor | np.ndarray | str | os.PathLike,   # uint8 (N, C, H, W) or a folder/zip
     backend: str = "sscd",                                           # 'sscd' or 'pixel' (pixel cosine)
-    model: SSCD | Callable[[torch.Tensor], torch.Tensor] | str | None = None,  # sscd: model or its file/URL/name
+    model: SSCD | Callable[[torch.Tensor], torch.Tensor] | str | None = None,  # sscd: model, file, URL, name
     seeds: Sequence[int] | np.ndarray | torch.Tensor | None = None,  # default: parsed from file names
     names: Sequence[str] | None = None,                              # default: the data set's file names
     batch_size: int = 64,                                            # images per batch
     device: str | torch.device | None = None,                        # for a model built here
-    center: bool = False,                                            # pixel backend: subtract each image's mean
+    center: bool = False,                                            # pixel: subtract each image's mean
 ) -> FeatureSet:  # fmt: skip
     """Descriptors of images or of a data set, with their seeds, as a ``FeatureSet``.
 

@@ -255,31 +255,35 @@ def denoiser_jacobian(
         ("replicated batch", lambda: _jac_replicated(net, x, sigma_b, class_labels, dtype, jac, chunk)),
     ]
     jac = torch.empty(batch, n, n, dtype=dtype, device=x.device)
-    failures: list[str] = []
     # The math SDPA backend decomposes attention into ops with vmap rules (the fused CPU kernel's
     # backward has none); dropout is off in eval mode.
     with _eval_mode(net), torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
         out_shape = f(x).shape
         if out_shape != x.shape:
             raise ValueError(f"net output shape {tuple(out_shape)} differs from input shape {tuple(x.shape)}")
-        for i, (name, engine) in enumerate(engines):
-            try:
-                engine()
-            except _TRANSFORM_ERRORS as err:
-                failures.append(f"{name}: {type(err).__name__}: {str(err)[:200]}")
-                if i == len(engines) - 1:
-                    raise RuntimeError(
-                        f"no Jacobian engine worked for {type(net).__name__}: " + "; ".join(failures)
-                    ) from err
-                continue
-            if failures:
-                warnings.warn(
-                    f"Jacobian of {type(net).__name__} computed with {name} after: " + "; ".join(failures),
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            break
+        _first_engine_that_works(engines, type(net).__name__)
     return jac
+
+
+def _first_engine_that_works(engines: list[tuple[str, Callable[[], None]]], what: str) -> None:
+    """Run the engines in turn until one does not fail with a transform error; warn about the failed
+    ones when a later one works, and raise a RuntimeError naming them all when none does."""
+    failures: list[str] = []
+    for i, (name, engine) in enumerate(engines):
+        try:
+            engine()
+        except _TRANSFORM_ERRORS as err:
+            failures.append(f"{name}: {type(err).__name__}: {str(err)[:200]}")
+            if i == len(engines) - 1:
+                raise RuntimeError(f"no Jacobian engine worked for {what}: " + "; ".join(failures)) from err
+            continue
+        if failures:
+            warnings.warn(
+                f"Jacobian of {what} computed with {name} after: " + "; ".join(failures),
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return
 
 
 def effective_rank(

@@ -200,7 +200,7 @@ class UNetBlock(torch.nn.Module):
         up: bool = False,                           # Upsample 2x?
         down: bool = False,                         # Downsample 2x?
         attention: bool = False,                    # Self-attention after the residual branch?
-        num_heads: int | None = None,               # Attention heads; None = out_channels // channels_per_head.
+        num_heads: int | None = None,               # Heads; None: out_channels // channels_per_head.
         channels_per_head: int = 64,                # Used when num_heads is None.
         dropout: float = 0.0,                       # Dropout before conv1.
         skip_scale: float = 1.0,                    # Scale after each residual sum.
@@ -280,7 +280,8 @@ class UNetBlock(torch.nn.Module):
 
 
 class PositionalEmbedding(torch.nn.Module):
-    """Sinusoidal embedding (N,) -> (N, num_channels): [cos(x f_j), sin(x f_j)], f_j = max_positions^(-j/J)."""
+    """Sinusoidal embedding (N,) -> (N, num_channels): [cos(x f_j), sin(x f_j)] with f_j = P^(-j/J),
+    P = ``max_positions``."""
 
     def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
         super().__init__()

@@ -81,10 +81,10 @@ class OptimalDenoiser(torch.nn.Module):
 
     def __init__(
         self,
-        train: torch.Tensor | np.ndarray | Iterable | Callable[[], Iterator],  # training set or a source of batches
+        train: torch.Tensor | np.ndarray | Iterable | Callable[[], Iterator],  # training set or batches
         chunk_size: int = 1024,                                # training points per matrix product
-        device: str | torch.device | None = None,              # where the work happens (default: CUDA if present)
-        img_shape: tuple[int, int, int] | None = None,         # (C, H, W); needed only for flattened (N, D) data
+        device: str | torch.device | None = None,              # where the work happens (default: CUDA if any)
+        img_shape: tuple[int, int, int] | None = None,         # (C, H, W); needed for flattened (N, D) data
         dtype: torch.dtype = torch.float32,                    # precision of the products and exponentials
     ):  # fmt: skip
         super().__init__()
@@ -141,7 +141,8 @@ class OptimalDenoiser(torch.nn.Module):
                 )
             return lambda: iter(train)
         raise ValueError(
-            f"train must be a tensor, an array, a re-iterable of batches or a callable, got {type(train).__name__}"
+            "train must be a tensor, an array, a re-iterable of "
+            f"batches or a callable, got {type(train).__name__}"
         )
 
     @property

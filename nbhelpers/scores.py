@@ -94,8 +94,8 @@ def _seeded(x: Seeded, what: str) -> tuple[torch.Tensor, np.ndarray]:
         data, seeds = x
     else:
         raise ValueError(
-            f"{what} must be a FeatureSet or a (data, seeds) pair, so that samples are paired by seed, "
-            f"got {type(x).__name__}"
+            f"{what} must be a FeatureSet or a (data, seeds) pair, so "
+            f"that samples are paired by seed, got {type(x).__name__}"
         )
     data = _tensor(data)
     seeds = np.asarray(seeds.cpu() if isinstance(seeds, torch.Tensor) else seeds)
@@ -293,9 +293,12 @@ def max_similarity(
 
 
 def memorized_fraction(
-    generated: Any, train: Any, threshold: float = 0.6, chunk_size: int | tuple[int, int] = 4096,
+    generated: Any,
+    train: Any,
+    threshold: float = 0.6,
+    chunk_size: int | tuple[int, int] = 4096,
     device: str | torch.device | None = None,
-) -> float:  # fmt: skip
+) -> float:
     """Fraction of generated samples whose max cosine similarity to the training set exceeds ``threshold``."""
     _check_threshold(threshold)
     values, _ = max_similarity(generated, train, chunk_size, device)
@@ -305,9 +308,12 @@ def memorized_fraction(
 
 
 def generalization_score(
-    generated: Any, train: Any, threshold: float = 0.6, chunk_size: int | tuple[int, int] = 4096,
+    generated: Any,
+    train: Any,
+    threshold: float = 0.6,
+    chunk_size: int | tuple[int, int] = 4096,
     device: str | torch.device | None = None,
-) -> float:  # fmt: skip
+) -> float:
     """GL = 1 - memorized fraction: the share of samples that copy no training image (P1; SSCD, 0.6)."""
     return 1.0 - memorized_fraction(generated, train, threshold, chunk_size, device)
 

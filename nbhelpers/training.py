@@ -47,11 +47,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nbhelpers import safeload
 from nbhelpers.atomic import atomic_path, atomic_write_text, remove_stale_tmp
 from nbhelpers.augment import AugmentPipe, make_augment_pipe
+from nbhelpers.checkpoints import save_network
 from nbhelpers.data import model_space
 from nbhelpers.devices import default_device
 from nbhelpers.losses import LOSSES, DenoisingLoss, LossDraws, make_loss
+from nbhelpers.networks import make_network
 
 __all__ = [
     "TrainConfig",
@@ -208,7 +211,7 @@ class TrainResult:
 
 
 def learning_rate(base_lr: float, cur_nimg: int, rampup_kimg: float) -> float:
-    """EDM's linear ramp-up: ``base_lr * min(cur_nimg / (rampup_kimg * 1000), 1)``; ``base_lr`` if no ramp-up."""
+    """EDM's linear ramp-up: ``base_lr * min(cur_nimg / (rampup_kimg * 1000), 1)``, else ``base_lr``."""
     if rampup_kimg <= 0:
         return base_lr
     return base_lr * min(cur_nimg / (rampup_kimg * 1000), 1.0)
@@ -299,6 +302,15 @@ def init_distributed(device: torch.device | str | None = None) -> tuple[int, int
     return dist.get_rank(), dist.get_world_size()
 
 
+def _join_processes(device: torch.device | str | None, num_threads: int | None):
+    """(rank, world_size, device) of this process (``init_distributed``), with ``num_threads`` set."""
+    rank, world_size = init_distributed(device)
+    device = _resolve_device(device, world_size > 1)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    return rank, world_size, device
+
+
 def _resolve_device(device: torch.device | str | None, distributed: bool) -> torch.device:
     dev = default_device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -339,8 +351,6 @@ def find_latest_state(outdir: str | os.PathLike) -> Path | None:
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     """Read a state dump with :func:`safeload.read_torch_file`: tensors and plain containers only."""
-    from nbhelpers import safeload
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training state {path} does not exist")
@@ -352,8 +362,16 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not an nbhelpers training state (format tag missing)")
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: unsupported training-state version {state.get('version')}")
-    kinds = dict(step=int, window_steps=int, net=dict, ema=dict, optimizer=dict, config=dict, history=list,
-                 window_loss=torch.Tensor)  # fmt: skip
+    kinds = dict(
+        step=int,
+        window_steps=int,
+        net=dict,
+        ema=dict,
+        optimizer=dict,
+        config=dict,
+        history=list,
+        window_loss=torch.Tensor,
+    )
     bad = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind)]
     if bad:
         raise ValueError(f"{path}: training state is missing or has malformed entries {bad}")
@@ -361,10 +379,20 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # Options that may differ on resume without changing what the run computes up to where it stopped.
-RESUME_FREE_OPTIONS = frozenset({
-    "duration_kimg", "total_steps", "snapshot_kimg", "snapshot_steps", "state_dump_kimg",
-    "state_dump_steps", "log_every", "compile", "num_threads", "batch_gpu",
-})  # fmt: skip
+RESUME_FREE_OPTIONS = frozenset(
+    {
+        "duration_kimg",
+        "total_steps",
+        "snapshot_kimg",
+        "snapshot_steps",
+        "state_dump_kimg",
+        "state_dump_steps",
+        "log_every",
+        "compile",
+        "num_threads",
+        "batch_gpu",
+    }
+)
 
 
 def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> str:
@@ -400,14 +428,13 @@ def _check_resume(
         what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ValueError(
             f"{path}: this run differs from the saved one ({what}); resume only the same run, or allow "
-            f"the change explicitly (allow_changed={sorted(refused)}; CLI: --allow-changed {','.join(refused)})"
+            f"the change explicitly (allow_changed={sorted(refused)}; "
+            f"CLI: --allow-changed {','.join(refused)})"
         )
 
 
 def _save_snapshot(ema: torch.nn.Module, path: Path) -> bool:
     """Save the EMA network with checkpoints.save_network; warn and return False if it cannot."""
-    from nbhelpers.checkpoints import save_network
-
     try:
         save_network(ema, path)
     except ValueError as e:
@@ -465,17 +492,20 @@ def _prepare_data(
 
 
 def _build_network(config: TrainConfig, augment_pipe: AugmentPipe | None) -> torch.nn.Module:
-    from nbhelpers.networks import make_network
-
     overrides = dict(config.network)
     if config.dropout is not None:
         overrides["dropout"] = config.dropout
     overrides.setdefault("augment_dim", augment_pipe.label_dim if augment_pipe is not None else 0)
     generator = torch.Generator().manual_seed(_derive_seed(config.seed, _INIT))
     return make_network(
-        config.arch, config.precond, config.img_resolution, config.img_channels, config.label_dim,
-        generator=generator, **overrides,
-    )  # fmt: skip
+        config.arch,
+        config.precond,
+        config.img_resolution,
+        config.img_channels,
+        config.label_dim,
+        generator=generator,
+        **overrides,
+    )
 
 
 def _make_optimizer(net: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -664,6 +694,14 @@ def _accumulate_gradients(
     return losses
 
 
+def _set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, cur_nimg: int) -> float:
+    """Set and return the learning rate of the step that starts at ``cur_nimg`` images (ramp-up)."""
+    lr = learning_rate(config.lr, cur_nimg, config.lr_rampup_kimg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def _update_weights(m: _Model, grad_clip: float | None) -> None:
     """One optimizer step on the accumulated gradients (clipped to norm ``grad_clip`` if given)."""
     if grad_clip is not None:
@@ -785,6 +823,22 @@ class _Outputs:
         p.window_steps = 0
         self.window_start = time.perf_counter()
 
+    def save(
+        self,
+        m: _Model,
+        config: TrainConfig,
+        p: _Progress,
+        world_size: int,
+        data: dict,
+        snap: bool,
+        dump: bool,
+    ):
+        """The EMA snapshot (if ``snap``) and the state dump (if ``dump``) of the run at ``p.step``."""
+        if snap:
+            self.snapshot(m.ema, p.step * config.batch_size)
+        if dump and self.outdir is not None:
+            self.dump(_training_state(m, config, p, world_size, data))
+
     def snapshot(self, ema: torch.nn.Module, nimg: int) -> None:
         """Save the EMA as ``snapshot_path(outdir, nimg)``; after a failure, no more snapshots."""
         if self.outdir is not None and self.snapshots_ok:
@@ -840,32 +894,23 @@ def _training_state(m: _Model, config: TrainConfig, p: _Progress, world_size: in
 
 def train(
     config: TrainConfig,
-    data: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-    outdir: str | os.PathLike | None = None,
-    device: torch.device | str | None = None,
-    resume: str | os.PathLike | None = None,
-    progress: bool = True,
-    net: torch.nn.Module | None = None,
-    allow_changed: Sequence[str] = (),
-) -> TrainResult:
+    data: torch.Tensor | tuple[torch.Tensor, torch.Tensor],  # Images, or (images, labels): see below.
+    outdir: str | os.PathLike | None = None,   # training_options.json, stats.jsonl, snapshots, dumps.
+    device: torch.device | str | None = None,  # Default: CUDA (LOCAL_RANK under torchrun) if present.
+    resume: str | os.PathLike | None = None,   # A state dump, 'latest' (in outdir) or 'auto' (or fresh).
+    progress: bool = True,                     # Progress bar on rank 0.
+    net: torch.nn.Module | None = None,        # A prebuilt denoiser, e.g. molrg.LowRankDenoiser.
+    allow_changed: Sequence[str] = (),         # On resume: 'data' or options that may differ.
+) -> TrainResult:  # fmt: skip
     """Train a denoiser on in-memory ``data``; returns the network, its EMA and the log.
 
-    data:    (N,C,H,W) float in model space [-1, 1] or uint8 (mapped by ``data.to_model``),
-             optionally with labels as ``(images, labels)`` (class indices (N,) or one-hot (N, label_dim)).
-    outdir:  where to write training_options.json, stats.jsonl, snapshots and state dumps (rank 0).
-    resume:  a state-dump path, 'latest' (newest dump in outdir, which must exist) or 'auto'
-             (newest dump if any, else a fresh start).
-    net:     a prebuilt trainable denoiser (e.g. molrg.LowRankDenoiser); default make_network(config).
-    allow_changed: on resume, the data ('data') and every option outside ``RESUME_FREE_OPTIONS``
-             must equal the saved run's; names listed here may differ (a deliberate change).
-    Under torchrun the process group is joined (``init_distributed``) and each rank trains on its
-    slice of every global batch. Raises TrainingDivergedError on a non-finite loss.
+    ``data``: (N,C,H,W) float in model space [-1, 1] or uint8 (``data.to_model``), with labels as
+    class indices (N,) or one-hot (N, label_dim). On resume the data and the options outside
+    ``RESUME_FREE_OPTIONS`` must match the saved run's unless in ``allow_changed``. Under torchrun
+    each rank trains its slice of each global batch. Raises TrainingDivergedError on a NaN/inf loss.
     """
     # Processes, device, data and the configuration the data completes.
-    rank, world_size = init_distributed(device)
-    device = _resolve_device(device, world_size > 1)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    rank, world_size, device = _join_processes(device, config.num_threads)
     images, labels = _prepare_data(data, config.label_dim, device)
     config = _complete_config(config, images, labels)
     layout = _batch_layout(config, rank, world_size)
@@ -879,22 +924,19 @@ def train(
     resume = _resume_source(resume, outdir)
     fingerprint = data_fingerprint(images, labels) if (outdir is not None or resume is not None) else None
     data_record = dict(data_shape=list(images.shape), data_sha256=fingerprint)
-    expected = dict(config=config, fingerprint=fingerprint, allow_changed=allow_changed)
-    p = _restore(m, resume, device, data_shape=data_record["data_shape"], **expected)
+    checks = dict(config=config, fingerprint=fingerprint, allow_changed=allow_changed)
+    p = _restore(m, resume, device, data_shape=data_record["data_shape"], **checks)
 
     # Wrappers, output files, data order and loss generator.
     model, ddp = _wrap(m.net, config, world_size, device)
     out = _Outputs(outdir if rank == 0 else None, config, p, progress and rank == 0, total_steps)
     order = _EpochOrder(images.shape[0], config.seed, device)
     loss_gen = torch.Generator(device=device)
-    check_every_step = world_size == 1 and device.type == "cpu"
 
     try:
         while p.step < total_steps:
             cur_nimg = p.step * B
-            lr = learning_rate(config.lr, cur_nimg, config.lr_rampup_kimg)
-            for group in m.optimizer.param_groups:
-                group["lr"] = lr
+            lr = _set_learning_rate(m.optimizer, config, cur_nimg)
 
             # Global batch: indices and random draws, identical on every rank.
             loss_gen.manual_seed(_derive_seed(config.seed, _LOSS, p.step))
@@ -904,7 +946,7 @@ def train(
             # Accumulate gradients over this rank's rounds, then update the weights.
             for loss in _accumulate_gradients(model, m, config, layout, batch, p.step, ddp):
                 p.window_loss += loss / layout.rounds
-            if check_every_step:
+            if world_size == 1 and device.type == "cpu":  # cheap there: check the loss at every step
                 out.check_finite(p.window_loss.item(), p.step + 1, B)
             _update_weights(m, config.grad_clip)
 
@@ -923,10 +965,7 @@ def train(
             snap, dump = _saves_due(config, p.step, done)
             if (snap or dump) and p.window_steps:
                 out.check_finite(_window_mean(p, world_size), p.step, B)
-            if snap:
-                out.snapshot(m.ema, p.step * B)
-            if dump and out.outdir is not None:
-                out.dump(_training_state(m, config, p, world_size, data_record))
+            out.save(m, config, p, world_size, data_record, snap, dump)
             out.advance()
     finally:
         out.close()

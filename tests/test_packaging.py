@@ -38,8 +38,11 @@ def test_dev_extra_builds_on_the_book_extra():
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_makefile_installs_the_cpu_wheel_before_the_package(tmp_path):
-    out = subprocess.run(["make", "-n", "-B", "-C", str(ROOT), f"VENV={tmp_path / 'venv'}", "setup"],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        ["make", "-n", "-B", "-C", str(ROOT), f"VENV={tmp_path / 'venv'}", "setup"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     torch = [i for i, line in enumerate(lines) if "pip install" in line and "torch==2.13.0" in line]

@@ -96,9 +96,16 @@ def clusters(n: int = 32, seed: int = 0, channels: int = 3, res: int = 4) -> tor
 
 def base_config(**kw) -> TrainConfig:
     d = dict(
-        arch="ddpmpp", precond="edm", network=dict(TINY_UNET), batch_size=8, total_steps=6, lr=2e-3,
-        lr_rampup_kimg=0, ema_beta=0.9, log_every=2,
-    )  # fmt: skip
+        arch="ddpmpp",
+        precond="edm",
+        network=dict(TINY_UNET),
+        batch_size=8,
+        total_steps=6,
+        lr=2e-3,
+        lr_rampup_kimg=0,
+        ema_beta=0.9,
+        log_every=2,
+    )
     d.update(kw)
     return TrainConfig(**d)
 
@@ -421,10 +428,14 @@ def test_exact_resume_and_outdir(tmp_path):
     out = tmp_path / "full"
     names = sorted(p.name for p in out.iterdir())
     assert names == [
-        "network-snapshot-0000000032.nbh", "network-snapshot-0000000056.nbh", "stats.jsonl",
+        "network-snapshot-0000000032.nbh",
+        "network-snapshot-0000000056.nbh",
+        "stats.jsonl",
         "training-state-000000003.pt",
-        "training-state-000000006.pt", "training-state-000000007.pt", "training_options.json",
-    ]  # fmt: skip
+        "training-state-000000006.pt",
+        "training-state-000000007.pt",
+        "training_options.json",
+    ]
     opts = TrainConfig.from_dict(json.loads((out / "training_options.json").read_text()))
     assert opts.img_resolution == 4 and opts.img_channels == 3 and opts.label_dim == 0
     lines = [json.loads(s) for s in (out / "stats.jsonl").read_text().splitlines()]
@@ -476,8 +487,10 @@ def test_ddp_two_processes_match_single_process(tmp_path):
             sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
             torch.set_num_threads(1)
             from test_training import base_config, clusters, run
-            r = run(base_config(batch_size=8, batch_gpu=2, total_steps=3), clusters(32), outdir={str(tmp_path / "out")!r})
-            torch.save({{k: v for k, v in r.net.state_dict().items()}}, {str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.pt")
+            cfg = base_config(batch_size=8, batch_gpu=2, total_steps=3)
+            r = run(cfg, clusters(32), outdir={str(tmp_path / "out")!r})
+            weights = {{k: v for k, v in r.net.state_dict().items()}}
+            torch.save(weights, {str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.pt")
             torch.save([h["loss"] for h in r.history], {str(tmp_path)!r} + f"/loss{{dist.get_rank()}}.pt")
             dist.destroy_process_group()
             """
