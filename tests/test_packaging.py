@@ -71,3 +71,19 @@ def test_system_deps_skips_apt_when_the_packages_are_installed(tmp_path):
     (bin_dir / "dpkg-query").write_text("#!/bin/sh\necho installed\n")  # chromium missing: apt runs
     out = subprocess.run(["make", "-C", str(ROOT), "system-deps"], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "install" in log.read_text()
+
+
+def test_every_module_is_importable_as_an_attribute_of_the_package():
+    import nbhelpers
+
+    modules = {p.stem for p in (ROOT / "nbhelpers").glob("*.py")} - {"__init__", "__main__"}
+    assert nbhelpers._SUBMODULES == modules | {"experiments"}
+
+
+def test_make_help_lists_every_target():
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    phony = re.search(r"^\.PHONY: (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+    listed = re.findall(r"^  make (\S+)", out, re.M)
+    assert listed and sorted(listed) == sorted(phony)
