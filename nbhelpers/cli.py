@@ -318,23 +318,20 @@ def cmd_generate(a: argparse.Namespace) -> int:
     seeds = a.seeds
     latents = _noise_for(a, seeds, record)
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+    churn = dict(S_churn=a.S_churn, S_min=a.S_min, S_max=a.S_max, S_noise=a.S_noise)
     record.update(
-        steps=a.steps,
-        sigma_min=a.sigma_min,
-        sigma_max=a.sigma_max,
-        rho=a.rho,
-        order=order,
-        S_churn=a.S_churn,
-        S_min=a.S_min,
-        S_max=repr(a.S_max),
-        S_noise=a.S_noise,
-        class_idx=a.class_idx,
-        subdirs=a.subdirs,
+        steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho, order=order, **churn
     )
+    record.update(S_max=repr(a.S_max), class_idx=a.class_idx, subdirs=a.subdirs)
     if a.export_noise:
         export_noise(seeds, shape, a.export_noise)
         _print0(f"Initial noise for {len(seeds)} seeds written to {a.export_noise}")
     _print0(f"Generating {len(seeds)} images to {a.outdir} ...")
+    sigma_range = dict(
+        sigma_min=0.002 if a.sigma_min is None else a.sigma_min,
+        sigma_max=80.0 if a.sigma_max is None else a.sigma_max,
+    )
+    sampler = _ablation(a, "heun" if order == 2 else "euler")
     generate(
         net,
         seeds,
@@ -342,21 +339,17 @@ def cmd_generate(a: argparse.Namespace) -> int:
         device=device,
         class_labels=a.class_idx,
         num_steps=a.steps,
-        sigma_min=0.002 if a.sigma_min is None else a.sigma_min,
-        sigma_max=80.0 if a.sigma_max is None else a.sigma_max,
         rho=a.rho,
         order=order,
-        sampler=_ablation(a, "heun" if order == 2 else "euler"),
-        S_churn=a.S_churn,
-        S_min=a.S_min,
-        S_max=a.S_max,
-        S_noise=a.S_noise,
+        sampler=sampler,
         latents=latents,
         out=a.outdir,
         subdirs=a.subdirs,
         progress=True,
         skip_existing=not a.overwrite,
         record=record,
+        **sigma_range,
+        **churn,
     )
     _print0("Done.")
     return 0

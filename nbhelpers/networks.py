@@ -176,19 +176,12 @@ class SongUNet(torch.nn.Module):
         init = dict(init_base, **g)
         init_zero = dict(zero_base, **g)
         block_kwargs = dict(
-            emb_channels=emb_channels,
-            num_heads=1,
-            dropout=dropout,
-            skip_scale=math.sqrt(0.5),
-            eps=1e-6,
-            resample_filter=resample_filter,
-            resample_proj=True,
-            adaptive_scale=False,
-            init=init_base,
-            init_zero=zero_base,
-            init_attn=attn_base,
-            generator=generator,
+            emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5)
         )
+        block_kwargs.update(
+            eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False
+        )
+        block_kwargs.update(init=init_base, init_zero=zero_base, init_attn=attn_base, generator=generator)
 
         # Mapping of noise level, class and augmentation labels to the embedding vector.
         if embedding_type == "positional":
@@ -709,36 +702,31 @@ class EDMPrecond(_Precond):
 
 PRECONDS: dict[str, type[_Precond]] = {"vp": VPPrecond, "ve": VEPrecond, "edm": EDMPrecond}
 
+
+def _song_preset(
+    embedding_type: str, encoder_type: str, channel_mult_noise: int, resample_filter: list
+) -> dict:
+    """EDM's DDPM++ (positional, standard) or NCSN++ (fourier, residual) preset for CIFAR-10."""
+    return dict(
+        model_type="SongUNet",
+        embedding_type=embedding_type,
+        encoder_type=encoder_type,
+        decoder_type="standard",
+        channel_mult_noise=channel_mult_noise,
+        resample_filter=resample_filter,
+        model_channels=128,
+        channel_mult=[2, 2, 2],
+        num_blocks=4,
+        attn_resolutions=[16],
+        dropout=0.13,
+        augment_dim=9,
+    )
+
+
 # Presets of EDM's train.py (CIFAR-10 defaults: dropout 0.13, augment p 0.12 -> augment_dim 9).
 ARCHS: dict[str, dict] = {
-    "ddpmpp": dict(
-        model_type="SongUNet",
-        embedding_type="positional",
-        encoder_type="standard",
-        decoder_type="standard",
-        channel_mult_noise=1,
-        resample_filter=[1, 1],
-        model_channels=128,
-        channel_mult=[2, 2, 2],
-        num_blocks=4,
-        attn_resolutions=[16],
-        dropout=0.13,
-        augment_dim=9,
-    ),
-    "ncsnpp": dict(
-        model_type="SongUNet",
-        embedding_type="fourier",
-        encoder_type="residual",
-        decoder_type="standard",
-        channel_mult_noise=2,
-        resample_filter=[1, 3, 3, 1],
-        model_channels=128,
-        channel_mult=[2, 2, 2],
-        num_blocks=4,
-        attn_resolutions=[16],
-        dropout=0.13,
-        augment_dim=9,
-    ),
+    "ddpmpp": _song_preset("positional", "standard", 1, [1, 1]),
+    "ncsnpp": _song_preset("fourier", "residual", 2, [1, 3, 3, 1]),
     "adm": dict(
         model_type="DhariwalUNet",
         model_channels=192,

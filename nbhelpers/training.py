@@ -362,16 +362,8 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not an nbhelpers training state (format tag missing)")
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: unsupported training-state version {state.get('version')}")
-    kinds = dict(
-        step=int,
-        window_steps=int,
-        net=dict,
-        ema=dict,
-        optimizer=dict,
-        config=dict,
-        history=list,
-        window_loss=torch.Tensor,
-    )
+    kinds = dict(step=int, window_steps=int, net=dict, ema=dict, optimizer=dict, config=dict, history=list)
+    kinds["window_loss"] = torch.Tensor
     bad = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind)]
     if bad:
         raise ValueError(f"{path}: training state is missing or has malformed entries {bad}")

@@ -19,19 +19,10 @@ from nbhelpers import networks
 
 # A tiny EDM DDPM++ preset, as EDM's train.py records it for the preconditioner.
 TINY_SONG = dict(
-    model_type="SongUNet",
-    embedding_type="positional",
-    encoder_type="standard",
-    decoder_type="standard",
-    channel_mult_noise=1,
-    resample_filter=[1, 1],
-    model_channels=16,
-    channel_mult=[1, 2],
-    num_blocks=1,
-    attn_resolutions=[4],
-    dropout=0.13,
-    use_fp16=False,
-)
+    model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
+    channel_mult_noise=1, resample_filter=[1, 1], model_channels=16, channel_mult=[1, 2], num_blocks=1,
+    attn_resolutions=[4], dropout=0.13, use_fp16=False,
+)  # fmt: skip
 TINY_VP = dict(img_resolution=8, img_channels=3, label_dim=0, **TINY_SONG)
 
 
@@ -103,11 +94,8 @@ def snapshot_bytes(net=None, init_kwargs=None, protocol: int = 2, **extra) -> by
     """An EDM snapshot pickle of ``net`` (default :func:`tiny_net`) with ``extra`` top-level entries."""
     net = tiny_net() if net is None else net
     with fake_persistence():
-        data = dict(
-            ema=edm_tree(net, init_kwargs if init_kwargs is not None else dict(TINY_VP)),
-            augment_pipe=None,
-            dataset_kwargs=dict(path="data.zip"),
-        )
+        data = dict(ema=edm_tree(net, init_kwargs if init_kwargs is not None else dict(TINY_VP)),
+                    augment_pipe=None, dataset_kwargs=dict(path="data.zip"))  # fmt: skip
         data.update(extra)
         return pickle.dumps(data, protocol=protocol)
 
@@ -147,38 +135,14 @@ def pickle_program(body: bytes, protocol: int = 3) -> bytes:
 def numpy_object_array_ops(pointer: bytes = b"A" * 8, module: str = "numpy.core.multiarray") -> bytes:
     """Opcodes of an ndarray whose dtype is 'O' with its flags cleared: raw bytes become PyObject pointers."""
     dtype = (
-        GLOBAL("numpy", "dtype")
-        + b"("
-        + STR("O8")
-        + b"\x89\x88t"
-        + b"R"
-        + b"("
-        + INT(3)
-        + STR("|")
-        + b"NNN"
-        + INT(-1)
-        + INT(-1)
-        + INT(0)
-        + b"t"
-        + b"b"
-    )
+        GLOBAL("numpy", "dtype") + b"(" + STR("O8") + b"\x89\x88t" + b"R"
+        + b"(" + INT(3) + STR("|") + b"NNN" + INT(-1) + INT(-1) + INT(0) + b"t" + b"b"
+    )  # fmt: skip
     return (
-        GLOBAL(module, "_reconstruct")
-        + GLOBAL("numpy", "ndarray")
-        + INT(0)
-        + b"\x85"
-        + BYTES(b"b")
-        + b"\x87R"
-        + b"("
-        + INT(1)
-        + INT(len(pointer) // 8)
-        + b"\x85"
-        + dtype
-        + b"\x89"
-        + BYTES(pointer)
-        + b"t"
-        + b"b"
-    )
+        GLOBAL(module, "_reconstruct") + GLOBAL("numpy", "ndarray") + INT(0) + b"\x85" + BYTES(b"b")
+        + b"\x87R" + b"(" + INT(1) + INT(len(pointer) // 8) + b"\x85" + dtype + b"\x89" + BYTES(pointer)
+        + b"t" + b"b"
+    )  # fmt: skip
 
 
 def nested_list_ops(depth: int) -> bytes:

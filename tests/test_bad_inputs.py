@@ -48,9 +48,8 @@ def one_line_error(code: int, err: str, *names: str) -> None:
 @pytest.fixture
 def mlp(tmp_path) -> Path:
     """A tiny EDM-preconditioned MLP on 4x4 grey images, saved as an nbhelpers network."""
-    net = networks.make_network(
-        "mlp", "edm", 4, 1, hidden_dim=8, num_layers=1, emb_dim=4, generator=torch.Generator().manual_seed(0)
-    )
+    net = networks.make_network("mlp", "edm", 4, 1, hidden_dim=8, num_layers=1, emb_dim=4,
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
     return save_network(net, tmp_path / "mlp.nbh")
 
 
@@ -116,18 +115,8 @@ def test_nan_training_features_do_not_flip_mscore(tmp_path, capsys):
 def test_threshold_nan_is_refused(tmp_path, capsys):
     FeatureSet(unit(4), seeds=torch.arange(4)).save(tmp_path / "a.npz")
     for cmd in ("rpscore", "mscore"):
-        code, out, err = run(
-            capsys,
-            "sscd",
-            cmd,
-            "--source",
-            tmp_path / "a.npz",
-            "--target",
-            tmp_path / "a.npz",
-            "--t",
-            "nan",
-            "--json",
-        )
+        code, out, err = run(capsys, "sscd", cmd, "--source", tmp_path / "a.npz",
+                             "--target", tmp_path / "a.npz", "--t", "nan", "--json")  # fmt: skip
         one_line_error(code, err, "--t")
         assert "NaN" not in out
 
@@ -156,20 +145,8 @@ def test_nan_weights_or_noise_give_an_error_not_black_images(tmp_path, capsys, m
         noise = z["noise"].copy()
     noise[1, 0, 0, 0] = np.nan
     np.savez(tmp_path / "nan-noise.npz", seeds=np.arange(2), noise=noise)
-    code, _, err = run(
-        capsys,
-        "generate",
-        "--network",
-        mlp,
-        "--outdir",
-        tmp_path / "out",
-        "--seeds",
-        "0-1",
-        "--noise",
-        tmp_path / "nan-noise.npz",
-        "--steps",
-        "2",
-    )
+    code, _, err = run(capsys, "generate", "--network", mlp, "--outdir", tmp_path / "out", "--seeds", "0-1",
+                       "--noise", tmp_path / "nan-noise.npz", "--steps", "2")  # fmt: skip
     one_line_error(code, err, "nan-noise.npz", "NaN")
     assert not list((tmp_path / "out").glob("*.png"))
 
@@ -181,20 +158,8 @@ def test_nan_weights_or_noise_give_an_error_not_black_images(tmp_path, capsys, m
 )
 def test_noise_files_with_float_or_repeated_seeds(tmp_path, capsys, mlp, seeds, pattern):
     np.savez(tmp_path / "noise.npz", seeds=seeds, noise=np.zeros((2, 1, 4, 4), np.float32))
-    code, _, err = run(
-        capsys,
-        "generate",
-        "--network",
-        mlp,
-        "--outdir",
-        tmp_path / "out",
-        "--seeds",
-        "0",
-        "--noise",
-        tmp_path / "noise.npz",
-        "--steps",
-        "2",
-    )
+    code, _, err = run(capsys, "generate", "--network", mlp, "--outdir", tmp_path / "out", "--seeds", "0",
+                       "--noise", tmp_path / "noise.npz", "--steps", "2")  # fmt: skip
     one_line_error(code, err, "noise.npz", pattern)
 
 
@@ -250,20 +215,8 @@ def test_full_disk_while_writing_names_the_file(tmp_path, capsys, monkeypatch, m
         return real(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", full)
-    code, _, err = run(
-        capsys,
-        "generate",
-        "--network",
-        mlp,
-        "--outdir",
-        tmp_path / "out",
-        "--seeds",
-        "0-3",
-        "--batch",
-        "1",
-        "--steps",
-        "2",
-    )
+    code, _, err = run(capsys, "generate", "--network", mlp, "--outdir", tmp_path / "out", "--seeds", "0-3",
+                       "--batch", "1", "--steps", "2")  # fmt: skip
     one_line_error(code, err, "000001.png", "No space left")
     assert (tmp_path / "out" / "000000.png").is_file()  # the batch before the failure was kept
     assert not list((tmp_path / "out").glob(".tmp-*"))
@@ -272,9 +225,8 @@ def test_full_disk_while_writing_names_the_file(tmp_path, capsys, monkeypatch, m
 def test_generate_rerun_keeps_finished_images_and_refuses_other_settings(tmp_path, capsys, monkeypatch, mlp):
     import nbhelpers.sampling as sampling
 
-    full = generate(
-        __import__("nbhelpers.checkpoints").checkpoints.load_network(mlp), range(6), device="cpu", num_steps=3
-    )
+    full = generate(__import__("nbhelpers.checkpoints").checkpoints.load_network(mlp), range(6), device="cpu",
+                    num_steps=3)  # fmt: skip
     calls = []
     real = sampling.edm_sampler
 
@@ -287,21 +239,8 @@ def test_generate_rerun_keeps_finished_images_and_refuses_other_settings(tmp_pat
     monkeypatch.setattr(sampling, "edm_sampler", counting)
     for out in ("imgs", "imgs.zip"):
         calls.clear()
-        argv = [
-            "generate",
-            "--network",
-            mlp,
-            "--outdir",
-            tmp_path / out,
-            "--seeds",
-            "0-5",
-            "--batch",
-            "2",
-            "--steps",
-            "3",
-            "--device",
-            "cpu",
-        ]
+        argv = ["generate", "--network", mlp, "--outdir", tmp_path / out, "--seeds", "0-5", "--batch", "2",
+                "--steps", "3", "--device", "cpu"]  # fmt: skip
         with pytest.raises(KeyboardInterrupt):
             run(capsys, *argv)
         calls.clear()
@@ -318,20 +257,8 @@ def test_generate_rerun_keeps_finished_images_and_refuses_other_settings(tmp_pat
             got = [np.asarray(Image.open(tmp_path / out / n)) for n in names]
         assert all(np.array_equal(g, full[i, 0].numpy()) for i, g in enumerate(got))
     # Other sampler settings into the same folder: refused, not mixed.
-    code, _, err = run(
-        capsys,
-        "generate",
-        "--network",
-        mlp,
-        "--outdir",
-        tmp_path / "imgs",
-        "--seeds",
-        "0-5",
-        "--steps",
-        "4",
-        "--device",
-        "cpu",
-    )
+    code, _, err = run(capsys, "generate", "--network", mlp, "--outdir", tmp_path / "imgs", "--seeds", "0-5",
+                       "--steps", "4", "--device", "cpu")  # fmt: skip
     one_line_error(code, err, "imgs", "steps")
 
 
@@ -363,23 +290,8 @@ def test_killed_generate_keeps_its_batches_and_resumes(tmp_path, mlp):
     assert 3 <= len(kept) < 12, kept
     for p in kept:
         np.asarray(Image.open(p))  # every image that is there is a complete PNG
-    code = main(
-        [
-            "generate",
-            "--network",
-            str(mlp),
-            "--outdir",
-            str(out),
-            "--seeds",
-            "0-11",
-            "--batch",
-            "4",
-            "--steps",
-            "3",
-            "--device",
-            "cpu",
-        ]
-    )
+    code = main(["generate", "--network", str(mlp), "--outdir", str(out), "--seeds", "0-11", "--batch", "4",
+                 "--steps", "3", "--device", "cpu"])  # fmt: skip
     assert code == 0
     from nbhelpers.checkpoints import load_network
 
@@ -450,9 +362,8 @@ def test_png_over_the_pixel_limit(tmp_path, capsys, monkeypatch):
 def test_train_with_zero_batch_or_width(tmp_path, capsys, option):
     (tmp_path / "ds").mkdir()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "ds" / "a.png")
-    code, _, err = run(
-        capsys, "train", "--outdir", tmp_path / "t", "--data", tmp_path / "ds", option, "0", "--device", "cpu"
-    )
+    code, _, err = run(capsys, "train", "--outdir", tmp_path / "t", "--data", tmp_path / "ds", option, "0",
+                       "--device", "cpu")  # fmt: skip
     one_line_error(code, err, option)
 
 
@@ -461,39 +372,15 @@ def test_cond_with_negative_labels(tmp_path, capsys):
     for name in ("a.png", "b.png"):
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "ds" / name)
     (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0], ["b.png", -1]]}))
-    code, _, err = run(
-        capsys,
-        "train",
-        "--outdir",
-        tmp_path / "t",
-        "--data",
-        tmp_path / "ds",
-        "--cond",
-        "1",
-        "--device",
-        "cpu",
-        "--duration",
-        "0.00001",
-        "--batch",
-        "2",
-    )
+    code, _, err = run(capsys, "train", "--outdir", tmp_path / "t", "--data", tmp_path / "ds", "--cond", "1",
+                       "--device", "cpu", "--duration", "0.00001", "--batch", "2")  # fmt: skip
     one_line_error(code, err, "dataset.json", "non-negative")
 
 
 def test_noise_given_as_npy(tmp_path, capsys, mlp):
     np.save(tmp_path / "x.npy", np.zeros((1, 1, 4, 4), np.float32))
-    code, _, err = run(
-        capsys,
-        "generate",
-        "--network",
-        mlp,
-        "--outdir",
-        tmp_path / "o",
-        "--seeds",
-        "0",
-        "--noise",
-        tmp_path / "x.npy",
-    )
+    code, _, err = run(capsys, "generate", "--network", mlp, "--outdir", tmp_path / "o", "--seeds", "0",
+                       "--noise", tmp_path / "x.npy")  # fmt: skip
     one_line_error(code, err, "x.npy", ".npz")
 
 
@@ -516,17 +403,8 @@ def test_huge_seed_range_is_refused_without_allocating(tmp_path):
 def test_seed_beyond_int64_in_an_image_name(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "imgs" / f"{2**70}.png")
-    code, _, err = run(
-        capsys,
-        "sscd",
-        "feature",
-        "--backend",
-        "pixel",
-        "--images",
-        tmp_path / "imgs",
-        "--features",
-        tmp_path / "f.npz",
-    )
+    code, _, err = run(capsys, "sscd", "feature", "--backend", "pixel", "--images", tmp_path / "imgs",
+                       "--features", tmp_path / "f.npz")  # fmt: skip
     one_line_error(code, err, f"{2**70}.png")
 
 
@@ -550,24 +428,9 @@ def test_truncated_molrg_npz(tmp_path, capsys):
     mix.save(tmp_path / name, samples=x, labels=labels)
     data = (tmp_path / name).read_bytes()
     (tmp_path / name).write_bytes(data[: len(data) // 2])
-    code, _, err = run(
-        capsys,
-        "train-molrg",
-        "--outdir",
-        tmp_path / "t",
-        "--path",
-        tmp_path,
-        "--img_res",
-        "4",
-        "--class_num",
-        "2",
-        "--per_class_dim",
-        "3",
-        "--sample_per_class",
-        "8",
-        "--device",
-        "cpu",
-    )
+    code, _, err = run(capsys, "train-molrg", "--outdir", tmp_path / "t", "--path", tmp_path,
+                       "--img_res", "4", "--class_num", "2", "--per_class_dim", "3",
+                       "--sample_per_class", "8", "--device", "cpu")  # fmt: skip
     one_line_error(code, err, name)
 
 

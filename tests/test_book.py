@@ -21,16 +21,9 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = ["regimes", "optimal_denoiser", "model_similarity", "jacobian_rank", "molrg_phase_transition"]
 MATHJAX_CACHE = ROOT / ".cache" / "mathjax" / "package"
-WIDE_PARAMETER = {
-    "model_channels": 128,
-    "channel_mult": [2, 2, 2],
-    "num_blocks": 4,
-    "attn_resolutions": [16],
-    "dropout": 0.13,
-    "augment_dim": 9,
-    "embedding_type": "positional",
-    "encoder_type": "standard",
-}
+WIDE_PARAMETER = {"model_channels": 128, "channel_mult": [2, 2, 2], "num_blocks": 4, "attn_resolutions": [16],
+                  "dropout": 0.13, "augment_dim": 9, "embedding_type": "positional",
+                  "encoder_type": "standard"}  # fmt: skip
 
 
 def _load_tool(name: str):
@@ -146,7 +139,7 @@ def test_tidy_notebook_hides_injected_cell_and_strips_noise():
                             "application/vnd.jupyter.widget-view+json": {"model_id": "m"},
                             "text/plain": "HBox()",
                         },
-                    ),
+                    ),  # fmt: skip
                     new_output("stream", name="stdout", text="\r\r"),
                 ],
             ),
@@ -327,34 +320,21 @@ def test_summary_notebook_reports_rows_missing_and_broken_files(tmp_path):
     import papermill
 
     results = tmp_path / "results"
-    row = {
-        "quantity": "GL at N=64",
-        "setting": "UNet-64",
-        "measured": 0.123456,
-        "paper": None,
-        "check": "<= 0.1",
-        "passed": False,
-        "kind": "phenomenon",
-        "margin": -1.5,
-        "note": "small",
-    }
+    row = {"quantity": "GL at N=64", "setting": "UNet-64", "measured": 0.123456, "paper": None,
+           "check": "<= 0.1", "passed": False, "kind": "phenomenon", "margin": -1.5,
+           "note": "small"}  # fmt: skip
     sanity = {**row, "quantity": "copy criterion: held-out samples flagged", "kind": "sanity", "margin": None}
     _write_results(
-        results,
-        "regimes",
+        results, "regimes",
         [row, {**row, "quantity": "GL at N=1024", "passed": True, "paper": 0.99, "margin": 2.0}, sanity],
-    )
+    )  # fmt: skip
     _write_results(results, "jacobian_rank", [{**row, "quantity": "rank ratio", "kind": None}], profile="ci")
     (results / "model_similarity.json").write_text("{not json")
     out = tmp_path / "summary.ipynb"
     papermill.execute_notebook(
-        str(ROOT / "notebooks" / "summary.ipynb"),
-        str(out),
-        parameters={"results_dir": str(results)},
-        kernel_name="python3",
-        progress_bar=False,
-        cwd=str(ROOT / "notebooks"),
-    )
+        str(ROOT / "notebooks" / "summary.ipynb"), str(out), parameters={"results_dir": str(results)},
+        kernel_name="python3", progress_bar=False, cwd=str(ROOT / "notebooks"),
+    )  # fmt: skip
     text = _outputs_text(nbformat.read(out, as_version=4))
     assert "GL at N=1024" in text and "rank ratio" in text and "0.123" in text
     assert "FAIL" in text and "not shown" in text and "(-1.5 se)" in text
@@ -369,13 +349,10 @@ def test_summary_notebook_reports_rows_missing_and_broken_files(tmp_path):
     assert "holds results of the `ci` profile" in text
     # A fresh clone: no results folder at all.
     papermill.execute_notebook(
-        str(ROOT / "notebooks" / "summary.ipynb"),
-        str(out),
-        parameters={"results_dir": str(tmp_path / "none")},
-        kernel_name="python3",
-        progress_bar=False,
+        str(ROOT / "notebooks" / "summary.ipynb"), str(out),
+        parameters={"results_dir": str(tmp_path / "none")}, kernel_name="python3", progress_bar=False,
         cwd=str(ROOT / "notebooks"),
-    )
+    )  # fmt: skip
     text = _outputs_text(nbformat.read(out, as_version=4))
     assert "No results to show yet" in text and text.count(": no results file") == 5
 

@@ -25,19 +25,10 @@ from nbhelpers.checkpoints import (
 
 # Tiny versions of EDM's train.py presets: the init kwargs EDM records for the preconditioner.
 TINY_SONG = dict(
-    model_type="SongUNet",
-    embedding_type="positional",
-    encoder_type="standard",
-    decoder_type="standard",
-    channel_mult_noise=1,
-    resample_filter=[1, 1],
-    model_channels=16,
-    channel_mult=[1, 2],
-    num_blocks=1,
-    attn_resolutions=[4],
-    dropout=0.13,
-    use_fp16=False,
-)
+    model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
+    channel_mult_noise=1, resample_filter=[1, 1], model_channels=16, channel_mult=[1, 2], num_blocks=1,
+    attn_resolutions=[4], dropout=0.13, use_fp16=False,
+)  # fmt: skip
 TINY_NCSN = dict(
     TINY_SONG,
     embedding_type="fourier",
@@ -46,14 +37,9 @@ TINY_NCSN = dict(
     resample_filter=[1, 3, 3, 1],
 )
 TINY_ADM = dict(
-    model_type="DhariwalUNet",
-    model_channels=16,
-    channel_mult=[1, 2],
-    num_blocks=1,
-    attn_resolutions=[4],
-    dropout=0.1,
-    use_fp16=False,
-)
+    model_type="DhariwalUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+    dropout=0.1, use_fp16=False,
+)  # fmt: skip
 
 CASES = {
     "vp-ddpmpp": ("VPPrecond", dict(img_resolution=8, img_channels=3, label_dim=0, **TINY_SONG)),

@@ -61,17 +61,8 @@ def snapshot(tmp_path_factory):
     from nbhelpers.networks import make_network
 
     g = torch.Generator().manual_seed(0)
-    net = make_network(
-        "ddpmpp",
-        "vp",
-        8,
-        3,
-        model_channels=8,
-        channel_mult=[1],
-        num_blocks=1,
-        attn_resolutions=[],
-        generator=g,
-    )
+    net = make_network("ddpmpp", "vp", 8, 3, model_channels=8, channel_mult=[1], num_blocks=1,
+                       attn_resolutions=[], generator=g)  # fmt: skip
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
@@ -89,20 +80,8 @@ def test_jacobian_steps_class_sigmas_and_churn(snapshot, tmp_path, capsys):
     table = pd.read_csv(tmp_path / "t.csv")  # the trajectory of 3 steps: 3 levels, 2 seeds
     levels = edm_sigmas(3, 0.002, 80.0, 7.0).tolist()[:-1]
     assert len(table) == 6 and np.allclose(sorted(set(table["sigma"]), reverse=True), levels)
-    code, _, _ = run(
-        capsys,
-        *base,
-        "--steps",
-        "4",
-        "--sigma_max",
-        "10",
-        "--sigma_min",
-        "0.5",
-        "--rho",
-        "3",
-        "--out",
-        tmp_path / "u.csv",
-    )
+    code, _, _ = run(capsys, *base, "--steps", "4", "--sigma_max", "10", "--sigma_min", "0.5", "--rho", "3",
+                     "--out", tmp_path / "u.csv")  # fmt: skip
     sig = sorted(set(pd.read_csv(tmp_path / "u.csv")["sigma"]), reverse=True)
     assert code == 0 and np.allclose(sig, edm_sigmas(4, 0.5, 10.0, 3.0).tolist()[:-1])
     churn = ["--S_churn", "40", "--S_min", "0.01", "--S_max", "100", "--S_noise", "1.007"]
@@ -156,32 +135,12 @@ def test_dataset_transform(tmp_path, capsys):
     Image.fromarray(g.integers(0, 255, (10, 12), dtype=np.uint8), "L").save(src / "3.png")  # grayscale, small
     from nbhelpers.data import load_images
 
-    code, _, err = run(
-        capsys,
-        "dataset",
-        "--source",
-        src,
-        "--dest",
-        tmp_path / "cc.zip",
-        "--transform",
-        "center-crop",
-        "--resolution",
-        "16x16",
-    )
+    code, _, err = run(capsys, "dataset", "--source", src, "--dest", tmp_path / "cc.zip", "--transform",
+                       "center-crop", "--resolution", "16x16")  # fmt: skip
     images, _ = load_images(tmp_path / "cc.zip")
     assert code == 0 and images.shape == (4, 3, 16, 16)
-    code, _, err = run(
-        capsys,
-        "dataset",
-        "--source",
-        src,
-        "--dest",
-        tmp_path / "w.zip",
-        "--transform",
-        "center-crop-wide",
-        "--resolution",
-        "16x8",
-    )
+    code, _, err = run(capsys, "dataset", "--source", src, "--dest", tmp_path / "w.zip", "--transform",
+                       "center-crop-wide", "--resolution", "16x8")  # fmt: skip
     images, _ = load_images(tmp_path / "w.zip")
     # the 12-pixel-wide image is skipped; the others are 16 x 8 bands on a black 16 x 16 square
     assert code == 0 and images.shape == (3, 3, 16, 16)
@@ -206,71 +165,20 @@ def test_training_options_are_accepted_with_their_meaning(tmp_path, capsys):
     )
     assert code == 0, err
     assert '"loss_scaling": 4.0' in out and '"optimizer": "adam"' in out
-    code, out, err = run(
-        capsys,
-        "train-molrg",
-        "--outdir",
-        tmp_path / "m",
-        "--path",
-        tmp_path / "d",
-        "--dry-run",
-        "--img_res",
-        "4",
-        "--class_num",
-        "2",
-        "--per_class_dim",
-        "2",
-        "--sample_per_class",
-        "8",
-        "--optimizer",
-        "sgd",
-        "--ls",
-        "2",
-        "--workers",
-        "2",
-        "--bench",
-        "1",
-    )
+    code, out, err = run(capsys, "train-molrg", "--outdir", tmp_path / "m", "--path", tmp_path / "d",
+                         "--dry-run", "--img_res", "4", "--class_num", "2", "--per_class_dim", "2",
+                         "--sample_per_class", "8", "--optimizer", "sgd", "--ls", "2", "--workers", "2",
+                         "--bench", "1")  # fmt: skip
     assert code == 0 and '"optimizer": "sgd"' in out and '"loss_scaling": 2.0' in out
 
 
 @pytest.mark.slow
 def test_train_molrg_resumedir_and_sgd(tmp_path, capsys):
-    args = [
-        "train-molrg",
-        "--outdir",
-        tmp_path / "training",
-        "--path",
-        tmp_path / "datasets",
-        "--img_res",
-        "4",
-        "--class_num",
-        "2",
-        "--per_class_dim",
-        "2",
-        "--sample_per_class",
-        "16",
-        "--embed_channels",
-        "8",
-        "--batch",
-        "32",
-        "--tick",
-        "0.064",
-        "--snap",
-        "1",
-        "--dump",
-        "1",
-        "--lr-rampup",
-        "0",
-        "--dropout",
-        "0",
-        "--device",
-        "cpu",
-        "--optimizer",
-        "sgd",
-        "--resume",
-        "0",
-    ]
+    args = ["train-molrg", "--outdir", tmp_path / "training", "--path", tmp_path / "datasets",
+            "--img_res", "4", "--class_num", "2", "--per_class_dim", "2", "--sample_per_class", "16",
+            "--embed_channels", "8", "--batch", "32", "--tick", "0.064", "--snap", "1", "--dump", "1",
+            "--lr-rampup", "0", "--dropout", "0", "--device", "cpu", "--optimizer", "sgd",
+            "--resume", "0"]  # fmt: skip
     run_dir = tmp_path / "continue-here"
     code, _, err = run(
         capsys, *args, "--duration", "0.000256", "--resumedir", run_dir
@@ -293,16 +201,8 @@ def test_loss_scaling_scales_the_gradient():
     from nbhelpers.training import TrainConfig, train
 
     x = torch.randn(32, 2, 2, 2, generator=torch.Generator().manual_seed(0))
-    common = dict(
-        arch="mlp",
-        precond="edm",
-        network=dict(hidden_dim=16, num_layers=2, emb_dim=8),
-        total_steps=3,
-        batch_size=16,
-        lr_rampup_kimg=0,
-        ema_beta=0.0,
-        optimizer="sgd",
-    )
+    common = dict(arch="mlp", precond="edm", network=dict(hidden_dim=16, num_layers=2, emb_dim=8),
+                  total_steps=3, batch_size=16, lr_rampup_kimg=0, ema_beta=0.0, optimizer="sgd")  # fmt: skip
     a = train(
         TrainConfig(lr=0.05, loss_scaling=2.0, **common), x, device="cpu", progress=False
     ).net.state_dict()

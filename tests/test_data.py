@@ -325,23 +325,10 @@ def _py2_pickle(data: np.ndarray, labels: list[int]) -> bytes:
         [b"cnumpy\ndtype\n", s(b"u1"), b"\x89\x88\x87R", b"(K\x03", s(b"|"), b"NNN", i(-1), i(-1), b"K\x00tb"]
     )
     # _reconstruct(ndarray, (0,), "b") with state (1, shape, dtype, False, raw bytes).
-    array = b"".join(
-        [
-            b"cnumpy.core.multiarray\n_reconstruct\n",
-            b"cnumpy\nndarray\n",
-            b"K\x00\x85",
-            s(b"b"),
-            b"\x87R",
-            b"(K\x01",
-            i(data.shape[0]),
-            i(data.shape[1]),
-            b"\x86",
-            dtype,
-            b"\x89",
-            s(data.tobytes()),
-            b"tb",
-        ]
-    )
+    array = b"".join([
+        b"cnumpy.core.multiarray\n_reconstruct\n", b"cnumpy\nndarray\n", b"K\x00\x85", s(b"b"), b"\x87R",
+        b"(K\x01", i(data.shape[0]), i(data.shape[1]), b"\x86", dtype, b"\x89", s(data.tobytes()), b"tb",
+    ])  # fmt: skip
     label_list = b"](" + b"".join(i(v) for v in labels) + b"e"
     body = s(b"batch_label") + s(b"training batch") + s(b"data") + array + s(b"labels") + label_list
     return b"\x80\x02}(" + body + b"u."

@@ -113,11 +113,8 @@ def test_fuzzed_checkpoints_load_or_exit_2_with_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path), str(count), "13"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
     lines = [json.loads(s) for s in proc.stdout.splitlines() if s.startswith("{")]
     done = len(lines)
     assert proc.returncode == 0, (

@@ -61,12 +61,8 @@ def poisoning_snapshot() -> bytes:
     tensor rebuilder so that every later tensor comes back negated (metadata {'neg': True})."""
     poison = (
         GLOBAL("torch._utils", "_rebuild_tensor_v2")
-        + b"N}"
-        + STR("__defaults__")
-        + b"}"
-        + STR("neg")
-        + b"\x88s\x85s\x86b"
-    )
+        + b"N}" + STR("__defaults__") + b"}" + STR("neg") + b"\x88s\x85s\x86b"
+    )  # fmt: skip
     return splice(snapshot_bytes(augment_pipe="@POISON@"), "@POISON@", poison)
 
 
@@ -147,30 +143,11 @@ def test_structured_numpy_dtype_is_refused(tmp_path):
 def test_cifar_tarball_with_forged_array_is_refused_without_crashing(tmp_path):
     # Valid image data; the labels are the forged object array (converting them dereferences the pointer).
     data = (
-        GLOBAL("numpy.core.multiarray", "_reconstruct")
-        + GLOBAL("numpy", "ndarray")
-        + INT(0)
-        + b"\x85"
-        + BYTES(b"b")
-        + b"\x87R("
-        + INT(1)
-        + INT(1)
-        + INT(3072)
-        + b"\x86"
-        + GLOBAL("numpy", "dtype")
-        + b"("
-        + STR("u1")
-        + b"\x89\x88tR("
-        + INT(3)
-        + STR("|")
-        + b"NNN"
-        + INT(-1)
-        + INT(-1)
-        + INT(0)
-        + b"tb\x89"
-        + BYTES(bytes(3072))
-        + b"tb"
-    )
+        GLOBAL("numpy.core.multiarray", "_reconstruct") + GLOBAL("numpy", "ndarray") + INT(0) + b"\x85"
+        + BYTES(b"b") + b"\x87R(" + INT(1) + INT(1) + INT(3072) + b"\x86" + GLOBAL("numpy", "dtype")
+        + b"(" + STR("u1") + b"\x89\x88tR(" + INT(3) + STR("|") + b"NNN" + INT(-1) + INT(-1) + INT(0)
+        + b"tb\x89" + BYTES(bytes(3072)) + b"tb"
+    )  # fmt: skip
     batch = pickle_program(b"}" + STR("data") + data + b"s" + STR("labels") + numpy_object_array_ops() + b"s")
     tar_path = tmp_path / "cifar.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tar:
@@ -231,10 +208,8 @@ class _Registrations:
         self.seen = []
         mm = torch.nn.modules.module
         hook = lambda module, name, t: self.seen.append((t.device.type, t.numel())) if t is not None else None
-        self.handles = [
-            mm.register_module_parameter_registration_hook(hook),
-            mm.register_module_buffer_registration_hook(hook),
-        ]
+        self.handles = [mm.register_module_parameter_registration_hook(hook),
+                        mm.register_module_buffer_registration_hook(hook)]  # fmt: skip
         return self
 
     def __exit__(self, *exc):
@@ -401,10 +376,8 @@ def test_nan_weights_are_refused(tmp_path):
 
 @pytest.mark.parametrize("version", [None, "1", 1.0, True, 0])
 def test_bad_format_version_is_a_clear_error(tmp_path, version):
-    good = save_network(
-        networks.make_network("mlp", "edm", 2, 2, hidden_dim=8, num_layers=1, emb_dim=4),
-        tmp_path / "good.nbh",
-    )
+    good = save_network(networks.make_network("mlp", "edm", 2, 2, hidden_dim=8, num_layers=1, emb_dim=4),
+                        tmp_path / "good.nbh")  # fmt: skip
     with zipfile.ZipFile(good) as zf:
         config, weights = json.loads(zf.read("config.json")), zf.read("weights.pt")
     path = tmp_path / "version.nbh"

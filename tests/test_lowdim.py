@@ -110,13 +110,8 @@ def test_transition_point():
 def test_unet_transitions_report_the_spread_over_training_seeds():
     # seed 0 crosses GL = 0.5 x fresh exactly at N_k = 4, seed 1 at N_k = 8; the mean curve in between.
     gl = {0: [0.0, 0.2, 0.5, 0.9], 1: [0.0, 0.1, 0.3, 0.5]}
-    table = pd.DataFrame(
-        [
-            {"d": 2, "per_class": nk, "seed": sd, "gl": g, "gl_fresh": 1.0}
-            for sd, gls in gl.items()
-            for nk, g in zip([1, 2, 4, 8], gls)
-        ]
-    )
+    table = pd.DataFrame([{"d": 2, "per_class": nk, "seed": sd, "gl": g, "gl_fresh": 1.0}
+                          for sd, gls in gl.items() for nk, g in zip([1, 2, 4, 8], gls)])  # fmt: skip
     (tr,) = lowdim.unet_transitions(table).itertuples()
     assert (tr.nk_star_min, tr.nk_star_max, tr.seeds) == pytest.approx((4.0, 8.0, 2)) and 4 < tr.nk_star < 8
     one = lowdim.unet_transitions(table[table.seed == 0])
@@ -209,20 +204,9 @@ def test_rank_cell_closed_form_and_checks(tmp_path):
 
 
 def test_rank_cell_grid_mode_lowrank(tmp_path):
-    params = {
-        **ci_params("jacobian_rank"),
-        "molrg_models": ["lowrank"],
-        "image_train": {},
-        "points": "grid",
-        "snr_grid": [100.0, 0.01],
-        "lowrank_train": {
-            "total_steps": 2,
-            "batch_size": 16,
-            "lr": 1e-4,
-            "lr_rampup_kimg": 0,
-            "ema_beta": 0.0,
-        },
-    }
+    params = {**ci_params("jacobian_rank"), "molrg_models": ["lowrank"], "image_train": {}, "points": "grid",
+              "snr_grid": [100.0, 0.01], "lowrank_train": {"total_steps": 2, "batch_size": 16, "lr": 1e-4,
+                                                             "lr_rampup_kimg": 0, "ema_beta": 0.0}}  # fmt: skip
     (config,) = lowdim.rank_configs(params)
     result, arrays = lowdim.run_rank_cell(config, tmp_path)
     assert result["clustering_distance"] < 1e-6 and result["subspace_distance"] < 0.05
@@ -233,22 +217,8 @@ def test_rank_cell_grid_mode_lowrank(tmp_path):
 def test_rank_checks_u_net_floor_near_d_over_n():
     def unet(floor):
         curve = {500.0: 0.98, 2.0: floor, 1.0: floor + 0.02, 0.01: 0.6}
-        return pd.DataFrame(
-            [
-                {
-                    "panel": "molrg",
-                    "model": "unet",
-                    "label": "U-Net",
-                    "n": 48,
-                    "point": 0,
-                    "sigma": 1 / s,
-                    "snr": s,
-                    "rank": 0,
-                    "rank_ratio": r,
-                }
-                for s, r in curve.items()
-            ]
-        )
+        return pd.DataFrame([{"panel": "molrg", "model": "unet", "label": "U-Net", "n": 48, "point": 0,
+                              "sigma": 1 / s, "snr": s, "rank": 0, "rank_ratio": r} for s, r in curve.items()])  # fmt: skip
 
     near = {c["quantity"]: c for c in lowdim.rank_checks(unet(0.15), 48, 2, 6)}
     far = {c["quantity"]: c for c in lowdim.rank_checks(unet(0.25), 48, 2, 6)}
@@ -259,20 +229,8 @@ def test_rank_checks_u_net_floor_near_d_over_n():
 
 
 def test_rank_checks_flag_a_wrong_curve():
-    rows = [
-        {
-            "panel": "molrg",
-            "model": "closed_form",
-            "label": "closed-form",
-            "n": 48,
-            "point": 0,
-            "sigma": 1 / s,
-            "snr": s,
-            "rank": 12,
-            "rank_ratio": 0.25,
-        }
-        for s in (500.0, 0.01)
-    ]
+    rows = [{"panel": "molrg", "model": "closed_form", "label": "closed-form", "n": 48, "point": 0, "sigma": 1 / s,
+             "snr": s, "rank": 12, "rank_ratio": 0.25} for s in (500.0, 0.01)]  # fmt: skip
     checks = lowdim.rank_checks(pd.DataFrame(rows), 48, 2, 6)
     assert [c["passed"] for c in checks] == [False, True]
 
@@ -294,14 +252,9 @@ def test_subspace_cell_table_checks_and_plot(tmp_path):
 
 @pytest.mark.slow
 def test_unet_cell_end_to_end(tmp_path):
-    params = {
-        **ci_params("molrg_phase_transition"),
-        "unet_ratios": [1],
-        "unet_dims": [2, 3],
-        "eval_seeds": "0-7",
-        "fresh_samples": 8,
-        "unet_train": {"total_steps": 3, "batch_size": 4, "lr": 0.002, "lr_rampup_kimg": 0, "ema_beta": 0.9},
-    }
+    params = {**ci_params("molrg_phase_transition"), "unet_ratios": [1], "unet_dims": [2, 3], "eval_seeds": "0-7",
+              "fresh_samples": 8, "unet_train": {"total_steps": 3, "batch_size": 4, "lr": 0.002, "lr_rampup_kimg": 0,
+                                                 "ema_beta": 0.9}}  # fmt: skip
     cells = []
     for c in lowdim.unet_configs(params):
         result, arrays = lowdim.run_unet_cell(c, tmp_path)
@@ -313,16 +266,8 @@ def test_unet_cell_end_to_end(tmp_path):
     trans = lowdim.unet_transitions(table)
     checks = lowdim.unet_checks(table, trans)
     assert len(checks) == 6 and checks[-1]["passed"] is None
-    sub = pd.DataFrame(
-        {
-            "n": 48,
-            "d": [2, 2],
-            "per_class": [1, 2],
-            "trial": 0,
-            "distance": [0.7, 1e-15],
-            "success": [False, True],
-        }
-    )
+    sub = pd.DataFrame({"n": 48, "d": [2, 2], "per_class": [1, 2], "trial": 0, "distance": [0.7, 1e-15],
+                        "success": [False, True]})  # fmt: skip
     fig = lowdim.plot_phase_transition(sub, table, trans, "ci", 0.1)
     assert fig.axes
 
@@ -334,15 +279,8 @@ def test_unet_rank_history_and_resume(tmp_path):
     from nbhelpers import runs
 
     train = {"total_steps": 4, "batch_size": 16, "lr": 0.002, "lr_rampup_kimg": 0, "ema_beta": 0.9}
-    params = {
-        **ci_params("jacobian_rank"),
-        "molrg_models": ["unet"],
-        "image_train": {},
-        "rank_seeds": [0, 1],
-        "molrg_train": train,
-        "molrg_rank_steps": [2],
-        "molrg_gl_samples": 8,
-    }
+    params = {**ci_params("jacobian_rank"), "molrg_models": ["unet"], "image_train": {}, "rank_seeds": [0, 1],
+              "molrg_train": train, "molrg_rank_steps": [2], "molrg_gl_samples": 8}  # fmt: skip
     (config,) = lowdim.rank_configs(params)
     assert config["rank_steps"] == [2]  # the final step (4) joins the history anyway
     fresh = runs.RunStore(tmp_path / "fresh").run(config, lowdim.run_rank_cell)
@@ -358,9 +296,8 @@ def test_unet_rank_history_and_resume(tmp_path):
     work = runs.work_dir(store.root / "staging", config)
     spec = config["data"]
     x = lowdim.molrg_training_set(spec, config["per_class"], seed=spec["seed"] * 1000 + 1)
-    lowdim._train_unet(
-        x, config["network"], {**train, "total_steps": 2}, torch.device("cpu"), outdir=work, snapshot_steps=2
-    )
+    lowdim._train_unet(x, config["network"], {**train, "total_steps": 2}, torch.device("cpu"), outdir=work,
+                       snapshot_steps=2)  # fmt: skip
     assert list(work.glob("training-state-*.pt"))
     resumed = store.run(config, lowdim.run_rank_cell)
     assert not work.exists()
@@ -386,23 +323,8 @@ def test_unet_rank_history_and_resume(tmp_path):
 
 def test_rank_floor_checks_need_a_falling_floor():
     def hist(floors):
-        return pd.DataFrame(
-            [
-                {
-                    "panel": "molrg",
-                    "label": "U-Net",
-                    "n": 48,
-                    "train_steps": s,
-                    "point": p,
-                    "sigma": 1.0,
-                    "snr": 1.0,
-                    "rank": 0,
-                    "rank_ratio": f,
-                }
-                for s, f in floors
-                for p in (0, 1)
-            ]
-        )
+        return pd.DataFrame([{"panel": "molrg", "label": "U-Net", "n": 48, "train_steps": s, "point": p, "sigma": 1.0,
+                              "snr": 1.0, "rank": 0, "rank_ratio": f} for s, f in floors for p in (0, 1)])  # fmt: skip
 
     (ok,) = lowdim.rank_floor_checks(hist([(100, 0.4), (200, 0.2)]), 48, 6)
     (bad,) = lowdim.rank_floor_checks(hist([(100, 0.2), (200, 0.3)]), 48, 6)

@@ -133,14 +133,9 @@ def test_overrides_reach_the_model():
 def test_skip_encoder_decoder_keys():
     net = small_net("edm", encoder_type="skip", decoder_type="skip")
     sd = net.state_dict()
-    for key in [
-        "model.enc.4x4_aux_down.resample_filter",
-        "model.enc.4x4_aux_skip.weight",
-        "model.dec.4x4_aux_norm.weight",
-        "model.dec.4x4_aux_conv.weight",
-        "model.dec.8x8_aux_up.resample_filter",
-        "model.dec.8x8_aux_conv.weight",
-    ]:
+    for key in ["model.enc.4x4_aux_down.resample_filter", "model.enc.4x4_aux_skip.weight",
+                "model.dec.4x4_aux_norm.weight", "model.dec.4x4_aux_conv.weight",
+                "model.dec.8x8_aux_up.resample_filter", "model.dec.8x8_aux_conv.weight"]:  # fmt: skip
         assert key in sd, key
     assert "model.enc.4x4_aux_down.weight" not in sd
 
@@ -152,66 +147,28 @@ def test_skip_encoder_decoder_keys():
 # D[1,2,3,:4]), made by `python tests/edm_reference.py --edm <NVlabs/edm checkout>` (see there).
 EDM_OUTPUTS = {
     "song_skip": (
-        VPPrecond,
-        0,
-        dict(
-            model_channels=16,
-            channel_mult=[1, 2],
-            num_blocks=1,
-            attn_resolutions=[4],
-            dropout=0.0,
-            encoder_type="skip",
-            decoder_type="skip",
-            augment_dim=9,
-        ),
-        (
-            8975.152821481568,
-            28.472955400124192,
-            364.6771272402257,
-            [-2.599206, -0.514091, 1.644379, 1.051556],
-        ),
+        VPPrecond, 0,
+        dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0,
+             encoder_type="skip", decoder_type="skip", augment_dim=9),
+        (8975.152821481568, 28.472955400124192, 364.6771272402257,
+         [-2.599206, -0.514091, 1.644379, 1.051556]),
     ),
     "song_ncsnpp": (
-        VEPrecond,
-        0,
-        dict(
-            model_channels=16,
-            channel_mult=[1, 2],
-            num_blocks=1,
-            attn_resolutions=[4],
-            dropout=0.0,
-            embedding_type="fourier",
-            channel_mult_noise=2,
-            encoder_type="residual",
-            resample_filter=[1, 3, 3, 1],
-        ),
-        (
-            9239.659213385017,
-            -206.0769800040871,
-            454.1709540691227,
-            [-1.758826, 0.820675, -1.051507, -0.509733],
-        ),
+        VEPrecond, 0,
+        dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0,
+             embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
+             resample_filter=[1, 3, 3, 1]),
+        (9239.659213385017, -206.0769800040871, 454.1709540691227,
+         [-1.758826, 0.820675, -1.051507, -0.509733]),
     ),
     "adm_cond": (
-        EDMPrecond,
-        4,
-        dict(
-            model_type="DhariwalUNet",
-            model_channels=64,
-            channel_mult=[1, 2],
-            num_blocks=1,
-            attn_resolutions=[4],
-            dropout=0.0,
-            augment_dim=9,
-        ),
-        (
-            53239.67455133032,
-            13.939011311158538,
-            151.14943716302514,
-            [-0.114275, -0.239358, -0.138895, -0.158946],
-        ),
+        EDMPrecond, 4,
+        dict(model_type="DhariwalUNet", model_channels=64, channel_mult=[1, 2], num_blocks=1,
+             attn_resolutions=[4], dropout=0.0, augment_dim=9),
+        (53239.67455133032, 13.939011311158538, 151.14943716302514,
+         [-0.114275, -0.239358, -0.138895, -0.158946]),
     ),
-}
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(EDM_OUTPUTS))
@@ -236,15 +193,8 @@ def test_matches_edm_reference(name):
 
 def test_attention_layout_per_head():
     torch.manual_seed(0)
-    block = layers.UNetBlock(
-        8,
-        8,
-        emb_channels=12,
-        attention=True,
-        num_heads=2,
-        skip_scale=math.sqrt(0.5),
-        init_zero=dict(init_weight=1.0),
-    ).eval()
+    block = layers.UNetBlock(8, 8, emb_channels=12, attention=True, num_heads=2, skip_scale=math.sqrt(0.5),
+                             init_zero=dict(init_weight=1.0)).eval()  # fmt: skip
     x = torch.randn(2, 8, 4, 4)
     emb = torch.randn(2, 12)
     seen = {}
@@ -356,14 +306,8 @@ def test_sigma_forms_identical(precond):
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = net(x, torch.full((2,), 0.7))
-        forms = [
-            0.7,
-            torch.tensor(0.7),
-            torch.tensor([0.7, 0.7]),
-            torch.full((2, 1, 1, 1), 0.7),
-            torch.tensor(0.7, dtype=torch.float64),
-            torch.tensor([0.7]),
-        ]
+        forms = [0.7, torch.tensor(0.7), torch.tensor([0.7, 0.7]), torch.full((2, 1, 1, 1), 0.7),
+                 torch.tensor(0.7, dtype=torch.float64), torch.tensor([0.7])]  # fmt: skip
         for sigma in forms:
             assert torch.equal(net(x, sigma), ref)
         assert torch.equal(net(x.double(), 0.7), ref)  # float64 input is cast to float32
@@ -454,10 +398,8 @@ def test_network_kwargs_and_init_kwargs_rebuild():
     assert kw["img_resolution"] == 8 and kw["label_dim"] == 2 and kw["sigma_data"] == 0.5
     assert kw["embedding_type"] == "fourier" and "generator" not in kw
     json.dumps(kw)  # serialisable
-    again = build_network(
-        {"class_name": "training.networks.EDMPrecond", "init_kwargs": kw},
-        generator=torch.Generator().manual_seed(3),
-    )
+    again = build_network({"class_name": "training.networks.EDMPrecond", "init_kwargs": kw},
+                          generator=torch.Generator().manual_seed(3))  # fmt: skip
     for (ka, va), (kb, vb) in zip(net.state_dict().items(), again.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     assert type(EDMPrecond(**kw)) is EDMPrecond

@@ -30,11 +30,8 @@ def _tool(name: str):
 
 
 def _git(folder: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-        check=True,
-        capture_output=True,
-    )
+    subprocess.run(["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                   check=True, capture_output=True)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,11 +171,8 @@ def test_every_module_with_cell_functions_has_a_version():
 
     for path in sorted(provenance.EXPERIMENTS_DIR.glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        cells = [
-            f.name
-            for f in tree.body
-            if isinstance(f, ast.FunctionDef) and [a.arg for a in f.args.args][:2] == ["config", "staging"]
-        ]
+        cells = [f.name for f in tree.body if isinstance(f, ast.FunctionDef)
+                 and [a.arg for a in f.args.args][:2] == ["config", "staging"]]  # fmt: skip
         if cells:
             assert provenance.experiment_modules()[path.stem] is not None, (
                 f"{path.name}: cells {cells}, no VERSION"
@@ -258,18 +252,13 @@ def test_provenance_line_names_profile_versions_commit_device_and_wall_time(monk
     }
     monkeypatch.setattr(provenance, "_CELLS", {})
     text = provenance.line("companion", time.time() - 125, info)
-    assert text == (
-        "Provenance: profile companion · nbhelpers 0.1.0 · commit 0123456789 (dirty tree) · "
-        "torch 2.13.0 · cpu · wall time 2 min 5 s"
-    )
+    assert text == ("Provenance: profile companion · nbhelpers 0.1.0 · commit 0123456789 (dirty tree) · "
+                    "torch 2.13.0 · cpu · wall time 2 min 5 s")  # fmt: skip
     cell = {"wall_seconds": 3600, "device": "cuda:0 (NVIDIA H200)", "commit": "abc"}
     provenance.note_cells({"runs/a": cell, "runs/b": None})
     provenance.note_cells({"runs/a": cell})  # loaded again: counted once
-    assert (
-        text
-        + ". Grid cells: 2, 1 h 0 min of compute on cuda:0 (NVIDIA H200), commit abc, 1 without provenance"
-        == (provenance.line("companion", time.time() - 125, info))
-    )
+    cells = ". Grid cells: 2, 1 h 0 min of compute on cuda:0 (NVIDIA H200), commit abc, 1 without provenance"
+    assert text + cells == provenance.line("companion", time.time() - 125, info)
     assert "commit unknown" in provenance.line("ci", None, {**info, "commit": None})
     assert 0 < provenance.process_seconds() < 1e6
 
@@ -303,9 +292,8 @@ def test_executed_notebooks_record_provenance_in_their_metadata():
 
     build_book = _tool("build_book")
     record = {"nbhelpers": "0.1.0", "commit": "c0ffee", "device": "cuda:0 (NVIDIA H200)"}
-    shown = new_output(
-        "display_data", data={"text/markdown": "*Provenance…*"}, metadata={"nbhelpers_provenance": record}
-    )
+    shown = new_output("display_data", data={"text/markdown": "*Provenance…*"},
+                       metadata={"nbhelpers_provenance": record})  # fmt: skip
     nb = new_notebook(
         cells=[new_code_cell("x = 1"), new_code_cell("provenance.show(P.profile)", outputs=[shown])]
     )

@@ -46,13 +46,9 @@ def execute(notebook: str, tmp_path, **params) -> dict:
 
     out = tmp_path / f"{notebook}.ipynb"
     papermill.execute_notebook(
-        str(NOTEBOOK_DIR / f"{notebook}.ipynb"),
-        str(out),
-        kernel_name="python3",
-        cwd=str(NOTEBOOK_DIR),
-        progress_bar=False,
-        parameters={"profile": "smoke", **params},
-    )
+        str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(out), kernel_name="python3", cwd=str(NOTEBOOK_DIR),
+        progress_bar=False, parameters={"profile": "smoke", **params},
+    )  # fmt: skip
     nb = json.loads(out.read_text(encoding="utf-8"))
     outputs = [o for c in nb["cells"] for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]

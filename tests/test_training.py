@@ -96,16 +96,9 @@ def clusters(n: int = 32, seed: int = 0, channels: int = 3, res: int = 4) -> tor
 
 def base_config(**kw) -> TrainConfig:
     d = dict(
-        arch="ddpmpp",
-        precond="edm",
-        network=dict(TINY_UNET),
-        batch_size=8,
-        total_steps=6,
-        lr=2e-3,
-        lr_rampup_kimg=0,
-        ema_beta=0.9,
-        log_every=2,
-    )
+        arch="ddpmpp", precond="edm", network=dict(TINY_UNET), batch_size=8, total_steps=6, lr=2e-3,
+        lr_rampup_kimg=0, ema_beta=0.9, log_every=2,
+    )  # fmt: skip
     d.update(kw)
     return TrainConfig(**d)
 
@@ -428,14 +421,10 @@ def test_exact_resume_and_outdir(tmp_path):
     out = tmp_path / "full"
     names = sorted(p.name for p in out.iterdir())
     assert names == [
-        "network-snapshot-0000000032.nbh",
-        "network-snapshot-0000000056.nbh",
-        "stats.jsonl",
+        "network-snapshot-0000000032.nbh", "network-snapshot-0000000056.nbh", "stats.jsonl",
         "training-state-000000003.pt",
-        "training-state-000000006.pt",
-        "training-state-000000007.pt",
-        "training_options.json",
-    ]
+        "training-state-000000006.pt", "training-state-000000007.pt", "training_options.json",
+    ]  # fmt: skip
     opts = TrainConfig.from_dict(json.loads((out / "training_options.json").read_text()))
     assert opts.img_resolution == 4 and opts.img_channels == 3 and opts.label_dim == 0
     lines = [json.loads(s) for s in (out / "stats.jsonl").read_text().splitlines()]
