@@ -12,7 +12,11 @@ TORCH   ?= torch==2.13.0
 TORCH_INDEX ?=
 SYSTEM_PACKAGES := dataset-fashion-mnist chromium
 
-.PHONY: setup system-deps companion html batch test test-fast lint bench clean
+.PHONY: help setup system-deps companion html batch test test-fast lint bench clean
+.DEFAULT_GOAL := help
+
+help:                                 ## this list of targets (each one documented by its trailing comment)
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -47,15 +51,15 @@ test: setup system-deps               ## what CI runs: the test suite (smoke pro
 	rm -rf notebooks/runs/ci
 	NBHELPERS_PROFILE=ci OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) -q --nbmake notebooks/
 
-test-fast: setup                      ## skip tests marked slow
+test-fast: setup                      ## the test suite without the tests marked slow
 	$(BIN)/python -m pytest -n $(JOBS) -q -m "not slow"
 
-lint: setup
+lint: setup                           ## ruff check and ruff format --check, as CI runs them
 	$(BIN)/ruff check nbhelpers tests benchmarks tools
 	$(BIN)/ruff format --check nbhelpers tests benchmarks tools
 
 bench: setup                          ## every benchmark, ratios against plain references
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
-clean:
+clean:                                ## remove the built HTML and pytest's cache
 	rm -rf book/_build .pytest_cache

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import safeload
+from . import __version__, molrg, networks, safeload
 from .atomic import atomic_path
 from .download import resolve
 
@@ -214,8 +214,6 @@ def _plain(value: Any, source: str, where: str = "init_kwargs") -> Any:
 
 
 def _network_classes() -> dict[str, type]:
-    from . import molrg, networks
-
     return {
         name: getattr(module, name)
         for name in NETWORK_CLASSES
@@ -322,11 +320,17 @@ def _expected_shapes(
 def _check_shapes(expected: dict, weights: dict[str, torch.Tensor], class_name: str, source: str) -> None:
     missing = [k for k in expected if k not in weights]
     extra = [k for k in weights if k not in expected]
-    wrong = [f"{k} {tuple(weights[k].shape)} vs {expected[k]}" for k in expected if k in weights
-             and tuple(weights[k].shape) != tuple(expected[k])]  # fmt: skip
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} vs {expected[k]}"
+        for k in expected
+        if k in weights and tuple(weights[k].shape) != tuple(expected[k])
+    ]
     if missing or extra or wrong:
-        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
-                 f"wrong shapes: {wrong[:3]}" if wrong else ""]  # fmt: skip
+        parts = [
+            f"missing {missing[:3]}" if missing else "",
+            f"unexpected {extra[:3]}" if extra else "",
+            f"wrong shapes: {wrong[:3]}" if wrong else "",
+        ]
         raise CheckpointError(
             f"{source}: weights do not fit {class_name}: " + "; ".join(p for p in parts if p)
         )
@@ -467,9 +471,9 @@ def save_network(net: torch.nn.Module, path: str | os.PathLike) -> Path:
     init_kwargs = getattr(net, "_init_kwargs", None)
     if name not in NETWORK_CLASSES or not isinstance(init_kwargs, dict):
         raise ValueError(
-            f"save_network: {name} is not a network of nbhelpers (networks, molrg.LowRankDenoiser) with recorded _init_kwargs"
+            f"save_network: {name} is not a network of nbhelpers "
+            "(networks, molrg.LowRankDenoiser) with recorded _init_kwargs"
         )
-    from . import __version__
 
     config = {
         "format": FORMAT,
@@ -506,7 +510,8 @@ def _read_member(path: Path, name: str, max_bytes: int | None = None) -> bytes:
         with zipfile.ZipFile(path) as zf:
             if name not in zf.namelist():
                 raise CheckpointError(
-                    f"{path}: zip without {name}; not an nbhelpers network (torch.save files are not accepted)"
+                    f"{path}: zip without {name}; not an nbhelpers "
+                    "network (torch.save files are not accepted)"
                 )
             return safeload.read_zip_member(zf, name, str(path), max_bytes)
     except safeload.PickleError as e:

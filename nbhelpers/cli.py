@@ -7,12 +7,15 @@
     nbhelpers sscd feature|rpscore|mscore ~ edm/sscd.py
     nbhelpers jacobian     ~ edm/jacobian.py
 
-Bad paths and mismatched inputs exit with status 2 and a message naming the file.
+Bad paths and mismatched inputs exit with status 2 and a message naming the file. Each subcommand
+imports the modules it needs (and torch, pandas) when it runs, so ``nbhelpers --help`` starts fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import math
 import os
@@ -21,6 +24,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_write_text, check_writable
+from .download import DownloadError, resolve
 
 EXIT_USAGE = 2
 DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")  # = schedules.DISCRETIZATIONS (the CLI imports lazily)
@@ -185,8 +191,6 @@ def _add_generate(sub) -> None:
 
 def _sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file, or of a folder's files (names and contents, in sorted order)."""
-    import hashlib
-
     path, h = Path(path), hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
@@ -199,8 +203,6 @@ def _sha256(path: str | os.PathLike) -> str:
 
 def _check_image_output(out: str) -> None:
     """Before any compute: the --outdir folder (or the .zip and its staging folder) can be written."""
-    from .atomic import check_writable
-
     path = Path(out)
     if path.suffix.lower() == ".zip":
         check_writable(path)
@@ -212,9 +214,12 @@ def _check_image_output(out: str) -> None:
 def _add_sampler_options(p: argparse.ArgumentParser, ablation: bool, steps_help: str | None = None) -> None:
     """EDM's sampler options (generate.py and jacobian.py share them); sigma defaults 0.002 and 80."""
     p.add_argument(
-        "--steps", type=_positive_int, default=None if steps_help else 18, metavar="INT",
+        "--steps",
+        type=_positive_int,
+        default=None if steps_help else 18,
+        metavar="INT",
         help=steps_help or "number of sampling steps (default 18)",
-    )  # fmt: skip
+    )
     lo = "; with --disc: vp 0.0105, ve 0.02, iddpm and edm 0.002" if ablation else ""
     hi = "; with --disc: vp 152, ve 100, iddpm 81, edm 80" if ablation else ""
     p.add_argument(
@@ -241,29 +246,32 @@ def _add_sampler_options(p: argparse.ArgumentParser, ablation: bool, steps_help:
 
 
 def _ablation(a: argparse.Namespace, solver: str):
-    """EDM's ablation sampler for --disc/--schedule/--scaling (None when none is given), as generate.py picks it."""
+    """EDM's ablation sampler for --disc/--schedule/--scaling (None without them), as generate.py picks it."""
     if a.disc is None and a.schedule is None and a.scaling is None:
         return None
-    import functools
 
     from .schedules import ablation_sampler
 
     return functools.partial(
-        ablation_sampler, num_steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho,
-        solver=solver, discretization=a.disc or "edm", schedule_name=a.schedule or "linear",
-        scaling=a.scaling or "none", S_churn=a.S_churn, S_min=a.S_min, S_max=a.S_max, S_noise=a.S_noise,
-    )  # fmt: skip
+        ablation_sampler,
+        num_steps=a.steps,
+        sigma_min=a.sigma_min,
+        sigma_max=a.sigma_max,
+        rho=a.rho,
+        solver=solver,
+        discretization=a.disc or "edm",
+        schedule_name=a.schedule or "linear",
+        scaling=a.scaling or "none",
+        S_churn=a.S_churn,
+        S_min=a.S_min,
+        S_max=a.S_max,
+        S_noise=a.S_noise,
+    )
 
 
-def cmd_generate(a: argparse.Namespace) -> int:
-    from .atomic import check_writable
-    from .sampling import export_noise, generate, load_noise
-
-    _check_image_output(a.outdir)
-    if a.export_noise:
-        check_writable(a.export_noise)
-    device = _device(a.device)
-    record: dict[str, Any] = {}
+def _sampling_net(a: argparse.Namespace, device, record: dict[str, Any]):
+    """(net, order) that ``generate`` samples: a snapshot (``--network``) or the optimal denoiser of
+    ``--dataset``; what identifies it goes into ``record``."""
     if a.optimal_denoiser:
         if not a.dataset:
             raise CLIError("--optimal_denoiser needs --dataset")
@@ -271,41 +279,59 @@ def cmd_generate(a: argparse.Namespace) -> int:
         from .optimal import OptimalDenoiser
 
         images, _ = load_images(a.dataset, max_images=a.max_images)
-        net = OptimalDenoiser(images, device=device)
         order = 2 if a.solver == "heun" else 1
-        import hashlib
-
         record["optimal_denoiser_of"] = hashlib.sha256(images.tobytes()).hexdigest()
-        _print0(
-            f"Optimal denoiser of {a.dataset} ({len(images)} images), {'Heun' if order == 2 else 'Euler'} steps"
-        )
-    else:
-        if not a.network:
-            raise CLIError("--network is required (or use --optimal_denoiser --dataset)")
-        from .download import resolve
+        solver = "Heun" if order == 2 else "Euler"
+        _print0(f"Optimal denoiser of {a.dataset} ({len(images)} images), {solver} steps")
+        return OptimalDenoiser(images, device=device), order
+    if not a.network:
+        raise CLIError("--network is required (or use --optimal_denoiser --dataset)")
+    network = resolve(a.network)
+    record["network_sha256"] = _sha256(network)
+    return _load_net(str(network), device), 1 if a.solver == "euler" else 2
 
-        network = resolve(a.network)
-        net = _load_net(str(network), device)
-        order = 1 if a.solver == "euler" else 2
-        record["network_sha256"] = _sha256(network)
+
+def _noise_for(a: argparse.Namespace, seeds: list[int], record: dict[str, Any]):
+    """The initial noise of ``seeds`` from the ``--noise`` file, in seed order, or None without one."""
+    from .sampling import load_noise
+
+    if not a.noise:
+        return None
+    noise_seeds, latents = load_noise(a.noise)
+    wanted = {s: i for i, s in enumerate(noise_seeds)}
+    missing = [s for s in seeds if s not in wanted]
+    if missing:
+        raise CLIError(f"{a.noise}: no noise for seeds {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    record["noise_sha256"] = _sha256(a.noise)
+    return latents[[wanted[s] for s in seeds]]
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .sampling import export_noise, generate
+
+    _check_image_output(a.outdir)
+    if a.export_noise:
+        check_writable(a.export_noise)
+    device = _device(a.device)
+    record: dict[str, Any] = {}
+    net, order = _sampling_net(a, device, record)
     seeds = a.seeds
-    latents = None
-    if a.noise:
-        noise_seeds, latents = load_noise(a.noise)
-        wanted = {s: i for i, s in enumerate(noise_seeds)}
-        missing = [s for s in seeds if s not in wanted]
-        if missing:
-            raise CLIError(f"{a.noise}: no noise for seeds {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        latents = latents[[wanted[s] for s in seeds]]
-        record["noise_sha256"] = _sha256(a.noise)
+    latents = _noise_for(a, seeds, record)
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
-    record.update(steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho, order=order,
-                  S_churn=a.S_churn, S_min=a.S_min, S_max=repr(a.S_max), S_noise=a.S_noise, class_idx=a.class_idx,
-                  subdirs=a.subdirs)  # fmt: skip
+    churn = dict(S_churn=a.S_churn, S_min=a.S_min, S_max=a.S_max, S_noise=a.S_noise)
+    record.update(
+        steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho, order=order, **churn
+    )
+    record.update(S_max=repr(a.S_max), class_idx=a.class_idx, subdirs=a.subdirs)
     if a.export_noise:
         export_noise(seeds, shape, a.export_noise)
         _print0(f"Initial noise for {len(seeds)} seeds written to {a.export_noise}")
     _print0(f"Generating {len(seeds)} images to {a.outdir} ...")
+    sigma_range = dict(
+        sigma_min=0.002 if a.sigma_min is None else a.sigma_min,
+        sigma_max=80.0 if a.sigma_max is None else a.sigma_max,
+    )
+    sampler = _ablation(a, "heun" if order == 2 else "euler")
     generate(
         net,
         seeds,
@@ -313,21 +339,17 @@ def cmd_generate(a: argparse.Namespace) -> int:
         device=device,
         class_labels=a.class_idx,
         num_steps=a.steps,
-        sigma_min=0.002 if a.sigma_min is None else a.sigma_min,
-        sigma_max=80.0 if a.sigma_max is None else a.sigma_max,
         rho=a.rho,
         order=order,
-        sampler=_ablation(a, "heun" if order == 2 else "euler"),
-        S_churn=a.S_churn,
-        S_min=a.S_min,
-        S_max=a.S_max,
-        S_noise=a.S_noise,
+        sampler=sampler,
         latents=latents,
         out=a.outdir,
         subdirs=a.subdirs,
         progress=True,
         skip_existing=not a.overwrite,
         record=record,
+        **sigma_range,
+        **churn,
     )
     _print0("Done.")
     return 0
@@ -351,19 +373,24 @@ def _add_dataset(sub) -> None:
     p.add_argument("--dest", required=True, metavar="PATH", help="output folder or .zip")
     p.add_argument("--max-images", dest="max_images", type=int, metavar="INT", help="keep the first N images")
     p.add_argument(
-        "--transform", choices=["center-crop", "center-crop-wide"],
-        help="crop mode, with --resolution WxH (EDM's): the centred square, or a wide band letterboxed on a square",
-    )  # fmt: skip
+        "--transform",
+        choices=["center-crop", "center-crop-wide"],
+        help=(
+            "crop mode, with --resolution WxH (EDM's): the centred "
+            "square, or a wide band letterboxed on a square"
+        ),
+    )
     p.add_argument(
-        "--resolution", type=_resolution, metavar="R|WxH",
+        "--resolution",
+        type=_resolution,
+        metavar="R|WxH",
         help="output size: square images area-resized to R x R; with --transform, the crop's W x H",
-    )  # fmt: skip
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
     p.set_defaults(func=cmd_dataset)
 
 
 def cmd_dataset(a: argparse.Namespace) -> int:
-    from .atomic import check_writable
     from .data import convert_dataset
 
     dest = Path(a.dest)
@@ -384,9 +411,13 @@ def cmd_dataset(a: argparse.Namespace) -> int:
     else:  # written beside, then renamed
         check_writable(dest.parent, folder=True)
     out = convert_dataset(
-        a.source, a.dest, max_images=a.max_images, resolution=a.resolution, overwrite=a.overwrite,
+        a.source,
+        a.dest,
+        max_images=a.max_images,
+        resolution=a.resolution,
+        overwrite=a.overwrite,
         transform=a.transform,
-    )  # fmt: skip
+    )
     print(f"Wrote {out}")
     return 0
 
@@ -396,6 +427,14 @@ def cmd_dataset(a: argparse.Namespace) -> int:
 
 
 def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """The options train and train-molrg share; ``defaults`` holds the ones they set differently."""
+    _add_hyperparameters(p, defaults)
+    _add_performance_options(p, defaults)
+    _add_io_options(p, defaults)
+
+
+def _add_hyperparameters(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """EDM's hyperparameters (names and units as its train.py)."""
     g = p.add_argument_group("hyperparameters (EDM's names and units)")
     g.add_argument(
         "--cond",
@@ -447,6 +486,10 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
     g.add_argument(
         "--xflip", type=_bool, default=False, metavar="BOOL", help="dataset x-flips (augmentation)"
     )
+
+
+def _add_performance_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """Precision, compilation and the options accepted for EDM's scripts."""
     g = p.add_argument_group("performance")
     g.add_argument(
         "--fp16", type=_bool, default=False, metavar="BOOL", help="mixed precision (fp16 autocast)"
@@ -456,23 +499,48 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
     g.add_argument(
-        "--ls", type=_positive_float, default=1.0, metavar="FLOAT",
-        help="loss scaling: the loss is multiplied by this before backward (default 1; Adam is nearly invariant to it)",
-    )  # fmt: skip
+        "--ls",
+        type=_positive_float,
+        default=1.0,
+        metavar="FLOAT",
+        help=(
+            "loss scaling: the loss is multiplied by this before "
+            "backward (default 1; Adam is nearly invariant to it)"
+        ),
+    )
     g.add_argument(
-        "--bench", type=_bool, default=True, metavar="BOOL",
+        "--bench",
+        type=_bool,
+        default=True,
+        metavar="BOOL",
         help="cuDNN benchmarking (default 1; only affects CUDA convolutions)",
-    )  # fmt: skip
+    )
     if defaults.get("cache"):
         g.add_argument(
-            "--cache", type=_bool, default=True, metavar="BOOL",
-            help="accepted for EDM's train.py; the data set is always held in memory (on the device), so 0 changes nothing",
-        )  # fmt: skip
+            "--cache",
+            type=_bool,
+            default=True,
+            metavar="BOOL",
+            help=(
+                "accepted for EDM's train.py; the data set is always "
+                "held in memory (on the device), so 0 changes nothing"
+            ),
+        )
     g.add_argument(
-        "--workers", type=_positive_int, default=1, metavar="INT",
-        help="accepted for EDM's scripts; batches are indexed from the in-memory data set, so no DataLoader workers run",
-    )  # fmt: skip
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="INT",
+        help=(
+            "accepted for EDM's scripts; batches are indexed from "
+            "the in-memory data set, so no DataLoader workers run"
+        ),
+    )
     g.add_argument("--device", help="cuda, cpu ... (default: cuda if available; LOCAL_RANK under torchrun)")
+
+
+def _add_io_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """Output folder, intervals, seed, transfer and resume."""
     g = p.add_argument_group("I/O")
     g.add_argument("--desc", metavar="STR", help="string to include in the result folder name")
     g.add_argument("--nosubdir", action="store_true", help="do not create a numbered subfolder for the run")
@@ -493,8 +561,8 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
         "--resume",
         metavar="PT|DIR|latest|BOOL",
         help="resume from a training-state file or run folder (continues there), or 'latest' (also 1/true, "
-        "as trainMoLRG.py's boolean): the newest run of the same description; data and options must match "
-        "the saved run",
+        "as trainMoLRG.py's boolean): the newest run of the same "
+        "description; data and options must match the saved run",
     )
     g.add_argument(
         "--allow-changed",
@@ -506,9 +574,13 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
     )
     if defaults.get("molrg"):
         g.add_argument(
-            "--resumedir", metavar="DIR",
-            help="run folder to continue in: resume from its newest training-state file, or start there if it has none",
-        )  # fmt: skip
+            "--resumedir",
+            metavar="DIR",
+            help=(
+                "run folder to continue in: resume from its newest "
+                "training-state file, or start there if it has none"
+            ),
+        )
         g.add_argument(
             "--optimizer",
             choices=["adam", "sgd"],
@@ -588,11 +660,21 @@ def _run_dir(outdir: str, desc: str, nosubdir: bool, resume: str | None) -> Path
 
 # --allow-changed accepts the command-line names too (mapped to TrainConfig fields).
 _ALLOW_CHANGED = {
-    "lr-rampup": "lr_rampup_kimg", "lr_rampup": "lr_rampup_kimg", "ema": "ema_halflife_kimg",
-    "batch": "batch_size", "augment": "augment_p", "xflip": "augment_kwargs", "fp16": "precision",
-    "cbase": "network", "model_channels": "network", "cres": "network", "num_blocks": "network",
-    "attn": "network", "embed_channels": "network", "cond": "label_dim",
-}  # fmt: skip
+    "lr-rampup": "lr_rampup_kimg",
+    "lr_rampup": "lr_rampup_kimg",
+    "ema": "ema_halflife_kimg",
+    "batch": "batch_size",
+    "augment": "augment_p",
+    "xflip": "augment_kwargs",
+    "fp16": "precision",
+    "cbase": "network",
+    "model_channels": "network",
+    "cres": "network",
+    "num_blocks": "network",
+    "attn": "network",
+    "embed_channels": "network",
+    "cond": "label_dim",
+}
 
 
 def _resume_option(value: str | None) -> str | None:
@@ -632,8 +714,16 @@ def _train_common(a: argparse.Namespace, config, data, desc: str, net=None, extr
     torch.backends.cudnn.benchmark = bool(a.bench)
     device = None if a.device is None else _device(a.device)
     allow = sorted({_ALLOW_CHANGED.get(n, n) for n in a.allow_changed})
-    result = train(config, data, outdir=run_dir, device=device, resume=resume, progress=_rank0(), net=net,
-                   allow_changed=allow)  # fmt: skip
+    result = train(
+        config,
+        data,
+        outdir=run_dir,
+        device=device,
+        resume=resume,
+        progress=_rank0(),
+        net=net,
+        allow_changed=allow,
+    )
     _print0(f"Finished: {result.steps} steps, {result.kimg:.1f} kimg. Snapshots in {run_dir}")
     return 0
 
@@ -668,8 +758,6 @@ def _add_train(sub) -> None:
 
 def _check_train_output(a: argparse.Namespace) -> None:
     if not a.dry_run:
-        from .atomic import check_writable
-
         check_writable(a.outdir, folder=True)
 
 
@@ -789,7 +877,8 @@ def _add_jacobian(sub) -> None:
         sub,
         "jacobian",
         "Rank of the denoiser's Jacobian vs SNR (the authors' jacobian.py).",
-        "nbhelpers jacobian --network_pkl https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl --steps 18",
+        "nbhelpers jacobian --network_pkl "
+        "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl --steps 18",
         "Rank of the denoiser's Jacobian vs SNR (the authors' jacobian.py). Along a sampling trajectory\n"
         "(--trajectory, or --steps as the authors' script): the Jacobian where each step starts. Otherwise\n"
         "on a sigma grid (--sigmas) around clean points that the sampler (same options) generates.",
@@ -884,8 +973,6 @@ def cmd_jacobian(a: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
-    from .atomic import atomic_write_text, check_writable
-    from .download import resolve
     from .jacobian import rank_profile
     from .sampling import SeedNoise, edm_sampler
 
@@ -902,12 +989,24 @@ def cmd_jacobian(a: argparse.Namespace) -> int:
             "--sigmas is for the sigma grid; a trajectory (--trajectory, --steps) sets its own levels"
         )
     sampler = dict(
-        num_steps=a.steps or 18, sigma_min=0.002 if a.sigma_min is None else a.sigma_min,
-        sigma_max=80.0 if a.sigma_max is None else a.sigma_max, rho=a.rho, S_churn=a.S_churn, S_min=a.S_min,
-        S_max=a.S_max, S_noise=a.S_noise,
-    )  # fmt: skip
-    record = dict(network_sha256=_sha256(network), trajectory=trajectory, sigmas=a.sigmas, ratio=a.ratio,
-                  rule=a.rule, sampler=sampler, class_idx=a.class_idx)  # fmt: skip
+        num_steps=a.steps or 18,
+        sigma_min=0.002 if a.sigma_min is None else a.sigma_min,
+        sigma_max=80.0 if a.sigma_max is None else a.sigma_max,
+        rho=a.rho,
+        S_churn=a.S_churn,
+        S_min=a.S_min,
+        S_max=a.S_max,
+        S_noise=a.S_noise,
+    )
+    record = dict(
+        network_sha256=_sha256(network),
+        trajectory=trajectory,
+        sigmas=a.sigmas,
+        ratio=a.ratio,
+        rule=a.rule,
+        sampler=sampler,
+        class_idx=a.class_idx,
+    )
     done = _previous_jacobian_rows(a.out, record) if a.out and not a.overwrite else {}
     if done:
         _print0(f"{a.out}: keeping the rows of {len(set(done) & set(a.seeds))} seeds from an earlier run")
@@ -923,7 +1022,7 @@ def cmd_jacobian(a: argparse.Namespace) -> int:
         if trajectory:
             table = rank_profile(net, seeds=[seed], trajectory=True, class_labels=labels, **sampler, **common)
         else:
-            # Clean points: the network's own samples for the seeds (as the authors start from generated images).
+            # Clean points: the network's own samples for the seeds (the authors start from generated images).
             noise = SeedNoise([seed], device=device)
             latents = noise.randn(shape)
             with torch.no_grad():
@@ -950,8 +1049,6 @@ def cmd_jacobian(a: argparse.Namespace) -> int:
 
 
 def _write_table(out: str, table) -> None:
-    from .atomic import atomic_write_text
-
     text = table.to_json(orient="records", indent=1) if out.endswith(".json") else table.to_csv(index=False)
     atomic_write_text(out, text)
 
@@ -972,11 +1069,17 @@ def _add_sscd(sub) -> None:
         ss,
         "feature",
         "Compute descriptors of a folder/zip of images into an .npz (with seeds/names).",
-        "nbhelpers sscd feature --images ./evaluation/ddpm-dim64-n64 --features ./evaluation/sscd-dim64-n64.npz",
+        "nbhelpers sscd feature --images ./evaluation/ddpm-dim64-n64 --features "
+        "./evaluation/sscd-dim64-n64.npz",
     )
     f.add_argument("--images", required=True, metavar="DIR|ZIP", help="images (generated PNGs or a dataset)")
     f.add_argument("--features", required=True, metavar="NPZ", help="output feature file")
-    f.add_argument("--backend", choices=["sscd", "pixel"], default="sscd", help="descriptor (default sscd)")
+    f.add_argument(
+        "--backend",
+        choices=["sscd", "pixel"],
+        default="sscd",
+        help="descriptor: sscd (default) or pixel (unit pixel vectors; both compared by cosine)",
+    )
     f.add_argument(
         "--model",
         metavar="PATH|URL|NAME",
@@ -990,11 +1093,13 @@ def _add_sscd(sub) -> None:
         (
             "rpscore",
             "Reproducibility score: fraction of shared seeds whose descriptors have cosine > t.",
-            "nbhelpers sscd rpscore --source ./evaluation/sscd-dim128-n64.npz --target ./evaluation/sscd-dim64-n64.npz",
+            "nbhelpers sscd rpscore --source ./evaluation/sscd-dim128-n64.npz --target "
+            "./evaluation/sscd-dim64-n64.npz",
         ),
         (
             "mscore",
-            "Generalization score GL = 1 - fraction of samples whose nearest training descriptor has cosine > t.",
+            "Generalization score GL = 1 - fraction of samples "
+            "whose nearest training descriptor has cosine > t.",
             "nbhelpers sscd mscore --source ./evaluation/sscd-dim128-n64.npz "
             "--target ./evaluation/sscd-training-dataset-synthetic-cifar10-32x32-n64.npz",
         ),
@@ -1019,7 +1124,6 @@ def _load_features(path: str):
 
 
 def cmd_sscd_feature(a: argparse.Namespace) -> int:
-    from .atomic import check_writable
     from .features import SSCD, extract_features
 
     check_writable(a.features)
@@ -1140,8 +1244,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # bad content: corrupt files, mismatched seeds, unsafe pickles ...
         _error(prog, e)
     except Exception as e:
-        from .download import DownloadError
-
         if not isinstance(e, DownloadError):
             raise
         _error(prog, e)
@@ -1156,15 +1258,48 @@ def _error(prog: str, e: BaseException) -> None:
 
 # Options (by dest) that must be positive integers, and float options that must be finite
 # (checked after parsing, for every subcommand that has them).
-_POSITIVE = ("batch", "batch_gpu", "model_channels", "steps", "max_images", "snap", "dump", "num_blocks",
-             "img_res", "img_channels", "class_num", "per_class_dim", "sample_per_class", "embed_channels",
-             "chunk")  # fmt: skip
-_FINITE = ("t", "lr", "lr_rampup", "ema", "dropout", "augment", "duration", "tick", "sigma_min", "sigma_max",
-           "rho", "S_churn", "S_min", "S_noise", "ratio")  # fmt: skip
+_POSITIVE = (
+    "batch",
+    "batch_gpu",
+    "model_channels",
+    "steps",
+    "max_images",
+    "snap",
+    "dump",
+    "num_blocks",
+    "img_res",
+    "img_channels",
+    "class_num",
+    "per_class_dim",
+    "sample_per_class",
+    "embed_channels",
+    "chunk",
+)
+_FINITE = (
+    "t",
+    "lr",
+    "lr_rampup",
+    "ema",
+    "dropout",
+    "augment",
+    "duration",
+    "tick",
+    "sigma_min",
+    "sigma_max",
+    "rho",
+    "S_churn",
+    "S_min",
+    "S_noise",
+    "ratio",
+)
 
 
-_OPTION = {"model_channels": "--cbase/--model_channels", "batch_gpu": "--batch-gpu", "max_images": "--max-images",
-           "lr_rampup": "--lr-rampup"}  # fmt: skip
+_OPTION = {
+    "model_channels": "--cbase/--model_channels",
+    "batch_gpu": "--batch-gpu",
+    "max_images": "--max-images",
+    "lr_rampup": "--lr-rampup",
+}
 
 
 def _check_numbers(a: argparse.Namespace) -> None:

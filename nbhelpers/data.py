@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import io
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -25,7 +26,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from . import safeload
 from .atomic import atomic_path
+from .download import resolve
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -38,10 +41,49 @@ _PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 # Conversions between uint8 images and model space.
 
 
-def to_model(x: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> float32 tensor in [-1, 1] (x / 127.5 - 1)."""
+def to_model(
+    x: np.ndarray | torch.Tensor,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> tensor in model space [-1, 1] (``x / 127.5 - 1``) of ``dtype``.
+
+    The one copy of this map in the package; :func:`to_uint8` is its inverse (EDM's quantisation).
+    """
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    return t.to(device=device, dtype=torch.float32) / 127.5 - 1
+    return t.to(device=device, dtype=dtype) / 127.5 - 1
+
+
+def model_space(
+    x: np.ndarray | torch.Tensor,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Images as a model-space tensor of ``dtype``: uint8 mapped by :func:`to_model`, floating point
+    taken as model space already (only cast); any other dtype is an error."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.dtype == torch.uint8:
+        return to_model(t, device, dtype)
+    if not t.is_floating_point():
+        raise ValueError(f"images must be uint8 or floating point, got {t.dtype}")
+    return t.to(device=device, dtype=dtype)
+
+
+def flat_rows(
+    x: np.ndarray | torch.Tensor, what: str = "images", item_shape: Sequence[int] | None = None
+) -> torch.Tensor:
+    """A batch (N, ...) as rows (N, D), left in its dtype (uint8 or floating point; arrays become
+    tensors). With ``item_shape``, each item must hold ``prod(item_shape)`` values."""
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
+    if t.ndim < 2:
+        raise ValueError(f"{what} must be batched (N, ...), got shape {tuple(t.shape)}")
+    if t.dtype != torch.uint8 and not t.is_floating_point():
+        raise ValueError(f"{what} must be uint8 or floating point, got {t.dtype}")
+    if item_shape is not None and math.prod(t.shape[1:]) != math.prod(item_shape):
+        raise ValueError(
+            f"{what} has shape {tuple(t.shape)}, expected (N, {', '.join(map(str, item_shape))})"
+        )
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def to_uint8(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -126,7 +168,7 @@ class _ImageSource:
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     def labels(self) -> np.ndarray | None:
-        """Labels aligned with ``names`` (int64 (N,) or float32 (N, L)), or None; checked against the images."""
+        """Labels aligned with ``names`` (int64 (N,) or float32 (N, L)) or None, checked with the images."""
         if not self.has_json:
             return None
         where = self.where(DATASET_JSON)
@@ -180,8 +222,18 @@ class _ImageSource:
 
 
 # Image modes stored as something other than plain channels, and what they are converted to.
-_CONVERT_MODES = {"P": "RGB", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB",
-                  "RGBX": "RGB", "RGBa": "RGBA", "La": "LA", "1": "L"}  # fmt: skip
+_CONVERT_MODES = {
+    "P": "RGB",
+    "PA": "RGBA",
+    "CMYK": "RGB",
+    "YCbCr": "RGB",
+    "LAB": "RGB",
+    "HSV": "RGB",
+    "RGBX": "RGB",
+    "RGBa": "RGBA",
+    "La": "LA",
+    "1": "L",
+}
 
 
 def _plain_mode(img: PIL.Image.Image) -> PIL.Image.Image:
@@ -316,61 +368,72 @@ def write_dataset(
             raise ValueError(f"{dest}: exists and is not a folder")
         if any(dest.iterdir()) and not overwrite:
             raise FileExistsError(f"{dest}: folder is not empty (pass overwrite=True to replace it)")
-    if names is not None:
-        names = [str(n).replace("\\", "/") for n in names]
-        if len(set(names)) != len(names):
-            raise ValueError(f"{dest}: duplicate image names")
-        bad = [
-            n for n in names if not n.lower().endswith(".png") or n.startswith("/") or ".." in n.split("/")
-        ]
-        if bad:
-            raise ValueError(f"{dest}: image names must be relative paths ending in .png, got {bad[0]!r}")
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        batches: Iterable = [images]
-    else:
-        batches = images
+    names = _member_names(names, dest)
+    batches = [images] if isinstance(images, (np.ndarray, torch.Tensor)) else images
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
-
-    def members() -> Iterator[tuple[str, bytes]]:
-        idx = 0
-        shape = None
-        written: list[str] = []
-        for batch in batches:
-            arr = _as_uint8_batch(batch, dest)
-            if shape is None:
-                shape = arr.shape[1:]
-            elif arr.shape[1:] != shape:
-                raise ValueError(f"{dest}: batch of shape {arr.shape[1:]} differs from {shape} (mixed sizes)")
-            for img in arr:
-                if names is not None and idx >= len(names):
-                    raise ValueError(f"{dest}: more images than names ({len(names)})")
-                name = names[idx] if names is not None else edm_image_name(idx)
-                written.append(name)
-                yield name, _encode_png(img)
-                idx += 1
-        if idx == 0:
-            raise ValueError(f"{dest}: no images to write (empty data set)")
-        if names is not None and idx != len(names):
-            raise ValueError(f"{dest}: {idx} images but {len(names)} names")
-        table = None
-        if labels is not None:
-            if len(labels) != idx:
-                raise ValueError(f"{dest}: {idx} images but {len(labels)} labels")
-            table = [[n, _label_json(lab)] for n, lab in zip(written, labels)]
-        yield DATASET_JSON, json.dumps({"labels": table}).encode("utf-8")
-
+    members = _dataset_members(batches, dest, labels, names)
     if is_zip:
         with atomic_path(dest) as tmp:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-                for name, data in members():
+                for name, data in members:
                     zf.writestr(name, data)
         return dest
+    _write_folder(members, dest)
+    return dest
 
+
+def _member_names(names: Sequence[str] | None, dest: Path) -> list[str] | None:
+    """``names`` as checked relative PNG paths with forward slashes (None stays None)."""
+    if names is None:
+        return None
+    names = [str(n).replace("\\", "/") for n in names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{dest}: duplicate image names")
+    bad = [n for n in names if not n.lower().endswith(".png") or n.startswith("/") or ".." in n.split("/")]
+    if bad:
+        raise ValueError(f"{dest}: image names must be relative paths ending in .png, got {bad[0]!r}")
+    return names
+
+
+def _dataset_members(
+    batches: Iterable, dest: Path, labels: Sequence | np.ndarray | None, names: list[str] | None
+) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each PNG of the batches, then of ``dataset.json``; checked as they come."""
+    idx = 0
+    shape = None
+    written: list[str] = []
+    for batch in batches:
+        arr = _as_uint8_batch(batch, dest)
+        if shape is None:
+            shape = arr.shape[1:]
+        elif arr.shape[1:] != shape:
+            raise ValueError(f"{dest}: batch of shape {arr.shape[1:]} differs from {shape} (mixed sizes)")
+        for img in arr:
+            if names is not None and idx >= len(names):
+                raise ValueError(f"{dest}: more images than names ({len(names)})")
+            name = names[idx] if names is not None else edm_image_name(idx)
+            written.append(name)
+            yield name, _encode_png(img)
+            idx += 1
+    if idx == 0:
+        raise ValueError(f"{dest}: no images to write (empty data set)")
+    if names is not None and idx != len(names):
+        raise ValueError(f"{dest}: {idx} images but {len(names)} names")
+    table = None
+    if labels is not None:
+        if len(labels) != idx:
+            raise ValueError(f"{dest}: {idx} images but {len(labels)} labels")
+        table = [[n, _label_json(lab)] for n, lab in zip(written, labels)]
+    yield DATASET_JSON, json.dumps({"labels": table}).encode("utf-8")
+
+
+def _write_folder(members: Iterable[tuple[str, bytes]], dest: Path) -> None:
+    """Write the members into a fresh folder beside ``dest``, then put it in ``dest``'s place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
     try:
-        for name, data in members():
+        for name, data in members:
             (tmp_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_dir / name).write_bytes(data)
         if dest.exists():
@@ -383,7 +446,6 @@ def write_dataset(
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    return dest
 
 
 # ----------------------------------------------------------------------------
@@ -440,8 +502,6 @@ def _pad_images(images: np.ndarray, resolution: int) -> np.ndarray:
 
 def _safe_unpickle(data: bytes, where: str):
     """A CIFAR-10 batch pickle read by :mod:`nbhelpers.safeload`: plain data and numeric numpy arrays only."""
-    from . import safeload
-
     try:
         return safeload.load_pickle(
             data, where, {**safeload.plain_globals(), **safeload.numpy_globals()}, encoding="latin1"
@@ -461,8 +521,6 @@ def load_cifar10(
     ``train`` picks ``data_batch_1..5`` (50,000 images, in order) or ``test_batch`` (10,000). The
     default source is ``CIFAR10_URL``, fetched (into the cache) only when ``download`` is true.
     """
-    from .download import resolve
-
     _check_max_images(max_images)
     path = resolve(CIFAR10_URL if path_or_url is None else path_or_url, download=download)
     wanted = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
@@ -614,8 +672,11 @@ def transform_image(img: np.ndarray, transform: str, width: int, height: int) ->
         if w < width or band < height:
             return None
         hwc = hwc[(h - band) // 2 : (h + band) // 2]
-    out = np.asarray(PIL.Image.fromarray(np.ascontiguousarray(hwc[:, :, :3]), "RGB").resize(
-        (width, height), PIL.Image.Resampling.LANCZOS))  # fmt: skip
+    out = np.asarray(
+        PIL.Image.fromarray(np.ascontiguousarray(hwc[:, :, :3]), "RGB").resize(
+            (width, height), PIL.Image.Resampling.LANCZOS
+        )
+    )
     if transform == "center-crop-wide":
         canvas = np.zeros((width, width, 3), dtype=np.uint8)
         canvas[(width - height) // 2 : (width + height) // 2] = out
@@ -655,7 +716,7 @@ def convert_dataset(
     overwrite: bool = False,
     transform: str | None = None,
 ) -> Path:
-    """The authors' ``dataset_tool.py --source --dest --max-images``: copy the first N images to an EDM data set.
+    """The authors' ``dataset_tool.py --source --dest --max-images``: the first N images as an EDM data set.
 
     ``source``: a folder or zip of images (labels kept), the CIFAR-10 python tarball (training
     split) or a folder of (Fashion-)MNIST IDX files (training split). ``resolution`` resizes
@@ -728,7 +789,7 @@ def synthetic_dataset(
 
     Nested subsets of it (first N images) are then exactly the teacher's samples for seeds 0..N-1.
     """
-    from .sampling import generate
+    from .sampling import generate  # sampling imports this module (to_uint8)
 
     if n_images < 1:
         raise ValueError(f"n_images must be positive, got {n_images}")

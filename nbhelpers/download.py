@@ -24,6 +24,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from tqdm import tqdm
+
 __all__ = ["KNOWN_DIGESTS", "DownloadError", "cache_dir", "cached_path", "file_digest", "is_url", "resolve"]
 
 # Published digests of files this project downloads: (algorithm, hex). The CIFAR-10 authors publish MD5.
@@ -114,8 +116,6 @@ def _write_record(dest: Path, sha256: str) -> None:
 
 def _fetch(url: str, dest: Path, expected: tuple[str, str] | None, timeout: float, progress: bool) -> None:
     """Download ``url`` to a partial file beside ``dest``; check length and digest, then rename it."""
-    from tqdm import tqdm
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{dest.name}.", suffix=".partial", dir=dest.parent)
     partial = Path(tmp)
@@ -125,8 +125,16 @@ def _fetch(url: str, dest: Path, expected: tuple[str, str] | None, timeout: floa
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
             total = resp.headers.get("Content-Length")
             total = int(total) if total and total.isdigit() else None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name.split("-", 1)[-1],
-                      disable=not progress, file=sys.stderr, leave=False) as bar:  # fmt: skip
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=dest.name.split("-", 1)[-1],
+                disable=not progress,
+                file=sys.stderr,
+                leave=False,
+            ) as bar:
                 done = 0
                 for chunk in iter(lambda: resp.read(_CHUNK), b""):
                     f.write(chunk)
@@ -184,7 +192,7 @@ def resolve(
         _fetch(_split(url)[0], dest, expected, timeout, progress)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise DownloadError(
-            f"could not download {url}: {e}. Offline? Fetch it elsewhere and pass the local path, "
-            f"or copy it to {dest}"
+            f"could not download {url}: {e}. Offline? Fetch it "
+            f"elsewhere and pass the local path, or copy it to {dest}"
         ) from e
     return dest

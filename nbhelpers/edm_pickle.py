@@ -106,9 +106,14 @@ def edm_tree(
             state[k] = collections.OrderedDict(v)
         elif k == "_modules":
             state[k] = collections.OrderedDict(
-                (name, None if child is None else edm_tree(child, module_src, None, child_init_kwargs, extra_state))
+                (
+                    name,
+                    None
+                    if child is None
+                    else edm_tree(child, module_src, None, child_init_kwargs, extra_state),
+                )
                 for name, child in v.items()
-            )  # fmt: skip
+            )
         elif k == "_non_persistent_buffers_set" or (k.startswith("_") and isinstance(v, dict) and not v):
             state[k] = v
         elif not k.startswith("_") and _is_plain(v):
@@ -145,11 +150,19 @@ def snapshot(
     loss_name, loss_state = _LOSS_STATE.get(type(net).__name__, ("EDMLoss", {}))
     return dict(
         ema=edm_tree(net, module_src, **tree_kwargs),
-        loss_fn=Persistent(loss_name, dict(loss_state, _init_args=(), _init_kwargs=dict(loss_state)), module_src),
+        loss_fn=Persistent(
+            loss_name, dict(loss_state, _init_args=(), _init_kwargs=dict(loss_state)), module_src
+        ),
         augment_pipe=augment_pipe,
-        dataset_kwargs=dict(dataset_kwargs or {"class_name": "training.dataset.ImageFolderDataset",
-                                                "path": "dataset.zip", "use_labels": False}),
-    )  # fmt: skip
+        dataset_kwargs=dict(
+            dataset_kwargs
+            or {
+                "class_name": "training.dataset.ImageFolderDataset",
+                "path": "dataset.zip",
+                "use_labels": False,
+            }
+        ),
+    )
 
 
 def write_snapshot(

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_path
+from .data import flat_rows, image_names, iter_image_batches, model_space
 from .devices import default_device
 from .download import resolve
 
@@ -175,22 +176,11 @@ class SSCD:
 def pixel_features(images: torch.Tensor | np.ndarray, center: bool = False) -> torch.Tensor:
     """Flattened images as (N, D) float32 unit vectors, so that dot products are pixel cosines.
 
-    uint8 input is mapped to model space (x/127.5 - 1, mid-grey at 0); float input is taken as
+    uint8 input is mapped to model space (``data.to_model``, mid-grey at 0); float input is taken as
     model space already. ``center`` subtracts each image's own mean first (the cosine becomes the
     Pearson correlation of the pixels, blind to brightness shifts). An all-zero vector stays zero.
     """
-    t = (
-        torch.from_numpy(np.ascontiguousarray(images))
-        if isinstance(images, np.ndarray)
-        else torch.as_tensor(images)
-    )
-    if t.ndim < 2:
-        raise ValueError(f"images must be batched (N, ...), got shape {tuple(t.shape)}")
-    x = t.reshape(t.shape[0], -1).to(torch.float64)
-    if t.dtype == torch.uint8:
-        x = x / 127.5 - 1
-    elif not t.is_floating_point():
-        raise ValueError(f"images must be uint8 or floating point, got {t.dtype}")
+    x = model_space(flat_rows(images, "images"), dtype=torch.float64)
     if center:
         x = x - x.mean(1, keepdim=True)
     return F.normalize(x, dim=1).to(torch.float32)
@@ -312,15 +302,13 @@ def _batches(
 ) -> tuple[Iterable[np.ndarray | torch.Tensor], list[str] | None, str | None]:
     """(batches, names, source) for an array/tensor of images or a folder/zip data set."""
     if isinstance(images_or_path, (str, os.PathLike)):
-        from . import data
-
         path = Path(images_or_path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such folder or zip of images")
-        names = data.image_names(path)
+        names = image_names(path)
         if not names:
             raise ValueError(f"{path}: no images found")
-        return data.iter_image_batches(path, batch_size), names, str(path)
+        return iter_image_batches(path, batch_size), names, str(path)
     t = (
         images_or_path
         if isinstance(images_or_path, torch.Tensor)
@@ -331,13 +319,13 @@ def _batches(
 
 def extract_features(
     images_or_path: torch.Tensor | np.ndarray | str | os.PathLike,   # uint8 (N, C, H, W) or a folder/zip
-    backend: str = "sscd",                                           # 'sscd' or 'pixel'
-    model: SSCD | Callable[[torch.Tensor], torch.Tensor] | str | None = None,  # sscd: model or its file/URL/name
+    backend: str = "sscd",                                           # 'sscd' or 'pixel' (pixel cosine)
+    model: SSCD | Callable[[torch.Tensor], torch.Tensor] | str | None = None,  # sscd: model, file, URL, name
     seeds: Sequence[int] | np.ndarray | torch.Tensor | None = None,  # default: parsed from file names
     names: Sequence[str] | None = None,                              # default: the data set's file names
     batch_size: int = 64,                                            # images per batch
     device: str | torch.device | None = None,                        # for a model built here
-    center: bool = False,                                            # pixel backend: subtract each image's mean
+    center: bool = False,                                            # pixel: subtract each image's mean
 ) -> FeatureSet:  # fmt: skip
     """Descriptors of images or of a data set, with their seeds, as a ``FeatureSet``.
 

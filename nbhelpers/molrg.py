@@ -1,4 +1,4 @@
-"""Mixture of low-rank Gaussians (MoLRG, paper P2): data, closed-form and low-rank denoisers, subspace distance.
+"""Mixture of low-rank Gaussians (MoLRG, P2): data, closed-form and low-rank denoisers, subspace distance.
 
 The data live in R^n, n = C*R*R, and are stored as images (N, C, R, R) flattened in C order. Class
 k (uniform over K) draws x0 = U_k a with a ~ N(0, I_d); the bases U_k (n, d) are consecutive column
@@ -106,7 +106,7 @@ class _SubspaceDenoiser(torch.nn.Module):
 
 
 class MoLRGDenoiser(_SubspaceDenoiser):
-    """The exact posterior-mean denoiser of a MoLRG with orthonormal ``bases`` (K, n, d); ``shape`` = (C, R, R)."""
+    """Exact posterior-mean denoiser of a MoLRG with orthonormal ``bases`` (K, n, d), ``shape`` (C, R, R)."""
 
     def __init__(self, bases: torch.Tensor, shape: tuple[int, int, int]):
         c, r, r2 = (int(v) for v in shape)
@@ -172,7 +172,7 @@ class LowRankDenoiser(_SubspaceDenoiser):
 
 @dataclass
 class MoLRG:
-    """A mixture of K low-rank Gaussians in R^n, n = C*R*R: ``bases`` (K, n, d) float64, ``shape`` (C, R, R)."""
+    """Mixture of K low-rank Gaussians in R^n, n = C*R*R: ``bases`` (K, n, d) float64, ``shape`` (C, R, R)."""
 
     bases: torch.Tensor
     shape: tuple[int, int, int]

@@ -201,23 +201,6 @@ def errorbar_lines(
     return ax
 
 
-def reference_lines(
-    ax: plt.Axes,
-    table: pd.DataFrame,
-    x: str,
-    y: str,
-    hue: str,
-    color_of: dict | None = None,
-    label_suffix: str = " (paper)",
-    **kwargs: Any,
-) -> None:
-    """Dashed lines of reference numbers (e.g. the paper's) beside the measured ones."""
-    for i, (key, sub) in enumerate(table.groupby(hue, sort=False)):
-        sub = sub.sort_values(x)
-        color = (color_of or {}).get(key, colors(len(table[hue].unique()))[i])
-        ax.plot(sub[x], sub[y], ls="--", lw=1, color=color, alpha=0.7, label=f"{key}{label_suffix}", **kwargs)
-
-
 def annotated_heatmap(
     matrix: np.ndarray | pd.DataFrame,
     labels: Sequence[str] | None = None,

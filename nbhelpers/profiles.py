@@ -102,8 +102,8 @@ def load_profile(notebook: str, profile: str) -> dict[str, Any]:
 
 
 def expand_smoke_assets(value: Any) -> Any:
-    """``value`` with ``{smoke_assets}`` replaced by the smoke asset folder in every string (lists, dicts too)."""
-    from .smoke import asset_dir
+    """``value`` with ``{smoke_assets}`` set to the smoke asset folder in every string, nested ones too."""
+    from .smoke import asset_dir  # smoke imports this module, and torch
 
     folder = str(asset_dir())
 
@@ -193,7 +193,7 @@ def resolve(notebook: str, namespace: dict[str, Any], verbose: bool = True) -> P
         raise ValueError(f"params/{profile}/{notebook}.yaml: unknown parameters {unknown}")
     params = Params({**defaults, **overrides, **injected, "profile": profile})
     if profile == "smoke":
-        from .smoke import ensure_assets
+        from .smoke import ensure_assets  # smoke imports this module, and torch
 
         ensure_assets()
     namespace.update(params)

@@ -9,6 +9,7 @@ its ``margin`` in units of the measurement's standard error (positive: on the pa
 from __future__ import annotations
 
 import datetime as _dt
+import html
 import json
 import math
 import operator
@@ -198,7 +199,6 @@ def _fmt(value: Any) -> str:
 def summary_html(results: dict[str, dict], profile: str) -> str:
     """The summary table as HTML: five columns that fit a page; each notebook heads its rows, the
     setting sits under the quantity, and each check carries its verdict and margin."""
-    import html
 
     def cell(v: Any) -> str:
         return html.escape(str(v))
@@ -248,7 +248,7 @@ def _verdict(r: dict[str, Any]) -> str:
 def checks_table(rows: list[dict[str, Any]]):
     """The checked rows as a DataFrame: kind, quantity, setting, measured, paper, check, result, margin
     (in standard errors), note; sanity checks first."""
-    import pandas as pd
+    import pandas as pd  # slow to import; only the tables need it
 
     checked = [r for r in rows if r.get("passed") is not None]
     table = pd.DataFrame(

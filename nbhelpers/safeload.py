@@ -133,9 +133,16 @@ class _Machine:
     """One pickle program: stack, mark stack and memo, run over ``data`` from a position to STOP."""
 
     def __init__(
-        self, data, where: str, resolve: Callable[[str, str], Global | None], persistent_load,
-        encoding: str, budget: _Budget, max_depth: int, dict_types: tuple[type, ...],
-    ):  # fmt: skip
+        self,
+        data,
+        where: str,
+        resolve: Callable[[str, str], Global | None],
+        persistent_load,
+        encoding: str,
+        budget: _Budget,
+        max_depth: int,
+        dict_types: tuple[type, ...],
+    ):
         self.data = data if isinstance(data, bytes) else bytes(data)
         self.where = where
         self.resolve = resolve
@@ -427,6 +434,7 @@ def _what(obj: Any) -> str:
 
 
 def _op_table() -> dict[int, Callable[[_Machine], Any]]:
+    """Opcode byte -> handler, for every opcode the reader supports (registered by group below)."""
     ops: dict[bytes, Callable[[_Machine], Any]] = {}
 
     def op(code: bytes):
@@ -436,6 +444,16 @@ def _op_table() -> dict[int, Callable[[_Machine], Any]]:
 
         return register
 
+    for group in (_stack_ops, _number_ops, _text_ops, _container_ops, _memo_ops, _object_ops):
+        group(ops, op)
+
+    # Not supported (refused as unknown): INST, OBJ (old-style class instances), EXT1/2/4 (extension
+    # registry), NEXT_BUFFER/READONLY_BUFFER (out-of-band buffers).
+    return {code[0]: fn for code, fn in ops.items()}
+
+
+def _stack_ops(ops: dict[bytes, Callable[[_Machine], Any]], op: Callable) -> None:
+    """Framing, STOP, marks and the stack."""
     p = pickle
 
     @op(p.PROTO)
@@ -474,7 +492,11 @@ def _op_table() -> dict[int, Callable[[_Machine], Any]]:
     def _dup(m):
         m.push(m.top(), 8)
 
-    # constants and numbers
+
+def _number_ops(ops: dict[bytes, Callable[[_Machine], Any]], op: Callable) -> None:
+    """Constants and numbers, binary and text."""
+    p = pickle
+
     ops[p.NONE] = lambda m: m.push(None, 8)
     ops[p.NEWTRUE] = lambda m: m.push(True, 8)
     ops[p.NEWFALSE] = lambda m: m.push(False, 8)
@@ -511,7 +533,11 @@ def _op_table() -> dict[int, Callable[[_Machine], Any]]:
     ops[p.LONG] = lambda m: text_number(m, "long")
     ops[p.FLOAT] = lambda m: text_number(m, "float")
 
-    # strings and bytes
+
+def _text_ops(ops: dict[bytes, Callable[[_Machine], Any]], op: Callable) -> None:
+    """Strings and bytes."""
+    p = pickle
+
     def signed4(m):
         return int.from_bytes(m.read(4), "little", signed=True)
 
@@ -544,7 +570,11 @@ def _op_table() -> dict[int, Callable[[_Machine], Any]]:
         except UnicodeDecodeError as e:
             raise m.fail(f"bad UNICODE literal ({e})") from None
 
-    # containers
+
+def _container_ops(ops: dict[bytes, Callable[[_Machine], Any]], op: Callable) -> None:
+    """Lists, dicts, sets, tuples and their items."""
+    p = pickle
+
     ops[p.EMPTY_LIST] = lambda m: m.push([], 56)
     ops[p.EMPTY_DICT] = lambda m: m.push({}, 64)
     ops[p.EMPTY_SET] = lambda m: m.push(set(), 216)
@@ -602,7 +632,11 @@ def _op_table() -> dict[int, Callable[[_Machine], Any]]:
         items = m.pop_mark()
         m.add_items(m.top(), items)
 
-    # memo
+
+def _memo_ops(ops: dict[bytes, Callable[[_Machine], Any]], op: Callable) -> None:
+    """The memo."""
+    p = pickle
+
     ops[p.PUT] = lambda m: m.memo_put(_line_int(m))
     ops[p.BINPUT] = lambda m: m.memo_put(m.uint(1))
     ops[p.LONG_BINPUT] = lambda m: m.memo_put(m.uint(4))
@@ -611,7 +645,11 @@ def _op_table() -> dict[int, Callable[[_Machine], Any]]:
     ops[p.BINGET] = lambda m: m.memo_get(m.uint(1))
     ops[p.LONG_BINGET] = lambda m: m.memo_get(m.uint(4))
 
-    # globals, calls, state
+
+def _object_ops(ops: dict[bytes, Callable[[_Machine], Any]], op: Callable) -> None:
+    """Globals (through the allow-list), calls, BUILD and persistent ids."""
+    p = pickle
+
     @op(p.GLOBAL)
     def _global(m):
         module, name = m.readline(), m.readline()
@@ -643,9 +681,6 @@ def _op_table() -> dict[int, Callable[[_Machine], Any]]:
     ops[p.BUILD] = lambda m: m.build()
     ops[p.BINPERSID] = lambda m: m.persid(m.pop())
     ops[p.PERSID] = lambda m: m.persid(m.text(m.readline()) if m.encoding != "bytes" else m.readline())
-    # Not supported (refused as unknown): INST, OBJ (old-style class instances), EXT1/2/4 (extension
-    # registry), NEXT_BUFFER/READONLY_BUFFER (out-of-band buffers).
-    return {code[0]: fn for code, fn in ops.items()}
 
 
 def _line_int(m: _Machine) -> int:
@@ -965,12 +1000,20 @@ def numpy_globals() -> dict[tuple[str, str], Global]:
 # torch: storages read from the file's own bytes, tensors checked against them.
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64,
-    "ComplexDoubleStorage": torch.complex128, "UntypedStorage": torch.uint8,
-}  # fmt: skip
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "ComplexFloatStorage": torch.complex64,
+    "ComplexDoubleStorage": torch.complex128,
+    "UntypedStorage": torch.uint8,
+}
 _TORCH_DTYPES = {
     name: getattr(torch, name) for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)
 }

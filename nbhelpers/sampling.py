@@ -11,6 +11,7 @@ compute device itself; on CUDA that reproduces EDM's ``generate.py`` latents exa
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -26,9 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import tqdm
+from PIL import Image
 
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_text, check_writable, remove_stale_tmp
+from .data import to_uint8
 from .devices import default_device
+from .safeload import PickleError, read_zip_member
 
 __all__ = [
     "SeedNoise",
@@ -36,7 +41,6 @@ __all__ = [
     "edm_sigmas",
     "edm_sampler",
     "generate",
-    "to_uint8",
     "save_images",
     "image_names",
     "export_noise",
@@ -84,7 +88,7 @@ class SeedNoise:
     def randint(
         self, low: int, high: int | None = None, size: Sequence[int] = (), dtype: torch.dtype = torch.int64
     ) -> torch.Tensor:
-        """Integers in ``[low, high)`` (or ``[0, low)`` when ``high`` is None), shaped ``(len(seeds), *size)``."""
+        """Integers in ``[low, high)`` (``[0, low)`` if ``high`` is None), shaped ``(len(seeds), *size)``."""
         if high is None:
             low, high = 0, low
         size = tuple(int(s) for s in size)
@@ -181,12 +185,19 @@ def edm_sampler(
     S_noise: float = 1.0,              # Noise inflation of the churn.
     noise: SeedNoise | None = None,    # Per-seed generators for the churn noise (needed if S_churn > 0).
     sigmas: torch.Tensor | Sequence[float] | None = None,  # Explicit levels; overrides the 5 above.
-    return_trajectory: bool = False,   # Also return [(sigma, x, denoised), ...], one per step.
+    callback: Callable[[dict], None] | None = None,  # Called at every step with a dict (see below).
+    return_trajectory: bool = False,   # Also return [(sigma_hat, x, denoised), ...], one per step.
 ) -> torch.Tensor | tuple[torch.Tensor, list[tuple[float, torch.Tensor, torch.Tensor]]]:  # fmt: skip
     """Integrate the probability-flow ODE from ``latents * sigmas[0]`` down the levels, in float64.
 
-    ``latents`` are standard normal, (N, C, H, W). Returns float64 samples of the same shape; with
-    ``return_trajectory`` also the list of ``(sigma, x, D(x; sigma))`` at each step's first evaluation.
+    ``latents`` are standard normal, (N, C, H, W). Returns float64 samples of the same shape.
+
+    ``callback``, as in k-diffusion's samplers, is called once per step ``i`` (after the step's first
+    denoiser evaluation, before the update) with one dict: ``x`` (N, C, H, W) float64, the point the
+    step starts from (after churn); ``i``; ``sigma`` (float, the level ``t_i``); ``sigma_hat`` (float,
+    the level of ``x``: ``t_i`` raised by churn, else ``t_i``); ``denoised``, ``D(x; sigma_hat)``. The
+    tensors are the sampler's own: read them, do not change them in place. ``return_trajectory``
+    also returns the list of ``(sigma_hat, x, denoised)`` of all steps (it holds the whole path).
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (Euler) or 2 (Heun), got {order}")
@@ -218,8 +229,12 @@ def edm_sampler(
         denoised = denoise(x_hat, t_hat)
         d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
-        if return_trajectory:
-            trajectory.append((float(t_hat), x_hat, denoised))
+        if callback is not None or return_trajectory:
+            step = dict(x=x_hat, i=i, sigma=levels[i], sigma_hat=float(t_hat), denoised=denoised)
+            if return_trajectory:
+                trajectory.append((step["sigma_hat"], x_hat, denoised))
+            if callback is not None:
+                callback(step)
 
         # Second-order correction, except on a step that ends at sigma = 0.
         if order == 2 and levels[i + 1] > 0:
@@ -227,11 +242,6 @@ def edm_sampler(
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
 
     return (x_next, trajectory) if return_trajectory else x_next
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model space [-1, 1] to uint8 as EDM saves images: ``(x*127.5+128).clip(0,255)`` truncated."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
 def _infer_device(net: Any, device: Device | None) -> torch.device:
@@ -268,7 +278,7 @@ def generate(
     seeds: str | Iterable[int],
     batch_size: int = 64,
     device: Device | None = None,      # None: the net's parameter device, else the default device.
-    class_labels: Any = None,          # None: random per seed (EDM) if conditional; int; (N,) ints; (N, L) one-hot.
+    class_labels: Any = None,          # None: random per seed (EDM) if conditional; int; (N,) ints; (N, L).
     num_steps: int = 18,
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
@@ -287,7 +297,7 @@ def generate(
     progress: bool = False,
     skip_existing: bool = False,       # with out: reuse images already written there (a resumed job).
     record: dict | None = None,        # with out: how the images are made, kept beside them and checked.
-    sampler: Callable[..., torch.Tensor] | None = None,  # instead of edm_sampler: sampler(net, x_T, labels, noise=noise)
+    sampler: Callable[..., torch.Tensor] | None = None,  # not edm_sampler: sampler(net, x_T, labels, noise=)
 ) -> torch.Tensor:  # fmt: skip
     """Sample one image per seed in batches; returns a CPU tensor (N, C, H, W), uint8 or float64.
 
@@ -309,10 +319,7 @@ def generate(
     seeds = parse_seeds(seeds)
     device = _infer_device(net, device)
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
-    if latents is not None and tuple(latents.shape) != (len(seeds), *shape):
-        raise ValueError(f"latents shape {tuple(latents.shape)} != {(len(seeds), *shape)}")
-    if latents is not None and not bool(torch.isfinite(latents).all()):
-        raise ValueError("latents contain NaN or infinite values")
+    _check_latents(latents, (len(seeds), *shape))
     writer = _ImageWriter(out, seeds, subdirs, record) if out is not None else None
     result = torch.empty((len(seeds), *shape), dtype=torch.uint8 if output == "uint8" else torch.float64)
     todo = writer.reuse(result) if skip_existing else list(range(len(seeds)))
@@ -320,9 +327,11 @@ def generate(
         writer.start()
     starts = range(0, len(todo), batch_size)
     if progress:
-        import tqdm
-
         starts = tqdm.tqdm(starts, unit="batch", desc="sampling")
+    if sampler is None:
+        options = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, order=order)
+        churn = dict(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+        sampler = functools.partial(edm_sampler, sigmas=sigmas, **options, **churn)
     for start in starts:
         pos = todo[start : start + batch_size]
         idx = torch.tensor(pos, dtype=torch.int64)
@@ -331,14 +340,7 @@ def generate(
         if latents is not None:
             x_T = latents[idx].to(device=device, dtype=torch.float32)
         labels = _labels_for(net, class_labels, idx, noise, device)
-        if sampler is not None:
-            x = sampler(net, x_T, labels, noise=noise)
-        else:
-            x = edm_sampler(
-                net, x_T, labels, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                order=order, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, noise=noise,
-                sigmas=sigmas,
-            )  # fmt: skip
+        x = sampler(net, x_T, labels, noise=noise)
         if not bool(torch.isfinite(x).all()):
             raise ValueError(
                 f"sampling gave NaN or infinite values for seeds {_seed_list([seeds[i] for i in pos])}: "
@@ -352,6 +354,14 @@ def generate(
     return result
 
 
+def _check_latents(latents: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    """Given initial noise must have ``shape`` (N, C, H, W) and be finite."""
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(f"latents shape {tuple(latents.shape)} != {shape}")
+    if latents is not None and not bool(torch.isfinite(latents).all()):
+        raise ValueError("latents contain NaN or infinite values")
+
+
 def _seed_list(seeds: Sequence[int], k: int = 5) -> str:
     return ", ".join(map(str, seeds[:k])) + (f", ... ({len(seeds)} in all)" if len(seeds) > k else "")
 
@@ -362,8 +372,6 @@ class _ImageWriter:
     RECORD = ".nbhelpers-generate.json"
 
     def __init__(self, out: str | os.PathLike, seeds: Sequence[int], subdirs: bool, record: dict | None):
-        from .atomic import check_writable, remove_stale_tmp
-
         self.record = None if record is None else json.loads(json.dumps(record))
         self.out = Path(out)
         self.zip = self.out.suffix.lower() == ".zip"
@@ -392,8 +400,6 @@ class _ImageWriter:
 
     def start(self) -> None:
         if self.record is not None:
-            from .atomic import atomic_write_text
-
             atomic_write_text(self.folder / self.RECORD, json.dumps(self.record, indent=1, sort_keys=True))
 
     def write(self, positions: Sequence[int], images: torch.Tensor) -> None:
@@ -405,8 +411,6 @@ class _ImageWriter:
 
     def reuse(self, result: torch.Tensor) -> list[int]:
         """Fill ``result`` with the images already written (here or in the zip); the positions left."""
-        from .safeload import PickleError, read_zip_member
-
         packed, records = {}, []
         if self.zip and self.out.is_file():
             try:
@@ -423,8 +427,11 @@ class _ImageWriter:
             records.append((self.folder, self._stored_record(None)))
         for where, stored in records:
             if stored != self.record:
-                diff = sorted(k for k in {*(stored or {}), *(self.record or {})}
-                              if (stored or {}).get(k) != (self.record or {}).get(k))  # fmt: skip
+                diff = sorted(
+                    k
+                    for k in {*(stored or {}), *(self.record or {})}
+                    if (stored or {}).get(k) != (self.record or {}).get(k)
+                )
                 raise ValueError(
                     f"{where}: holds images made "
                     + (
@@ -454,8 +461,6 @@ class _ImageWriter:
 
 def _png_image(data: bytes, shape: tuple[int, int, int]) -> np.ndarray | None:
     """A PNG written by ``generate`` as uint8 (C, H, W), or None if it is not one of that shape."""
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.mode not in ("L", "RGB") or im.size != (shape[2], shape[1]):
@@ -481,8 +486,6 @@ def image_names(names: Sequence[int | str], subdirs: bool = False) -> list[str]:
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     if image.shape[0] == 1:
         Image.fromarray(image[0], "L").save(buf, format="PNG")

@@ -29,8 +29,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["DISCRETIZATIONS", "SCALINGS", "SCHEDULES", "SOLVERS", "Schedule", "ablation_sampler",
-           "default_sigma_range", "schedule", "sigma_steps", "vp_sigma"]  # fmt: skip
+__all__ = [
+    "DISCRETIZATIONS",
+    "SCALINGS",
+    "SCHEDULES",
+    "SOLVERS",
+    "Schedule",
+    "ablation_sampler",
+    "default_sigma_range",
+    "schedule",
+    "sigma_steps",
+    "vp_sigma",
+]
 
 DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
 SCHEDULES = ("vp", "ve", "linear")

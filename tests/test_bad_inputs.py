@@ -90,7 +90,6 @@ def test_feature_sets_and_scores_reject_non_finite_values(tmp_path):
     for call in [
         lambda: scores.reproducibility_score((f, np.arange(6)), (f, np.arange(6)), threshold=float("nan")),
         lambda: scores.generalization_score(f, f, threshold=float("nan")),
-        lambda: scores.memorized_by_nn_ratio(f, f, threshold=float("nan")),
     ]:
         with pytest.raises(ValueError, match="threshold"):
             call()
@@ -116,8 +115,8 @@ def test_nan_training_features_do_not_flip_mscore(tmp_path, capsys):
 def test_threshold_nan_is_refused(tmp_path, capsys):
     FeatureSet(unit(4), seeds=torch.arange(4)).save(tmp_path / "a.npz")
     for cmd in ("rpscore", "mscore"):
-        code, out, err = run(capsys, "sscd", cmd, "--source", tmp_path / "a.npz", "--target", tmp_path / "a.npz",
-                             "--t", "nan", "--json")  # fmt: skip
+        code, out, err = run(capsys, "sscd", cmd, "--source", tmp_path / "a.npz",
+                             "--target", tmp_path / "a.npz", "--t", "nan", "--json")  # fmt: skip
         one_line_error(code, err, "--t")
         assert "NaN" not in out
 
@@ -164,7 +163,7 @@ def test_noise_files_with_float_or_repeated_seeds(tmp_path, capsys, mlp, seeds, 
     one_line_error(code, err, "noise.npz", pattern)
 
 
-# ---------------------------------------------------------------- 5. long jobs: output first, per batch, resumable
+# -------------------------------------------------------- 5. long jobs: output first, per batch, resumable
 
 
 def test_generate_checks_the_output_before_loading_anything(tmp_path, capsys):
@@ -390,8 +389,8 @@ def test_huge_seed_range_is_refused_without_allocating(tmp_path):
         import resource, sys
         resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
         from nbhelpers.cli import main
-        sys.exit(main(["generate", "--network", {str(tmp_path / "n.pkl")!r}, "--outdir", {str(tmp_path / "o")!r},
-                       "--seeds", "0-999999999"]))
+        sys.exit(main(["generate", "--network", {str(tmp_path / "n.pkl")!r},
+                       "--outdir", {str(tmp_path / "o")!r}, "--seeds", "0-999999999"]))
     """)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -429,8 +428,9 @@ def test_truncated_molrg_npz(tmp_path, capsys):
     mix.save(tmp_path / name, samples=x, labels=labels)
     data = (tmp_path / name).read_bytes()
     (tmp_path / name).write_bytes(data[: len(data) // 2])
-    code, _, err = run(capsys, "train-molrg", "--outdir", tmp_path / "t", "--path", tmp_path, "--img_res", "4",
-                       "--class_num", "2", "--per_class_dim", "3", "--sample_per_class", "8", "--device", "cpu")  # fmt: skip
+    code, _, err = run(capsys, "train-molrg", "--outdir", tmp_path / "t", "--path", tmp_path,
+                       "--img_res", "4", "--class_num", "2", "--per_class_dim", "3",
+                       "--sample_per_class", "8", "--device", "cpu")  # fmt: skip
     one_line_error(code, err, name)
 
 

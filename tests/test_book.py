@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = ["regimes", "optimal_denoiser", "model_similarity", "jacobian_rank", "molrg_phase_transition"]
 MATHJAX_CACHE = ROOT / ".cache" / "mathjax" / "package"
 WIDE_PARAMETER = {"model_channels": 128, "channel_mult": [2, 2, 2], "num_blocks": 4, "attn_resolutions": [16],
-                  "dropout": 0.13, "augment_dim": 9, "embedding_type": "positional", "encoder_type": "standard"}  # fmt: skip
+                  "dropout": 0.13, "augment_dim": 9, "embedding_type": "positional",
+                  "encoder_type": "standard"}  # fmt: skip
 
 
 def _load_tool(name: str):
@@ -320,7 +321,8 @@ def test_summary_notebook_reports_rows_missing_and_broken_files(tmp_path):
 
     results = tmp_path / "results"
     row = {"quantity": "GL at N=64", "setting": "UNet-64", "measured": 0.123456, "paper": None,
-           "check": "<= 0.1", "passed": False, "kind": "phenomenon", "margin": -1.5, "note": "small"}  # fmt: skip
+           "check": "<= 0.1", "passed": False, "kind": "phenomenon", "margin": -1.5,
+           "note": "small"}  # fmt: skip
     sanity = {**row, "quantity": "copy criterion: held-out samples flagged", "kind": "sanity", "margin": None}
     _write_results(
         results, "regimes",
@@ -347,8 +349,9 @@ def test_summary_notebook_reports_rows_missing_and_broken_files(tmp_path):
     assert "holds results of the `ci` profile" in text
     # A fresh clone: no results folder at all.
     papermill.execute_notebook(
-        str(ROOT / "notebooks" / "summary.ipynb"), str(out), parameters={"results_dir": str(tmp_path / "none")},
-        kernel_name="python3", progress_bar=False, cwd=str(ROOT / "notebooks"),
+        str(ROOT / "notebooks" / "summary.ipynb"), str(out),
+        parameters={"results_dir": str(tmp_path / "none")}, kernel_name="python3", progress_bar=False,
+        cwd=str(ROOT / "notebooks"),
     )  # fmt: skip
     text = _outputs_text(nbformat.read(out, as_version=4))
     assert "No results to show yet" in text and text.count(": no results file") == 5

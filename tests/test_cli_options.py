@@ -165,18 +165,20 @@ def test_training_options_are_accepted_with_their_meaning(tmp_path, capsys):
     )
     assert code == 0, err
     assert '"loss_scaling": 4.0' in out and '"optimizer": "adam"' in out
-    code, out, err = run(capsys, "train-molrg", "--outdir", tmp_path / "m", "--path", tmp_path / "d", "--dry-run",
-                         "--img_res", "4", "--class_num", "2", "--per_class_dim", "2", "--sample_per_class", "8",
-                         "--optimizer", "sgd", "--ls", "2", "--workers", "2", "--bench", "1")  # fmt: skip
+    code, out, err = run(capsys, "train-molrg", "--outdir", tmp_path / "m", "--path", tmp_path / "d",
+                         "--dry-run", "--img_res", "4", "--class_num", "2", "--per_class_dim", "2",
+                         "--sample_per_class", "8", "--optimizer", "sgd", "--ls", "2", "--workers", "2",
+                         "--bench", "1")  # fmt: skip
     assert code == 0 and '"optimizer": "sgd"' in out and '"loss_scaling": 2.0' in out
 
 
 @pytest.mark.slow
 def test_train_molrg_resumedir_and_sgd(tmp_path, capsys):
-    args = ["train-molrg", "--outdir", tmp_path / "training", "--path", tmp_path / "datasets", "--img_res", "4",
-            "--class_num", "2", "--per_class_dim", "2", "--sample_per_class", "16", "--embed_channels", "8",
-            "--batch", "32", "--tick", "0.064", "--snap", "1", "--dump", "1", "--lr-rampup", "0", "--dropout", "0",
-            "--device", "cpu", "--optimizer", "sgd", "--resume", "0"]  # fmt: skip
+    args = ["train-molrg", "--outdir", tmp_path / "training", "--path", tmp_path / "datasets",
+            "--img_res", "4", "--class_num", "2", "--per_class_dim", "2", "--sample_per_class", "16",
+            "--embed_channels", "8", "--batch", "32", "--tick", "0.064", "--snap", "1", "--dump", "1",
+            "--lr-rampup", "0", "--dropout", "0", "--device", "cpu", "--optimizer", "sgd",
+            "--resume", "0"]  # fmt: skip
     run_dir = tmp_path / "continue-here"
     code, _, err = run(
         capsys, *args, "--duration", "0.000256", "--resumedir", run_dir
@@ -199,8 +201,8 @@ def test_loss_scaling_scales_the_gradient():
     from nbhelpers.training import TrainConfig, train
 
     x = torch.randn(32, 2, 2, 2, generator=torch.Generator().manual_seed(0))
-    common = dict(arch="mlp", precond="edm", network=dict(hidden_dim=16, num_layers=2, emb_dim=8), total_steps=3,
-                  batch_size=16, lr_rampup_kimg=0, ema_beta=0.0, optimizer="sgd")  # fmt: skip
+    common = dict(arch="mlp", precond="edm", network=dict(hidden_dim=16, num_layers=2, emb_dim=8),
+                  total_steps=3, batch_size=16, lr_rampup_kimg=0, ema_beta=0.0, optimizer="sgd")  # fmt: skip
     a = train(
         TrainConfig(lr=0.05, loss_scaling=2.0, **common), x, device="cpu", progress=False
     ).net.state_dict()

@@ -34,7 +34,10 @@ CHILD = textwrap.dedent(
     root, count, seed = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     rng = random.Random(seed)
     bases = {ext: (root / f"base.{ext}").read_bytes() for ext in ("pkl", "nbh")}
-    OPCODES = b"().0123FGIJKLMNPQRSTUVXabcdeghijlopqrstu}]\x80\x81\x82\x85\x86\x87\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x90\x91\x92\x93\x94\x95\x96\x97\x98"
+    OPCODES = (
+        b"().0123FGIJKLMNPQRSTUVXabcdeghijlopqrstu}]"
+        b"\x80\x81\x82\x85\x86\x87\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x90\x91\x92\x93\x94\x95\x96\x97\x98"
+    )
 
     def mutate(data):
         b = bytearray(data)
@@ -89,8 +92,8 @@ CHILD = textwrap.dedent(
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                code = main(["generate", "--network", str(path), "--outdir", str(root / "out"), "--seeds", "0",
-                             "--steps", "1", "--batch", "1", "--device", "cpu", "--overwrite"])
+                args = ["--network", str(path), "--outdir", str(root / "out"), "--seeds", "0", "--steps", "1"]
+                code = main(["generate", *args, "--batch", "1", "--device", "cpu", "--overwrite"])
             result = {0: "ok", 2: "refused"}.get(code, f"exit {code}")
         except SystemExit as e:
             result = f"exit {e.code}"

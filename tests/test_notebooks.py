@@ -65,8 +65,9 @@ def test_papermill_values_win_even_when_equal_to_the_defaults(tmp_path):
     widths = profiles.notebook_defaults("regimes")["widths"]
     assert widths != profiles.load_profile("regimes", "paper")["widths"]
     out = tmp_path / "regimes.ipynb"
-    cmd = [sys.executable, "-m", "papermill", str(profiles.notebook_path("regimes")), str(out), "-k", "python3",
-           "--cwd", str(tmp_path), "--no-progress-bar", "-p", "profile", "paper", "-p", "dry_run", "True",
+    cmd = [sys.executable, "-m", "papermill", str(profiles.notebook_path("regimes")), str(out),
+           "-k", "python3", "--cwd", str(tmp_path), "--no-progress-bar", "-p", "profile", "paper",
+           "-p", "dry_run", "True",
            "-y", f"train_seeds: [0, 1]\nwidths: {widths}", "-p", "workers", "2"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -38,8 +38,11 @@ def test_dev_extra_builds_on_the_book_extra():
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_makefile_installs_the_cpu_wheel_before_the_package(tmp_path):
-    out = subprocess.run(["make", "-n", "-B", "-C", str(ROOT), f"VENV={tmp_path / 'venv'}", "setup"],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        ["make", "-n", "-B", "-C", str(ROOT), f"VENV={tmp_path / 'venv'}", "setup"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     torch = [i for i, line in enumerate(lines) if "pip install" in line and "torch==2.13.0" in line]
@@ -68,3 +71,19 @@ def test_system_deps_skips_apt_when_the_packages_are_installed(tmp_path):
     (bin_dir / "dpkg-query").write_text("#!/bin/sh\necho installed\n")  # chromium missing: apt runs
     out = subprocess.run(["make", "-C", str(ROOT), "system-deps"], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "install" in log.read_text()
+
+
+def test_every_module_is_importable_as_an_attribute_of_the_package():
+    import nbhelpers
+
+    modules = {p.stem for p in (ROOT / "nbhelpers").glob("*.py")} - {"__init__", "__main__"}
+    assert nbhelpers._SUBMODULES == modules | {"experiments"}
+
+
+def test_make_help_lists_every_target():
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    phony = re.search(r"^\.PHONY: (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+    listed = re.findall(r"^  make (\S+)", out, re.M)
+    assert listed and sorted(listed) == sorted(phony)

@@ -91,9 +91,10 @@ def _images(folder, n: int, seed: int) -> None:
 def test_cli_resume_latest_picks_the_run_of_the_same_data(tmp_path, capsys):
     for name, n in (("d8", 8), ("d4", 4)):
         _images(tmp_path / name, n, seed=n)
-    common = ["--outdir", tmp_path / "training", "--arch", "ddpmpp", "--precond", "edm", "--cbase", "8", "--cres", "1",
-              "--num_blocks", "1", "--attn", "", "--dropout", "0", "--augment", "0", "--lr-rampup", "0", "--batch", "4",
-              "--tick", "0.004", "--snap", "1", "--dump", "1", "--device", "cpu"]  # fmt: skip
+    common = ["--outdir", tmp_path / "training", "--arch", "ddpmpp", "--precond", "edm", "--cbase", "8",
+              "--cres", "1", "--num_blocks", "1", "--attn", "", "--dropout", "0", "--augment", "0",
+              "--lr-rampup", "0", "--batch", "4", "--tick", "0.004", "--snap", "1", "--dump", "1",
+              "--device", "cpu"]  # fmt: skip
     args = lambda data, duration, *more: [
         "train",
         "--data",

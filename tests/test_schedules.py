@@ -101,8 +101,8 @@ def test_iddpm_levels_match_the_recursion():
 
 def test_generate_takes_the_ablation_sampler():
     net = Gaussian(0.5)
-    sampler = functools.partial(schedules.ablation_sampler, num_steps=12, discretization="vp", schedule_name="vp",
-                                scaling="vp")  # fmt: skip
+    options = dict(num_steps=12, discretization="vp", schedule_name="vp", scaling="vp")
+    sampler = functools.partial(schedules.ablation_sampler, **options)
     a = generate(net, range(4), batch_size=3, device="cpu", output="float", sampler=sampler)
     b = generate(net, range(4), batch_size=4, device="cpu", output="float", sampler=sampler)
     assert torch.equal(a, b)  # per-seed noise: batches do not matter

@@ -65,9 +65,17 @@ FETCHING = {
     "input": ("src",),
 }
 FETCHING_LINK_RELS = {
-    "stylesheet", "preload", "modulepreload", "prefetch", "preconnect", "dns-prefetch",
-    "icon", "shortcut", "apple-touch-icon", "manifest",
-}  # fmt: skip
+    "stylesheet",
+    "preload",
+    "modulepreload",
+    "prefetch",
+    "preconnect",
+    "dns-prefetch",
+    "icon",
+    "shortcut",
+    "apple-touch-icon",
+    "manifest",
+}
 
 
 # Measures the laid-out article after the page (and MathJax) settled; the outermost offenders only.
@@ -86,9 +94,11 @@ LAYOUT_SCRIPT = """<script>(function () {
       var el = all[i];
       if (outer && outer.contains(el)) continue;
       var st = getComputedStyle(el), r = el.getBoundingClientRect();
-      if (st.display === "none" || st.visibility === "hidden" || st.position === "fixed" || r.width === 0) continue;
+      if (st.display === "none" || st.visibility === "hidden" || st.position === "fixed" || r.width === 0)
+        continue;
       var block = st.display.indexOf("inline") < 0;  // inline maths may overhang its box by a glyph
-      var clipped = block && el.clientWidth > 0 && el.scrollWidth > el.clientWidth + 1 && st.overflowX !== "visible";
+      var clipped = block && el.clientWidth > 0 && el.scrollWidth > el.clientWidth + 1
+                    && st.overflowX !== "visible";
       var past = r.right > box.right + 1 || r.left < box.left - 1;
       if (clipped || past) {
         outer = el;
@@ -98,8 +108,8 @@ LAYOUT_SCRIPT = """<script>(function () {
     }
     var out = document.getElementById("__ID__") || document.createElement("script");
     out.type = "application/json"; out.id = "__ID__";
-    out.textContent = JSON.stringify({width: window.innerWidth, column: [Math.round(box.left), Math.round(box.right)],
-                                      overflow: found});
+    var column = [Math.round(box.left), Math.round(box.right)];
+    out.textContent = JSON.stringify({width: window.innerWidth, column: column, overflow: found});
     document.body.appendChild(out);
   }
   window.addEventListener("load", function () { check(); setTimeout(check, 2500); setTimeout(check, 6000); });
@@ -293,7 +303,6 @@ def _local_file(html_dir: Path, page: Path, src: str, base: str) -> Path | None:
     return (page.parent / unquote(parts.path)).resolve()
 
 
-# fmt: off
 def check_page(
     browser: str,           # Chromium executable
     html_dir: Path,         # root of the built HTML
@@ -305,8 +314,7 @@ def check_page(
     width: int = 1280,      # window size in pixels
     height: int = 2000,
     layout: bool = True,    # check horizontal overflow (needs the served page's LAYOUT_SCRIPT)
-) -> list[str]:
-# fmt: on
+) -> list[str]:  # fmt: skip
     """Load one page in headless Chromium; return its failures (empty when it is fine)."""
     rel = page.relative_to(html_dir).as_posix()
     failures = []
@@ -314,10 +322,16 @@ def check_page(
     with tempfile.TemporaryDirectory(prefix="check-book-") as tmp:
         netlog = Path(tmp) / "netlog.json"
         command = [
-            browser, *CHROMIUM_FLAGS, f"--user-data-dir={Path(tmp) / 'profile'}",
-            f"--window-size={width},{height}", f"--screenshot={screenshot}", "--dump-dom",
-            f"--virtual-time-budget={budget_ms}", f"--log-net-log={netlog}", url,
-        ]  # fmt: skip
+            browser,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={Path(tmp) / 'profile'}",
+            f"--window-size={width},{height}",
+            f"--screenshot={screenshot}",
+            "--dump-dom",
+            f"--virtual-time-budget={budget_ms}",
+            f"--log-net-log={netlog}",
+            url,
+        ]
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=180)
         except subprocess.TimeoutExpired:
@@ -362,7 +376,6 @@ def check_page(
     return failures
 
 
-# fmt: off
 def check_book(
     html_dir: Path,                 # built HTML (…/_build/html)
     screenshots: Path,              # folder for one PNG per page
@@ -371,8 +384,7 @@ def check_book(
     budget_ms: int = 10000,         # virtual time each page gets to finish scripts (MathJax)
     patterns: list[str] | None = None,  # glob filters on page paths relative to html_dir
     height: int = 2000,             # screenshot height in pixels (width 1280)
-) -> tuple[list[Path], list[str]]:
-# fmt: on
+) -> tuple[list[Path], list[str]]:  # fmt: skip
     """Check every page; return (pages checked, failures)."""
     pages = list_pages(html_dir, patterns)
     failures = list(scan_static(html_dir))
@@ -387,8 +399,17 @@ def check_book(
             rel = page.relative_to(html_dir).as_posix()
             shot = screenshots / (rel.replace("/", "__").removesuffix(".html") + ".png")
             start = len(log)
-            page_failures = check_page(browser, html_dir, page, base + rel, base, shot, budget_ms, height=height,
-                                       layout=serve_mode == "http")  # fmt: skip
+            page_failures = check_page(
+                browser,
+                html_dir,
+                page,
+                base + rel,
+                base,
+                shot,
+                budget_ms,
+                height=height,
+                layout=serve_mode == "http",
+            )
             missing = sorted({p for p, status in log[start:] if status >= 400 and p != "/favicon.ico"})
             page_failures += [f"{rel}: {p} is missing from the book (HTTP 404)" for p in missing]
             print(f"{'FAIL' if page_failures else 'ok  '} {rel}", flush=True)
@@ -402,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Screenshot and check every page of the built book in headless Chromium.",
     )
     parser.add_argument("--html", type=Path, default=ROOT / "_build" / "html", help="built HTML folder")
-    parser.add_argument("--screenshots", type=Path, default=ROOT / "_build" / "screenshots", help="PNG folder")
+    parser.add_argument(
+        "--screenshots", type=Path, default=ROOT / "_build" / "screenshots", help="PNG folder"
+    )
     parser.add_argument("--browser", default=None, help="Chromium executable (default: chromium on PATH)")
     parser.add_argument("--serve", choices=("http", "file"), default="http", help="how pages are opened")
     parser.add_argument("--budget-ms", type=int, default=10000, help="virtual time budget per page")
@@ -415,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: Chromium not found; install it with `apt-get install -y chromium`", file=sys.stderr)
         return 2
     if not (args.html / "index.html").is_file():
-        print(f"error: {args.html} holds no built book; run `python tools/build_book.py html`", file=sys.stderr)
+        print(
+            f"error: {args.html} holds no built book; run `python tools/build_book.py html`", file=sys.stderr
+        )
         return 2
     patterns = [p.strip() for p in args.pages.split(",") if p.strip()] or None
     pages, failures = check_book(
