@@ -88,10 +88,9 @@ _KINDS = {"copy": ("held-out samples", "planted copies"), "same": ("unrelated pa
 
 
 def _model_space(x: Any) -> torch.Tensor:
-    from ..data import to_model
+    from ..data import model_space
 
-    t = torch.as_tensor(x)
-    return to_model(t).double() if t.dtype == torch.uint8 else t.double()
+    return model_space(x, dtype=torch.float64)
 
 
 def _like_data(x: torch.Tensor, spec: Mapping[str, Any]) -> torch.Tensor:

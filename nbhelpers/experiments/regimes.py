@@ -55,7 +55,7 @@ def data_spec(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def prepare_teacher_dataset(params: Mapping[str, Any], batch_size: int = 256) -> Path:
-    """Write the teacher-generated data set (seeds 0..teacher_images-1) to ``dataset_path`` unless it exists."""
+    """Write the teacher's data set (seeds 0..teacher_images-1) to ``dataset_path`` unless it exists."""
     from ..checkpoints import load_network
     from ..data import synthetic_dataset
 
@@ -246,7 +246,7 @@ def _history(config: Mapping[str, Any], workdir: Path, device: torch.device) -> 
 
 
 def run_train_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Train one model on the first N points, sample it at the evaluation seeds, store samples and statistics."""
+    """Train on the first N points, sample at the evaluation seeds; store samples and statistics."""
     from ..checkpoints import save_network
 
     device = cells.device()

@@ -45,6 +45,7 @@ from . import calibration, cells
 from .paper import P1_SIMILARITY_MODELS as PAPER_MODELS  # noqa: F401  (re-exported for the notebook)
 from .paper import p1_similarity_mae as paper_mae_matrix
 from .paper import p1_similarity_rp as paper_rp_matrix
+from .paper import value_range
 
 KIND_MODEL = "similarity-model"
 KIND_REFERENCE = "similarity-reference"
@@ -69,7 +70,7 @@ panels, panel_name = cells.panels, cells.panel_name
 
 
 def data_spec(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The data spec of a panel (:func:`cells.data_spec`): its first ``num_train`` points are the training set."""
+    """The data spec of a panel (:func:`cells.data_spec`): its first ``num_train`` points train."""
     n = int(params["num_train"])
     if n < 1:
         raise ValueError(f"num_train must be positive, got {n}")
@@ -189,9 +190,9 @@ def denoising_error(
 ) -> np.ndarray:
     """Relative denoising error on held-out points, ||D(x + sigma e; sigma) - x|| / ||x|| (median over
     points), per sigma (clamped to the net's range): where a model's denoiser fails, by noise level."""
-    from ..data import to_model
+    from ..data import model_space
 
-    x = (to_model(clean) if clean.dtype == torch.uint8 else clean.float()).to(device)
+    x = model_space(clean, device)
     g = torch.Generator().manual_seed(seed)
     out = []
     for s in sigmas:
@@ -274,7 +275,7 @@ def cell_source(name: str, cell: Mapping[str, Any]) -> SampleSource:
 
 def load_sample_folder(name: str, path: str | os.PathLike) -> SampleSource:
     """Load a folder or zip of PNGs named by seed (``000123.png``, ``img000123.png``, ``seed123.png``,
-    in any subfolders) as uint8 images with their seeds; names that do not give distinct seeds are an error."""
+    in any subfolders) as uint8 images with their seeds; names without distinct seeds are an error."""
     from ..data import image_names, load_images
     from ..features import seeds_from_names
 
@@ -332,8 +333,11 @@ def check_same_seeds(sources: Sequence[SampleSource], expected: Sequence[int] | 
     return ref
 
 
-def panel_sources(cells_: Mapping[str, Mapping[str, Any]], outside: Mapping[str, str] | None = None,
-                  seeds: Sequence[int] | None = None) -> dict[str, SampleSource]:  # fmt: skip
+def panel_sources(
+    cells_: Mapping[str, Mapping[str, Any]],
+    outside: Mapping[str, str] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> dict[str, SampleSource]:
     """A panel's sources: its stored cells and any ``outside`` folders/zips (name -> path), checked
     to cover exactly ``seeds``."""
     src = {n: cell_source(n, c) for n, c in cells_.items()}
@@ -342,16 +346,21 @@ def panel_sources(cells_: Mapping[str, Mapping[str, Any]], outside: Mapping[str,
     return src
 
 
-def regime_quality(params: Mapping[str, Any], sources: Mapping[str, SampleSource]
-                   ) -> tuple[calibration.Calibration | None, pd.DataFrame | None]:  # fmt: skip
+def regime_quality(
+    params: Mapping[str, Any], sources: Mapping[str, SampleSource]
+) -> tuple[calibration.Calibration | None, pd.DataFrame | None]:
     """Are the sources in the generalization regime? The copy criterion of the panel's training set
     (calibrated on held-out data as in the regimes chapter) and each source's :func:`copy_quality`;
     (None, None) with a descriptor backend (the claim then rests on the paper's setting)."""
     if params["backend"] != "relative":
         return None, None
     spec = data_spec(params)
-    cal = calibration.calibrate_copy(spec, [spec["pool_size"]], int(params["calibration_pairs"]),
-                                     float(params["near_noise"]), float(params["max_false_rate"]))  # fmt: skip
+    count, noise, false = (
+        int(params["calibration_pairs"]),
+        float(params["near_noise"]),
+        float(params["max_false_rate"]),
+    )
+    cal = calibration.calibrate_copy(spec, [spec["pool_size"]], count, noise, false)
     return cal, copy_quality(sources, spec, cal.criterion)
 
 
@@ -374,7 +383,7 @@ def source_features(
     """The source's descriptors as a ``FeatureSet`` with seeds, sorted by seed; computed once, then
     read from the cache. 'relative': the samples themselves, flattened, in model space [-1, 1];
     'sscd': SSCD descriptors; 'pixel': unit pixel vectors (both compared by cosine)."""
-    from ..data import to_model, to_uint8
+    from ..data import model_space, to_uint8
     from ..features import FeatureSet, extract_features
 
     if backend not in BACKENDS:
@@ -388,7 +397,7 @@ def source_features(
             return fs
     if backend == "relative":
         t = torch.from_numpy(np.ascontiguousarray(x))
-        t = to_model(t).double() if t.dtype == torch.uint8 else t.double()
+        t = model_space(t, dtype=torch.float64)
         fs = FeatureSet(t.reshape(len(t), -1), seeds, meta={"backend": backend, "origin": source.origin})
     else:
         if x.dtype != np.uint8:
@@ -468,7 +477,7 @@ def copy_quality(
     """Per source: GL (share of samples that are not copies of a training point, with the calibrated
     copy criterion), median relative distance to the nearest training point, median sample norm and,
     for MoLRG, the median relative distance to the nearest true subspace (0: on the data's support)."""
-    from ..data import to_model
+    from ..data import model_space
 
     train = training_data(spec)
     mix = cells.make_molrg(spec) if spec["source"] == "molrg" else None
@@ -476,7 +485,7 @@ def copy_quality(
     for name, src in sources.items():
         t = torch.from_numpy(np.ascontiguousarray(src.samples))
         rel = calibration.copy_scores(t, train, copy.statistic) if copy.statistic == "relative" else None
-        x = (to_model(t) if t.dtype == torch.uint8 else t).double().reshape(len(t), -1)
+        x = model_space(t, dtype=torch.float64).reshape(len(t), -1)
         row = {"source": name, "median norm": float(x.norm(dim=1).median())}
         if rel is not None:
             row.update(
@@ -567,6 +576,7 @@ def similarity_checks(
 
     rows = []
     names = list(trained)
+    paper_range = value_range(off_diagonal(paper_rp_matrix()).tolist())
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             v = 0.5 * (rp.loc[a, b] + rp.loc[b, a])
@@ -579,7 +589,7 @@ def similarity_checks(
                     ">=",
                     rp_min,
                     se,
-                    paper=f"{off_diagonal(paper_rp_matrix()).min():.2f}-{off_diagonal(paper_rp_matrix()).max():.2f}",
+                    paper=paper_range,
                 )
             )
     if "GL" in quality:
