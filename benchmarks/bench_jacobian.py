@@ -54,9 +54,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     net = make_network(
-        "ddpmpp", "edm", args.resolution, 3,
-        model_channels=args.channels, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0,
-    ).eval()  # fmt: skip
+        "ddpmpp",
+        "edm",
+        args.resolution,
+        3,
+        model_channels=args.channels,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+    ).eval()
     with torch.no_grad():  # EDM zero-inits the output layers; randomise so the whole U-Net matters
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -87,7 +94,8 @@ def main() -> None:
                 run = lambda m=method, c=chunk: denoiser_jacobian(net, x, sigma, chunk_size=c, method=m)
                 _, w, c = _timed(run, args.repeats)
                 print(
-                    f"  method={method} chunk_size={chunk:4d}: wall {w:.2f} s, CPU {c:.2f} s ({c_ref / c:.1f}x CPU)"
+                    f"  method={method} chunk_size={chunk:4d}: wall "
+                    f"{w:.2f} s, CPU {c:.2f} s ({c_ref / c:.1f}x CPU)"
                 )
 
 

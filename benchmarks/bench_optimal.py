@@ -83,7 +83,8 @@ def main() -> None:
         rows.append((sigma, t_ours, stats.max_weight.min().item(), diff))
 
     print(
-        f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, N {args.num_train}, D {3 * 32 * 32}"
+        f"device {device}, threads {torch.get_num_threads()}, "
+        f"batch {args.batch}, N {args.num_train}, D {3 * 32 * 32}"
     )
     print(f"{args.clock} clock, best of {args.repeats} (reference: best of one run per sigma)")
     print(f"reference (two passes, explicit differences, chunk {args.ref_chunk}): {t_ref * 1e3:9.1f} ms")
@@ -91,7 +92,8 @@ def main() -> None:
     ok = True
     for sigma, t_ours, wmax, diff in rows:
         print(
-            f"sigma {sigma:5g}: OptimalDenoiser {t_ours * 1e3:7.1f} ms  reference/ours {t_ref / t_ours:6.1f}x "
+            f"sigma {sigma:5g}: OptimalDenoiser {t_ours * 1e3:7.1f} "
+            f"ms  reference/ours {t_ref / t_ours:6.1f}x "
             f"(target >= 30)  ours/matmul {t_ours / t_mm:5.2f}x (target <= 2.5)  "
             f"min max-weight {wmax:.3f}  max |ours - ref| {diff:.1e}"
         )

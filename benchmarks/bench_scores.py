@@ -40,7 +40,8 @@ if device.startswith("cuda"):
 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-res = {"base_mib": base / 1024, "peak_mib": peak / 1024, "gpu_peak_mib": gpu, "seconds": seconds, "cpu_seconds": cpu}
+res = {"base_mib": base / 1024, "peak_mib": peak / 1024, "gpu_peak_mib": gpu}
+res.update(seconds=seconds, cpu_seconds=cpu)
 print(json.dumps(res))
 """
 
@@ -76,7 +77,8 @@ def main() -> None:
     same_idx = (idx == ref_idx.cpu()).double().mean().item()
 
     print(
-        f"device {device}, threads {torch.get_num_threads()}, dim {args.dim}, chunk {args.chunk}, {args.clock} clock"
+        f"device {device}, threads {torch.get_num_threads()}, "
+        f"dim {args.dim}, chunk {args.chunk}, {args.clock} clock"
     )
     print(f"{nq} x {nk}: chunked {t_chunked * 1e3:8.1f} ms, naive full matrix {t_naive * 1e3:8.1f} ms")
     print(
@@ -91,7 +93,8 @@ def main() -> None:
     res = json.loads(out.stdout.strip().splitlines()[-1])
     naive_gib = nq * nk * 4 / 2**30
     print(
-        f"{nq} x {nk}: chunked {res['seconds']:.1f} s wall, {res['cpu_seconds']:.1f} s CPU; peak RSS {res['peak_mib']:.0f} MiB "
+        f"{nq} x {nk}: chunked {res['seconds']:.1f} s wall, {res['cpu_seconds']:.1f} s CPU; peak RSS "
+        f"{res['peak_mib']:.0f} MiB "
         f"(data and torch before the search {res['base_mib']:.0f} MiB; a full similarity matrix alone "
         f"would be {naive_gib:.1f} GiB); limit 2048 MiB"
     )

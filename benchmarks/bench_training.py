@@ -44,8 +44,14 @@ def companion_data(n: int = 256) -> torch.Tensor:
 
 def companion_config(**kw) -> TrainConfig:
     base = dict(
-        arch="ddpmpp", precond="edm", batch_size=64, total_steps=1, lr=2e-3, lr_rampup_kimg=0, ema_beta=0.999,
-    )  # fmt: skip
+        arch="ddpmpp",
+        precond="edm",
+        batch_size=64,
+        total_steps=1,
+        lr=2e-3,
+        lr_rampup_kimg=0,
+        ema_beta=0.999,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -148,7 +154,8 @@ def main() -> None:
         good = abs(diff) <= noise and all(math.isfinite(v) for v in curve)
         ok &= good
         print(
-            f"  {mode:<8} mean {statistics.fmean(curve):.4f}  diff {diff:+.4f}  {'ok' if good else 'OUTSIDE NOISE'}"
+            f"  {mode:<8} mean {statistics.fmean(curve):.4f}  diff {diff:+.4f}  "
+            f"{'ok' if good else 'OUTSIDE NOISE'}"
         )
     print(f"  fp32 seed 1 mean {statistics.fmean(other_seed):.4f}")
     if not ok:

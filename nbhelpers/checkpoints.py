@@ -4,15 +4,18 @@ EDM snapshot. ``network-snapshot-*.pkl`` is a pickled dict ``{ema, loss_fn, augm
 dataset_kwargs}``. Each persistent object in it is a call of
 ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` whose ``meta`` holds the class name, the
 source code of the class's module and the object's ``__dict__`` (with ``_init_args``/``_init_kwargs``).
-EDM ``exec``s that source. Here a restricted unpickler resolves only an allow-list of globals
-(tensor and storage rebuilders, ``OrderedDict``, numpy scalars and arrays, a few builtins), turns every
-persistent object into an inert :class:`PersistentRecord` (its source is kept as text, never run) and
-every ``torch.nn`` container into a :class:`ModuleRecord`; anything else raises
-:class:`UnsafeCheckpointError` before it can be called. The network is then rebuilt from its recorded
-``_init_kwargs`` with this project's classes and its parameters and buffers are loaded strictly.
+EDM ``exec``s that source. Here the pickle is read by :mod:`nbhelpers.safeload`, an opcode-level
+interpreter that resolves only an allow-list of globals to inert tokens (tensor and storage
+rebuilders, ``OrderedDict``, plain numeric numpy scalars and arrays, a few builtins), turns every
+persistent object into an inert :class:`PersistentRecord` (its source is kept as text, never run)
+and every ``torch.nn`` container into a :class:`ModuleRecord`; state-setting happens only on those
+records. Anything else raises :class:`UnsafeCheckpointError` before it can be called; memory,
+nesting and tensor bounds are checked (see that module). The network is then built on the meta
+device from its recorded ``_init_kwargs`` with this project's classes, its parameter shapes are
+compared with the recorded tensors, and only then is it built for real and loaded strictly.
 
 Own format. :func:`save_network` writes a zip with ``config.json`` (class, init kwargs, versions) and
-``weights.pt`` (a ``torch.save`` state dict, read back with ``weights_only=True``).
+``weights.pt`` (a ``torch.save`` state dict, read back with :func:`safeload.read_torch_bytes`).
 
 :func:`load_network` tells the formats apart by content (zip magic vs pickle protocol byte), not by
 file extension.
@@ -21,25 +24,22 @@ file extension.
 from __future__ import annotations
 
 import _compat_pickle
-import codecs
-import collections
-import copy
-import copyreg
-import importlib
+import contextlib
 import inspect
 import io
 import json
 import os
-import pickle
 import re
-import warnings
+import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import __version__, molrg, networks, safeload
 from .atomic import atomic_path
 from .download import resolve
 
@@ -76,10 +76,10 @@ class CheckpointError(ValueError):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """A pickle asks for a global outside the allow-list; nothing from it was called."""
+    """A pickle asks for a global or an operation outside the allow-list; nothing from it was called."""
 
 
-class PersistentRecord:
+class PersistentRecord(safeload.Buildable):
     """Inert stand-in for an EDM persistent object: ``class_name``, ``version``, ``module_src``
     (source text, never executed) and ``state`` (the object's ``__dict__``)."""
 
@@ -94,17 +94,29 @@ class PersistentRecord:
         """The constructor keyword arguments EDM recorded, or None."""
         return self.state.get("_init_kwargs") if isinstance(self.state, dict) else None
 
+    def children(self) -> list:
+        return [self.state]
+
     def __repr__(self) -> str:
         return f"PersistentRecord({self.class_name!r})"
 
 
-class ModuleRecord:
+class ModuleRecord(safeload.Buildable):
     """Inert stand-in for a pickled ``torch.nn`` module (e.g. ``ModuleDict``): its ``state`` only."""
 
     class_name = "Module"
+    state: Any = None
 
-    def __setstate__(self, state: Any) -> None:
+    def build(self, state: Any) -> ModuleRecord:
+        if self.state is not None:
+            raise safeload.UnsafePickleError(f"{self.class_name}: state set twice")
+        if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
+            state = state[0]
         self.state = state
+        return self
+
+    def children(self) -> list:
+        return [self.state]
 
     def __repr__(self) -> str:
         return f"ModuleRecord({self.class_name!r})"
@@ -123,7 +135,7 @@ class _EasyDict(dict):
     """Plain-dict replacement for ``dnnlib.util.EasyDict``."""
 
 
-def _reconstruct_persistent_obj(meta: Any) -> PersistentRecord:
+def _reconstruct_persistent_obj(m: Any, meta: Any) -> PersistentRecord:
     """Replacement for EDM's hook: record the object, never import or execute ``module_src``."""
     if not isinstance(meta, dict) or not isinstance(meta.get("class_name"), str):
         raise TypeError("persistent object without a class name")
@@ -134,51 +146,16 @@ def _reconstruct_persistent_obj(meta: Any) -> PersistentRecord:
     )
 
 
-def _load_storage_bytes(data: bytes):
-    """Replacement for ``torch.storage._load_from_bytes`` (EDM tensors): weights-only, onto the CPU."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-
-
-def _numpy_core(name: str):
-    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-    raise AttributeError(name)
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    table: dict[tuple[str, str], Any] = {
-        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
-        ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
-        ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-        ("torch", "Size"): torch.Size,
-        ("torch", "device"): torch.device,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "slice"): slice,
-        ("builtins", "complex"): complex,
-        ("builtins", "range"): range,
-        ("builtins", "bytearray"): bytearray,
-        ("copyreg", "_reconstructor"): copyreg._reconstructor,
-        ("_codecs", "encode"): codecs.encode,
-        ("dnnlib.util", "EasyDict"): _EasyDict,
-        ("numpy", "dtype"): np.dtype,
-        ("numpy", "ndarray"): np.ndarray,
-    }
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        table[(module, "_reconstruct")] = _numpy_core("_reconstruct")
-        table[(module, "scalar")] = _numpy_core("scalar")
-    for name in dir(torch):
-        if isinstance(getattr(torch, name, None), torch.dtype):
-            table[("torch", name)] = getattr(torch, name)
+def _allowed_globals() -> dict[tuple[str, str], safeload.Global]:
+    G = safeload.Global
+    table = {**safeload.torch_globals(), **safeload.numpy_globals()}
+    table[("torch_utils.persistence", "_reconstruct_persistent_obj")] = G(
+        "torch_utils.persistence", "_reconstruct_persistent_obj", call=_reconstruct_persistent_obj
+    )
+    table[("torch.storage", "_load_from_bytes")] = G(
+        "torch.storage", "_load_from_bytes", call=safeload.read_legacy_storage
+    )
+    table[("dnnlib.util", "EasyDict")] = G("dnnlib.util", "EasyDict", new=lambda m: _EasyDict())
     return table
 
 
@@ -186,67 +163,57 @@ _ALLOWED = _allowed_globals()
 _TORCH_NN = re.compile(r"^torch\.nn\.modules(\.\w+)+$")
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only allow-listed globals; see the module docstring."""
+def _resolve(module: str, name: str) -> safeload.Global | None:
+    """The allow-listed token for ``module.name`` (Python 2 names mapped), or None."""
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    if (module, name) in _ALLOWED:
+        return _ALLOWED[(module, name)]
+    if _TORCH_NN.match(module) and name.isidentifier():
+        return safeload.Global(module, name, new=lambda m: _module_record_class(name)())
+    return None
 
-    def __init__(self, file, source: str):
-        super().__init__(file)
-        self.source = source
 
-    def find_class(self, module: str, name: str):
-        # Python 2 names in protocol 0-2 pickles ('__builtin__.set', 'copy_reg._reconstructor').
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        if _TORCH_NN.match(module) and name.isidentifier():
-            return _module_record_class(name)
-        raise UnsafeCheckpointError(
-            f"{self.source}: refusing to load global '{module}.{name}' from the pickle; only tensors, "
-            "EDM persistent objects and plain data are allowed, so nothing in this file was run"
-        )
-
-    def persistent_load(self, pid):
-        raise CheckpointError(f"{self.source}: pickle uses persistent ids ({pid!r}); not an EDM snapshot")
+def _as_checkpoint_error(e: safeload.PickleError) -> CheckpointError:
+    cls = UnsafeCheckpointError if isinstance(e, safeload.UnsafePickleError) else CheckpointError
+    return cls(str(e))
 
 
 def read_edm_pickle(path: str | os.PathLike) -> Any:
-    """Unpickle ``path`` with the restricted unpickler; persistent objects come back as records."""
+    """Unpickle ``path`` with the restricted reader (:mod:`nbhelpers.safeload`); persistent objects
+    come back as :class:`PersistentRecord`, ``torch.nn`` containers as :class:`ModuleRecord`."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            return _RestrictedUnpickler(f, str(path)).load()
-    except CheckpointError:
-        raise
-    except pickle.UnpicklingError as e:
-        # torch.load(weights_only=True) inside a storage refuses unsafe globals with this error too.
-        if "Weights only load failed" in str(e):
-            raise UnsafeCheckpointError(
-                f"{path}: a tensor storage holds unsafe pickled data; refused ({e})"
-            ) from e
-        raise CheckpointError(f"{path}: corrupt or truncated pickle ({e})") from e
-    except EOFError as e:
-        raise CheckpointError(f"{path}: truncated pickle (unexpected end of file)") from e
-    except Exception as e:  # malformed arguments to allowed rebuilders, bad storages, ...
-        raise CheckpointError(f"{path}: cannot read pickle ({type(e).__name__}: {e})") from e
+        data = path.read_bytes()
+        return safeload.load_pickle(data, str(path), _resolve, dict_types=(_EasyDict,))
+    except safeload.PickleError as e:
+        raise _as_checkpoint_error(e) from None
 
 
-def _plain(value: Any) -> Any:
-    """Recorded init kwargs as plain Python (numpy scalars -> numbers, EasyDict -> dict)."""
+_MAX_KWARG_ARRAY = 1 << 16  # elements of a numpy array among recorded constructor arguments
+
+
+def _plain(value: Any, source: str, where: str = "init_kwargs") -> Any:
+    """Recorded init kwargs as plain Python (numpy scalars -> numbers, EasyDict -> dict); anything
+    but numbers, strings, None, lists, tuples and str-keyed dicts is a CheckpointError."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        if not all(isinstance(k, str) for k in value):
+            raise CheckpointError(f"{source}: {where} has a key that is not a string")
+        return {k: _plain(v, source, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_plain(v) for v in value)
+        return type(value)(_plain(v, source, f"{where}[{i}]") for i, v in enumerate(value))
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
+        if value.size > _MAX_KWARG_ARRAY:
+            raise CheckpointError(f"{source}: {where} is an array of {value.size} elements; too large")
         return value.tolist()
-    return value
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise CheckpointError(f"{source}: {where} is a {type(value).__name__}; only plain values are allowed")
 
 
 def _network_classes() -> dict[str, type]:
-    from . import molrg, networks
-
     return {
         name: getattr(module, name)
         for name in NETWORK_CLASSES
@@ -255,25 +222,138 @@ def _network_classes() -> dict[str, type]:
     }
 
 
-def _construct(class_name: str, init_args: Any, init_kwargs: Any, source: str) -> torch.nn.Module:
+def _network_class(class_name: str, source: str) -> type:
     classes = _network_classes()
     if class_name not in classes:
         raise CheckpointError(
             f"{source}: network class {class_name!r} is not supported; expected one of {sorted(classes)}"
         )
-    cls = classes[class_name]
+    return classes[class_name]
+
+
+def _arguments(class_name: str, init_args: Any, init_kwargs: Any, source: str) -> tuple[list, dict]:
     if not isinstance(init_kwargs, dict):
         raise CheckpointError(f"{source}: {class_name} has no recorded constructor arguments")
-    kwargs = _plain(dict(init_kwargs))
-    args = list(_plain(list(init_args or ())))
+    if init_args is not None and not isinstance(init_args, list | tuple):
+        raise CheckpointError(f"{source}: {class_name}'s recorded positional arguments are not a list")
+    kwargs = _plain(dict(init_kwargs), source)
+    if "generator" in kwargs:
+        raise CheckpointError(f"{source}: recorded arguments of {class_name} may not set 'generator'")
+    return list(_plain(list(init_args or ()), source, "init_args")), kwargs
+
+
+class _TooBig(Exception):
+    """A constructor registered more tensors or elements than the file records."""
+
+
+@contextlib.contextmanager
+def _registration_limit(max_tensors: int, max_numel: int) -> Iterator[None]:
+    """Abort any module constructor in this thread that registers more than ``max_tensors``
+    parameters/buffers or ``max_numel`` elements (process-wide hooks, removed on exit)."""
+    thread, count = threading.get_ident(), [0, 0]
+
+    def hook(module, name, tensor):
+        if tensor is not None and threading.get_ident() == thread:
+            count[0] += 1
+            count[1] += tensor.numel()
+            if count[0] > max_tensors or count[1] > max_numel:
+                raise _TooBig(f"{count[0]} tensors, {count[1]} elements")
+
+    mm = torch.nn.modules.module
+    handles = [
+        mm.register_module_parameter_registration_hook(hook),
+        mm.register_module_buffer_registration_hook(hook),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _positive_int(kwargs: dict, name: str, source: str) -> int:
+    v = kwargs.get(name)
+    if type(v) is not int or v < 1:
+        raise CheckpointError(f"{source}: recorded {name}={v!r} is not a positive integer")
+    return v
+
+
+_SHAPES_CACHE: dict[str, tuple] = {}  # meta-device builds are slow (~0.3 s for a tiny U-Net): keep the shapes
+
+
+def _expected_shapes(
+    cls: type, args: list, kwargs: dict, weights: dict[str, torch.Tensor], source: str
+) -> dict:
+    """Parameter and buffer shapes the recorded arguments give, found without allocating: the network
+    is built on the meta device, its registrations bounded by what the file holds."""
+    if cls.__name__ == "LowRankDenoiser":  # draws its init on a CPU generator: shapes from the arguments
+        if args:
+            raise CheckpointError(f"{source}: LowRankDenoiser takes keyword arguments only")
+        k, d, r = (
+            _positive_int(kwargs, n, source) for n in ("num_classes", "intrinsic_dim", "img_resolution")
+        )
+        c = _positive_int({"img_channels": 3, **kwargs}, "img_channels", source)
+        return {"U": (k, c * r * r, d)}
+    key = json.dumps([cls.__name__, args, kwargs], sort_keys=True)
+    if key in _SHAPES_CACHE:
+        return dict(_SHAPES_CACHE[key])
+    total = sum(t.numel() for t in weights.values())
+    try:
+        with _registration_limit(len(weights) + 64, total + (1 << 20)), torch.device("meta"):
+            net = cls(*args, **kwargs)
+    except _TooBig as e:
+        raise CheckpointError(
+            f"{source}: the recorded arguments describe a larger {cls.__name__} than the "
+            f"{len(weights)} tensors ({total} values) the file stores ({e}); refused before allocating"
+        ) from None
+    except Exception as e:  # bad recorded arguments: wrong names, types, values
+        raise CheckpointError(
+            f"{source}: cannot build {cls.__name__} from its recorded arguments ({type(e).__name__}: {e})"
+        ) from None
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    if len(_SHAPES_CACHE) >= 64:
+        _SHAPES_CACHE.pop(next(iter(_SHAPES_CACHE)))
+    _SHAPES_CACHE[key] = tuple(shapes.items())
+    return shapes
+
+
+def _check_shapes(expected: dict, weights: dict[str, torch.Tensor], class_name: str, source: str) -> None:
+    missing = [k for k in expected if k not in weights]
+    extra = [k for k in weights if k not in expected]
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} vs {expected[k]}"
+        for k in expected
+        if k in weights and tuple(weights[k].shape) != tuple(expected[k])
+    ]
+    if missing or extra or wrong:
+        parts = [
+            f"missing {missing[:3]}" if missing else "",
+            f"unexpected {extra[:3]}" if extra else "",
+            f"wrong shapes: {wrong[:3]}" if wrong else "",
+        ]
+        raise CheckpointError(
+            f"{source}: weights do not fit {class_name}: " + "; ".join(p for p in parts if p)
+        )
+    for k, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{source}: weight '{k}' contains NaN or infinite values")
+
+
+def _construct(
+    class_name: str, init_args: Any, init_kwargs: Any, weights: dict, source: str
+) -> torch.nn.Module:
+    """Build ``class_name`` from its recorded arguments once the stored ``weights`` fit its shapes."""
+    cls = _network_class(class_name, source)
+    args, kwargs = _arguments(class_name, init_args, init_kwargs, source)
+    _check_shapes(_expected_shapes(cls, args, kwargs, weights, source), weights, class_name, source)
     if "generator" in inspect.signature(cls).parameters:
         kwargs["generator"] = torch.Generator().manual_seed(0)  # throwaway init, overwritten below
     try:
         return cls(*args, **kwargs)
-    except (TypeError, ValueError, KeyError) as e:
+    except Exception as e:
         raise CheckpointError(
-            f"{source}: cannot build {class_name} from its recorded arguments {init_kwargs}: {e}"
-        ) from e
+            f"{source}: cannot build {class_name} from its recorded arguments ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _collect_state(node: Any, prefix: str, out: dict[str, torch.Tensor], source: str) -> None:
@@ -281,13 +361,18 @@ def _collect_state(node: Any, prefix: str, out: dict[str, torch.Tensor], source:
     if not isinstance(node, PersistentRecord | ModuleRecord) or not isinstance(node.state, dict):
         raise CheckpointError(f"{source}: module '{prefix.rstrip('.') or '<root>'}' is not a recorded module")
     state = node.state
-    skip = set(state.get("_non_persistent_buffers_set") or ())
+    for key in ("_parameters", "_buffers", "_modules"):
+        if not isinstance(state.get(key) or {}, dict):
+            raise CheckpointError(f"{source}: '{prefix}{key}' is not a dict")
+    skip = state.get("_non_persistent_buffers_set") or ()
+    if not isinstance(skip, set | frozenset | list | tuple):
+        raise CheckpointError(f"{source}: '{prefix}_non_persistent_buffers_set' is not a set")
     entries = [(k, v) for k, v in (state.get("_parameters") or {}).items()]
-    entries += [(k, v) for k, v in (state.get("_buffers") or {}).items() if k not in skip]
+    entries += [(k, v) for k, v in (state.get("_buffers") or {}).items() if k not in set(skip)]
     for name, tensor in entries:
         if tensor is None:
             continue
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise CheckpointError(
                 f"{source}: entry '{prefix}{name}' is a {type(tensor).__name__}, not a tensor"
             )
@@ -308,9 +393,9 @@ def _network_from_record(record: Any, source: str) -> torch.nn.Module:
     if not isinstance(record, PersistentRecord):
         raise CheckpointError(f"{source}: 'ema' is a {type(record).__name__}, not an EDM network")
     state = record.state if isinstance(record.state, dict) else {}
-    net = _construct(record.class_name, state.get("_init_args"), state.get("_init_kwargs"), source)
     weights: dict[str, torch.Tensor] = {}
     _collect_state(record, "", weights, source)
+    net = _construct(record.class_name, state.get("_init_args"), state.get("_init_kwargs"), weights, source)
     _load_weights(net, weights, record.class_name, source)
     return net
 
@@ -386,9 +471,9 @@ def save_network(net: torch.nn.Module, path: str | os.PathLike) -> Path:
     init_kwargs = getattr(net, "_init_kwargs", None)
     if name not in NETWORK_CLASSES or not isinstance(init_kwargs, dict):
         raise ValueError(
-            f"save_network: {name} is not a network of nbhelpers (networks, molrg.LowRankDenoiser) with recorded _init_kwargs"
+            f"save_network: {name} is not a network of nbhelpers "
+            "(networks, molrg.LowRankDenoiser) with recorded _init_kwargs"
         )
-    from . import __version__
 
     config = {
         "format": FORMAT,
@@ -409,45 +494,67 @@ def save_network(net: torch.nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def _read_member(path: Path, name: str) -> bytes:
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_member(path: Path, name: str, max_bytes: int | None = None) -> bytes:
+    """Member ``name`` of an own-format zip (or file of a folder), its size bounded before reading."""
     if path.is_dir():
         member = path / name
         if not member.is_file():
             raise CheckpointError(f"{path}: missing {name}")
+        if max_bytes is not None and member.stat().st_size > max_bytes:
+            raise CheckpointError(f"{member}: larger than {max_bytes} bytes; not an nbhelpers {name}")
         return member.read_bytes()
     try:
         with zipfile.ZipFile(path) as zf:
             if name not in zf.namelist():
                 raise CheckpointError(
-                    f"{path}: zip without {name}; not an nbhelpers network (torch.save files are not accepted)"
+                    f"{path}: zip without {name}; not an nbhelpers "
+                    "network (torch.save files are not accepted)"
                 )
-            return zf.read(name)
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
+            return safeload.read_zip_member(zf, name, str(path), max_bytes)
+    except safeload.PickleError as e:
+        raise _as_checkpoint_error(e) from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated zip ({e})") from e
 
 
-def _load_own(path: Path) -> torch.nn.Module:
+def _read_config(path: Path) -> dict:
     try:
-        config = json.loads(_read_member(path, "config.json").decode("utf-8"))
+        config = json.loads(_read_member(path, "config.json", _MAX_CONFIG_BYTES).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: config.json is not valid JSON ({e})") from e
+    except RecursionError:
+        raise CheckpointError(f"{path}: config.json is nested too deeply") from None
+    try:
+        safeload.check_structure(config, f"{path}: config.json")
+    except safeload.PickleError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{path}: config.json does not describe an nbhelpers network")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format version {config['format_version']} is newer than this nbhelpers"
-        )
-    class_name = str(config.get("class_name"))
-    net = _construct(class_name, config.get("init_args"), copy.deepcopy(config.get("init_kwargs")), str(path))
+    version = config.get("format_version", 1)
+    if type(version) is not int or version < 1:
+        raise CheckpointError(f"{path}: config.json has format_version {version!r}, not a positive integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {version} is newer than this nbhelpers")
+    if not isinstance(config.get("class_name"), str):
+        raise CheckpointError(f"{path}: config.json has no class_name")
+    return config
+
+
+def _load_own(path: Path) -> torch.nn.Module:
+    config = _read_config(path)
+    class_name = config["class_name"]
+    where = f"{path}:weights.pt"
     try:
-        state_dict = torch.load(
-            io.BytesIO(_read_member(path, "weights.pt")), weights_only=True, map_location="cpu"
-        )
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{path}: weights.pt is unreadable ({type(e).__name__}: {e})") from e
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{path}: weights.pt does not hold a state dict")
+        state_dict = safeload.read_torch_bytes(_read_member(path, "weights.pt"), where)
+    except safeload.PickleError as e:
+        raise _as_checkpoint_error(e) from None
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
+    ):
+        raise CheckpointError(f"{path}: weights.pt does not hold a state dict of tensors")
+    net = _construct(class_name, config.get("init_args"), config.get("init_kwargs"), state_dict, str(path))
     _load_weights(net, state_dict, class_name, str(path))
     return net

@@ -158,9 +158,16 @@ class Claim:
     def record(self, state: str = "held") -> dict[str, Any]:
         """The file content: owner, lease expiry and state."""
         pid = os.getpid()
-        return {"token": self.token, "host": socket.gethostname(), "pid": pid, "start": _process_start(pid),
-                "machine": machine_id(), "acquired": self.acquired, "expires": time.time() + self.claims.lease,
-                "state": state}  # fmt: skip
+        return {
+            "token": self.token,
+            "host": socket.gethostname(),
+            "pid": pid,
+            "start": _process_start(pid),
+            "machine": machine_id(),
+            "acquired": self.acquired,
+            "expires": time.time() + self.claims.lease,
+            "state": state,
+        }
 
     def _write_tmp(self, state: str) -> Path:
         folder = self.path.parent

@@ -7,12 +7,15 @@
     nbhelpers sscd feature|rpscore|mscore ~ edm/sscd.py
     nbhelpers jacobian     ~ edm/jacobian.py
 
-Bad paths and mismatched inputs exit with status 2 and a message naming the file.
+Bad paths and mismatched inputs exit with status 2 and a message naming the file. Each subcommand
+imports the modules it needs (and torch, pandas) when it runs, so ``nbhelpers --help`` starts fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import math
 import os
@@ -22,7 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text, check_writable
+from .download import DownloadError, resolve
+
 EXIT_USAGE = 2
+DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")  # = schedules.DISCRETIZATIONS (the CLI imports lazily)
+SCHEDULES = ("vp", "ve", "linear")
+SCALINGS = ("vp", "none")
 
 
 class CLIError(Exception):
@@ -56,11 +65,32 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (0/1/true/false), got {s!r}")
 
 
-def _resolution(s: str) -> int:
+def _resolution(s: str) -> tuple[int, int]:
+    """``R`` or ``WxH`` as (width, height)."""
     m = re.fullmatch(r"(\d+)(?:x(\d+))?", s)
-    if not m or (m.group(2) and m.group(1) != m.group(2)):
-        raise argparse.ArgumentTypeError(f"expected a square resolution like 32 or 32x32, got {s!r}")
-    return int(m.group(1))
+    if not m or int(m.group(1)) < 1 or (m.group(2) and int(m.group(2)) < 1):
+        raise argparse.ArgumentTypeError(f"expected a resolution like 32 or 32x32, got {s!r}")
+    return int(m.group(1)), int(m.group(2) or m.group(1))
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
+    return v
 
 
 def _float_list(s: str) -> list[float]:
@@ -122,24 +152,22 @@ def _add_generate(sub) -> None:
     p.add_argument("--subdirs", action="store_true", help="one subfolder per 1000 seeds")
     p.add_argument("--class", dest="class_idx", type=int, metavar="INT", help="class label (default: random)")
     p.add_argument("--batch", type=int, default=64, metavar="INT", help="maximum batch size (default 64)")
-    p.add_argument(
-        "--steps", type=int, default=18, metavar="INT", help="number of sampling steps (default 18)"
-    )
-    p.add_argument(
-        "--sigma_min", type=float, default=0.002, metavar="FLOAT", help="lowest noise level (default 0.002)"
-    )
-    p.add_argument(
-        "--sigma_max", type=float, default=80.0, metavar="FLOAT", help="highest noise level (default 80)"
-    )
-    p.add_argument("--rho", type=float, default=7.0, metavar="FLOAT", help="time step exponent (default 7)")
-    p.add_argument(
-        "--S_churn", type=float, default=0.0, metavar="FLOAT", help="stochasticity strength (default 0)"
-    )
-    p.add_argument("--S_min", type=float, default=0.0, metavar="FLOAT", help="stoch. min noise level")
-    p.add_argument("--S_max", type=float, default=math.inf, metavar="FLOAT", help="stoch. max noise level")
-    p.add_argument("--S_noise", type=float, default=1.0, metavar="FLOAT", help="stoch. noise inflation")
+    _add_sampler_options(p, ablation=True)
     p.add_argument(
         "--solver", choices=["euler", "heun"], help="ODE solver (default heun; euler with --optimal_denoiser)"
+    )
+    p.add_argument(
+        "--disc",
+        choices=list(DISCRETIZATIONS),
+        help="ablate the time step discretisation (EDM's ablation sampler)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=list(SCHEDULES),
+        help="ablate the noise schedule sigma(t) (default linear with --disc)",
+    )
+    p.add_argument(
+        "--scaling", choices=list(SCALINGS), help="ablate the signal scaling s(t) (default none with --disc)"
     )
     p.add_argument(
         "--optimal_denoiser", action="store_true", help="sample the empirical optimal denoiser of --dataset"
@@ -152,14 +180,98 @@ def _add_generate(sub) -> None:
         "--export-noise", dest="export_noise", metavar="NPZ", help="also write the initial noise per seed"
     )
     p.add_argument("--noise", metavar="NPZ", help="start from this exported noise instead of the seeds' own")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="recompute every image (default: keep the images a previous identical run already wrote)",
+    )
     p.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=cmd_generate)
 
 
-def cmd_generate(a: argparse.Namespace) -> int:
-    from .sampling import export_noise, generate, load_noise
+def _sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, or of a folder's files (names and contents, in sorted order)."""
+    path, h = Path(path), hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
-    device = _device(a.device)
+
+def _check_image_output(out: str) -> None:
+    """Before any compute: the --outdir folder (or the .zip and its staging folder) can be written."""
+    path = Path(out)
+    if path.suffix.lower() == ".zip":
+        check_writable(path)
+        check_writable(path.parent / f".{path.name}.partial", folder=True)
+    else:
+        check_writable(path, folder=True)
+
+
+def _add_sampler_options(p: argparse.ArgumentParser, ablation: bool, steps_help: str | None = None) -> None:
+    """EDM's sampler options (generate.py and jacobian.py share them); sigma defaults 0.002 and 80."""
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None if steps_help else 18,
+        metavar="INT",
+        help=steps_help or "number of sampling steps (default 18)",
+    )
+    lo = "; with --disc: vp 0.0105, ve 0.02, iddpm and edm 0.002" if ablation else ""
+    hi = "; with --disc: vp 152, ve 100, iddpm 81, edm 80" if ablation else ""
+    p.add_argument(
+        "--sigma_min", type=_positive_float, metavar="FLOAT", help=f"lowest noise level (default 0.002{lo})"
+    )
+    p.add_argument(
+        "--sigma_max", type=_positive_float, metavar="FLOAT", help=f"highest noise level (default 80{hi})"
+    )
+    p.add_argument(
+        "--rho", type=_positive_float, default=7.0, metavar="FLOAT", help="time step exponent (default 7)"
+    )
+    p.add_argument(
+        "--S_churn", type=float, default=0.0, metavar="FLOAT", help="stochasticity strength (default 0)"
+    )
+    p.add_argument(
+        "--S_min", type=float, default=0.0, metavar="FLOAT", help="stoch. min noise level (default 0)"
+    )
+    p.add_argument(
+        "--S_max", type=float, default=math.inf, metavar="FLOAT", help="stoch. max noise level (default inf)"
+    )
+    p.add_argument(
+        "--S_noise", type=float, default=1.0, metavar="FLOAT", help="stoch. noise inflation (default 1)"
+    )
+
+
+def _ablation(a: argparse.Namespace, solver: str):
+    """EDM's ablation sampler for --disc/--schedule/--scaling (None without them), as generate.py picks it."""
+    if a.disc is None and a.schedule is None and a.scaling is None:
+        return None
+
+    from .schedules import ablation_sampler
+
+    return functools.partial(
+        ablation_sampler,
+        num_steps=a.steps,
+        sigma_min=a.sigma_min,
+        sigma_max=a.sigma_max,
+        rho=a.rho,
+        solver=solver,
+        discretization=a.disc or "edm",
+        schedule_name=a.schedule or "linear",
+        scaling=a.scaling or "none",
+        S_churn=a.S_churn,
+        S_min=a.S_min,
+        S_max=a.S_max,
+        S_noise=a.S_noise,
+    )
+
+
+def _sampling_net(a: argparse.Namespace, device, record: dict[str, Any]):
+    """(net, order) that ``generate`` samples: a snapshot (``--network``) or the optimal denoiser of
+    ``--dataset``; what identifies it goes into ``record``."""
     if a.optimal_denoiser:
         if not a.dataset:
             raise CLIError("--optimal_denoiser needs --dataset")
@@ -167,30 +279,59 @@ def cmd_generate(a: argparse.Namespace) -> int:
         from .optimal import OptimalDenoiser
 
         images, _ = load_images(a.dataset, max_images=a.max_images)
-        net = OptimalDenoiser(images, device=device)
         order = 2 if a.solver == "heun" else 1
-        _print0(
-            f"Optimal denoiser of {a.dataset} ({len(images)} images), {'Heun' if order == 2 else 'Euler'} steps"
-        )
-    else:
-        if not a.network:
-            raise CLIError("--network is required (or use --optimal_denoiser --dataset)")
-        net = _load_net(a.network, device)
-        order = 1 if a.solver == "euler" else 2
+        record["optimal_denoiser_of"] = hashlib.sha256(images.tobytes()).hexdigest()
+        solver = "Heun" if order == 2 else "Euler"
+        _print0(f"Optimal denoiser of {a.dataset} ({len(images)} images), {solver} steps")
+        return OptimalDenoiser(images, device=device), order
+    if not a.network:
+        raise CLIError("--network is required (or use --optimal_denoiser --dataset)")
+    network = resolve(a.network)
+    record["network_sha256"] = _sha256(network)
+    return _load_net(str(network), device), 1 if a.solver == "euler" else 2
+
+
+def _noise_for(a: argparse.Namespace, seeds: list[int], record: dict[str, Any]):
+    """The initial noise of ``seeds`` from the ``--noise`` file, in seed order, or None without one."""
+    from .sampling import load_noise
+
+    if not a.noise:
+        return None
+    noise_seeds, latents = load_noise(a.noise)
+    wanted = {s: i for i, s in enumerate(noise_seeds)}
+    missing = [s for s in seeds if s not in wanted]
+    if missing:
+        raise CLIError(f"{a.noise}: no noise for seeds {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    record["noise_sha256"] = _sha256(a.noise)
+    return latents[[wanted[s] for s in seeds]]
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .sampling import export_noise, generate
+
+    _check_image_output(a.outdir)
+    if a.export_noise:
+        check_writable(a.export_noise)
+    device = _device(a.device)
+    record: dict[str, Any] = {}
+    net, order = _sampling_net(a, device, record)
     seeds = a.seeds
-    latents = None
-    if a.noise:
-        noise_seeds, latents = load_noise(a.noise)
-        wanted = {s: i for i, s in enumerate(noise_seeds)}
-        missing = [s for s in seeds if s not in wanted]
-        if missing:
-            raise CLIError(f"{a.noise}: no noise for seeds {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        latents = latents[[wanted[s] for s in seeds]]
+    latents = _noise_for(a, seeds, record)
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+    churn = dict(S_churn=a.S_churn, S_min=a.S_min, S_max=a.S_max, S_noise=a.S_noise)
+    record.update(
+        steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho, order=order, **churn
+    )
+    record.update(S_max=repr(a.S_max), class_idx=a.class_idx, subdirs=a.subdirs)
     if a.export_noise:
         export_noise(seeds, shape, a.export_noise)
         _print0(f"Initial noise for {len(seeds)} seeds written to {a.export_noise}")
     _print0(f"Generating {len(seeds)} images to {a.outdir} ...")
+    sigma_range = dict(
+        sigma_min=0.002 if a.sigma_min is None else a.sigma_min,
+        sigma_max=80.0 if a.sigma_max is None else a.sigma_max,
+    )
+    sampler = _ablation(a, "heun" if order == 2 else "euler")
     generate(
         net,
         seeds,
@@ -198,18 +339,17 @@ def cmd_generate(a: argparse.Namespace) -> int:
         device=device,
         class_labels=a.class_idx,
         num_steps=a.steps,
-        sigma_min=a.sigma_min,
-        sigma_max=a.sigma_max,
         rho=a.rho,
         order=order,
-        S_churn=a.S_churn,
-        S_min=a.S_min,
-        S_max=a.S_max,
-        S_noise=a.S_noise,
+        sampler=sampler,
         latents=latents,
         out=a.outdir,
         subdirs=a.subdirs,
         progress=True,
+        skip_existing=not a.overwrite,
+        record=record,
+        **sigma_range,
+        **churn,
     )
     _print0("Done.")
     return 0
@@ -232,7 +372,20 @@ def _add_dataset(sub) -> None:
     )
     p.add_argument("--dest", required=True, metavar="PATH", help="output folder or .zip")
     p.add_argument("--max-images", dest="max_images", type=int, metavar="INT", help="keep the first N images")
-    p.add_argument("--resolution", type=_resolution, metavar="R|RxR", help="downscale square images to R x R")
+    p.add_argument(
+        "--transform",
+        choices=["center-crop", "center-crop-wide"],
+        help=(
+            "crop mode, with --resolution WxH (EDM's): the centred "
+            "square, or a wide band letterboxed on a square"
+        ),
+    )
+    p.add_argument(
+        "--resolution",
+        type=_resolution,
+        metavar="R|WxH",
+        help="output size: square images area-resized to R x R; with --transform, the crop's W x H",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
     p.set_defaults(func=cmd_dataset)
 
@@ -243,8 +396,27 @@ def cmd_dataset(a: argparse.Namespace) -> int:
     dest = Path(a.dest)
     if dest.exists() and not a.overwrite:
         raise CLIError(f"{dest}: already exists (use --overwrite)")
+    if a.transform and a.resolution is None:
+        raise CLIError(f"--transform {a.transform} needs --resolution WxH")
+    if a.resolution is not None and not a.transform and a.resolution[0] != a.resolution[1]:
+        raise CLIError(
+            f"--resolution {a.resolution[0]}x{a.resolution[1]}: not square (only --transform makes it so)"
+        )
+    if a.transform == "center-crop" and a.resolution[0] != a.resolution[1]:
+        raise CLIError("--transform center-crop gives W x H images; the data set needs them square (W = H)")
+    if a.transform == "center-crop-wide" and a.resolution[1] > a.resolution[0]:
+        raise CLIError("--transform center-crop-wide needs H <= W (a band pasted into a W x W square)")
+    if dest.suffix.lower() == ".zip":
+        check_writable(dest)
+    else:  # written beside, then renamed
+        check_writable(dest.parent, folder=True)
     out = convert_dataset(
-        a.source, a.dest, max_images=a.max_images, resolution=a.resolution, overwrite=a.overwrite
+        a.source,
+        a.dest,
+        max_images=a.max_images,
+        resolution=a.resolution,
+        overwrite=a.overwrite,
+        transform=a.transform,
     )
     print(f"Wrote {out}")
     return 0
@@ -255,6 +427,14 @@ def cmd_dataset(a: argparse.Namespace) -> int:
 
 
 def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """The options train and train-molrg share; ``defaults`` holds the ones they set differently."""
+    _add_hyperparameters(p, defaults)
+    _add_performance_options(p, defaults)
+    _add_io_options(p, defaults)
+
+
+def _add_hyperparameters(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """EDM's hyperparameters (names and units as its train.py)."""
     g = p.add_argument_group("hyperparameters (EDM's names and units)")
     g.add_argument(
         "--cond",
@@ -306,6 +486,10 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
     g.add_argument(
         "--xflip", type=_bool, default=False, metavar="BOOL", help="dataset x-flips (augmentation)"
     )
+
+
+def _add_performance_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """Precision, compilation and the options accepted for EDM's scripts."""
     g = p.add_argument_group("performance")
     g.add_argument(
         "--fp16", type=_bool, default=False, metavar="BOOL", help="mixed precision (fp16 autocast)"
@@ -314,7 +498,49 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
         "--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (overrides --fp16)"
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g.add_argument(
+        "--ls",
+        type=_positive_float,
+        default=1.0,
+        metavar="FLOAT",
+        help=(
+            "loss scaling: the loss is multiplied by this before "
+            "backward (default 1; Adam is nearly invariant to it)"
+        ),
+    )
+    g.add_argument(
+        "--bench",
+        type=_bool,
+        default=True,
+        metavar="BOOL",
+        help="cuDNN benchmarking (default 1; only affects CUDA convolutions)",
+    )
+    if defaults.get("cache"):
+        g.add_argument(
+            "--cache",
+            type=_bool,
+            default=True,
+            metavar="BOOL",
+            help=(
+                "accepted for EDM's train.py; the data set is always "
+                "held in memory (on the device), so 0 changes nothing"
+            ),
+        )
+    g.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="INT",
+        help=(
+            "accepted for EDM's scripts; batches are indexed from "
+            "the in-memory data set, so no DataLoader workers run"
+        ),
+    )
     g.add_argument("--device", help="cuda, cpu ... (default: cuda if available; LOCAL_RANK under torchrun)")
+
+
+def _add_io_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """Output folder, intervals, seed, transfer and resume."""
     g = p.add_argument_group("I/O")
     g.add_argument("--desc", metavar="STR", help="string to include in the result folder name")
     g.add_argument("--nosubdir", action="store_true", help="do not create a numbered subfolder for the run")
@@ -333,9 +559,34 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
     g.add_argument("--transfer", metavar="PKL|URL", help="initialise from a network snapshot (fine-tuning)")
     g.add_argument(
         "--resume",
-        metavar="PT|latest",
-        help="resume from a training-state file, or 'latest' in the run folder",
+        metavar="PT|DIR|latest|BOOL",
+        help="resume from a training-state file or run folder (continues there), or 'latest' (also 1/true, "
+        "as trainMoLRG.py's boolean): the newest run of the same "
+        "description; data and options must match the saved run",
     )
+    g.add_argument(
+        "--allow-changed",
+        dest="allow_changed",
+        type=lambda s: [v.strip().lstrip("-") for v in s.split(",") if v.strip()],
+        default=[],
+        metavar="LIST",
+        help="on resume, options allowed to differ from the saved run, e.g. lr or data (a deliberate change)",
+    )
+    if defaults.get("molrg"):
+        g.add_argument(
+            "--resumedir",
+            metavar="DIR",
+            help=(
+                "run folder to continue in: resume from its newest "
+                "training-state file, or start there if it has none"
+            ),
+        )
+        g.add_argument(
+            "--optimizer",
+            choices=["adam", "sgd"],
+            default="adam",
+            help="optimizer (default adam; sgd is plain SGD)",
+        )
     g.add_argument("-n", "--dry-run", dest="dry_run", action="store_true", help="print the options and exit")
 
 
@@ -369,25 +620,68 @@ def _train_config(a: argparse.Namespace, arch: str, network: dict[str, Any]):
         log_every=max(1, round(a.tick * 1000 / a.batch)),
         precision=precision,
         compile=a.compile,
+        optimizer=getattr(a, "optimizer", "adam"),
+        loss_scaling=a.ls,
     )
 
 
 def _run_dir(outdir: str, desc: str, nosubdir: bool, resume: str | None) -> Path:
-    """EDM's numbered run folder ``<outdir>/<id:05d>-<desc>``; with --resume latest, the newest one."""
+    """EDM's numbered run folder ``<outdir>/<id:05d>-<desc>``. ``--resume latest``: the newest run
+    folder of the same description that holds a state dump; ``--resume PATH``: PATH's own folder."""
+    from .training import find_latest_state
+
+    if resume not in (None, "latest"):
+        path = Path(resume)
+        if path.is_dir():
+            return path
+        if path.is_file():
+            return path.parent
+        raise CLIError(f"{resume}: no such training-state file or run folder")
     out = Path(outdir)
     if nosubdir:
         return out
     ids = []
     if out.is_dir():
         for child in out.iterdir():
-            m = re.match(r"^(\d+)-", child.name)
+            m = re.match(r"^(\d+)-(.*)$", child.name)
             if child.is_dir() and m:
-                ids.append((int(m.group(1)), child))
+                ids.append((int(m.group(1)), m.group(2), child))
     if resume == "latest":
-        if not ids:
-            raise CLIError(f"{out}: --resume latest but there is no previous run folder")
-        return max(ids)[1]
-    return out / f"{max((i for i, _ in ids), default=-1) + 1:05d}-{desc}"
+        same = [(i, child) for i, d, child in ids if d == desc and find_latest_state(child) is not None]
+        if not same:
+            others = ", ".join(child.name for *_, child in sorted(ids)[-3:]) or "none"
+            raise CLIError(
+                f"{out}: --resume latest found no earlier run '{desc}' with a state dump (run folders: "
+                f"{others}); check --data and the options, or resume a folder with --resume PATH"
+            )
+        return max(same)[1]
+    return out / f"{max((i for i, *_ in ids), default=-1) + 1:05d}-{desc}"
+
+
+# --allow-changed accepts the command-line names too (mapped to TrainConfig fields).
+_ALLOW_CHANGED = {
+    "lr-rampup": "lr_rampup_kimg",
+    "lr_rampup": "lr_rampup_kimg",
+    "ema": "ema_halflife_kimg",
+    "batch": "batch_size",
+    "augment": "augment_p",
+    "xflip": "augment_kwargs",
+    "fp16": "precision",
+    "cbase": "network",
+    "model_channels": "network",
+    "cres": "network",
+    "num_blocks": "network",
+    "attn": "network",
+    "embed_channels": "network",
+    "cond": "label_dim",
+}
+
+
+def _resume_option(value: str | None) -> str | None:
+    """--resume: a state file, 'latest', or a boolean (trainMoLRG.py's): true means 'latest'."""
+    if value is None or value.lower() in ("0", "false", "no", "off", ""):
+        return None
+    return "latest" if value.lower() in ("latest", "1", "true", "yes", "on") else value
 
 
 def _train_common(a: argparse.Namespace, config, data, desc: str, net=None, extra: dict | None = None) -> int:
@@ -397,7 +691,14 @@ def _train_common(a: argparse.Namespace, config, data, desc: str, net=None, extr
     desc = f"{desc}-gpus{world}-batch{config.batch_size}-{config.precision}" + (
         f"-{a.desc}" if a.desc else ""
     )
-    run_dir = _run_dir(a.outdir, desc, a.nosubdir, a.resume)
+    resume = _resume_option(a.resume)
+    resumedir = getattr(a, "resumedir", None)
+    if a.transfer and (resume or resumedir):
+        raise CLIError("--transfer and --resume/--resumedir cannot be given together")
+    if resumedir:
+        run_dir, resume = Path(resumedir), "auto"  # its newest state dump, or a fresh start there
+    else:
+        run_dir = _run_dir(a.outdir, desc, a.nosubdir, resume)
     options = {"config": config.to_dict(), "run_dir": str(run_dir), "world_size": world, **(extra or {})}
     _print0("Training options:\n" + json.dumps(options, indent=2))
     if a.dry_run:
@@ -406,13 +707,23 @@ def _train_common(a: argparse.Namespace, config, data, desc: str, net=None, extr
     if a.transfer:
         net = _load_net(a.transfer, "cpu")
         net.train().requires_grad_(True)
-    resume = None
-    if a.resume:
-        resume = "latest" if a.resume == "latest" else a.resume
-        if resume != "latest" and not Path(resume).is_file():
-            raise CLIError(f"{resume}: no such training-state file")
+    if resume not in (None, "latest", "auto"):  # a run folder continues from its newest state dump
+        resume = "latest" if Path(resume).is_dir() else resume
+    import torch
+
+    torch.backends.cudnn.benchmark = bool(a.bench)
     device = None if a.device is None else _device(a.device)
-    result = train(config, data, outdir=run_dir, device=device, resume=resume, progress=_rank0(), net=net)
+    allow = sorted({_ALLOW_CHANGED.get(n, n) for n in a.allow_changed})
+    result = train(
+        config,
+        data,
+        outdir=run_dir,
+        device=device,
+        resume=resume,
+        progress=_rank0(),
+        net=net,
+        allow_changed=allow,
+    )
     _print0(f"Finished: {result.steps} steps, {result.kimg:.1f} kimg. Snapshots in {run_dir}")
     return 0
 
@@ -439,12 +750,21 @@ def _add_train(sub) -> None:
         metavar="LIST",
         help="attention resolutions",
     )
-    _add_training_options(p, {"precond": "vp", "duration": 200.0, "batch": 512, "augment": 0.12, "snap": 50})
+    _add_training_options(
+        p, {"precond": "vp", "duration": 200.0, "batch": 512, "augment": 0.12, "snap": 50, "cache": True}
+    )
     p.set_defaults(func=cmd_train)
+
+
+def _check_train_output(a: argparse.Namespace) -> None:
+    if not a.dry_run:
+        check_writable(a.outdir, folder=True)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     from .data import load_images
+
+    _check_train_output(a)
 
     images, labels = load_images(a.data, max_images=a.max_images)
     if a.cond and labels is None:
@@ -490,7 +810,9 @@ def _add_train_molrg(sub) -> None:
     p.add_argument(
         "--embed_channels", type=int, default=1024, metavar="INT", help="model_channels of the network"
     )
-    _add_training_options(p, {"precond": "edm", "duration": 6.0, "batch": 512, "augment": 0.0, "snap": 10})
+    _add_training_options(
+        p, {"precond": "edm", "duration": 6.0, "batch": 512, "augment": 0.0, "snap": 10, "molrg": True}
+    )
     p.set_defaults(func=cmd_train_molrg)
 
 
@@ -499,6 +821,7 @@ def cmd_train_molrg(a: argparse.Namespace) -> int:
 
     from .molrg import LowRankDenoiser, MoLRG
 
+    _check_train_output(a)
     name = (
         f"MoLRG_dataset_resolution{a.img_res}_classnum{a.class_num}_perclassdim{a.per_class_dim}"
         f"_sample{a.sample_per_class}"
@@ -554,68 +877,164 @@ def _add_jacobian(sub) -> None:
         sub,
         "jacobian",
         "Rank of the denoiser's Jacobian vs SNR (the authors' jacobian.py).",
-        "nbhelpers jacobian --network_pkl https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl",
+        "nbhelpers jacobian --network_pkl "
+        "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl --steps 18",
+        "Rank of the denoiser's Jacobian vs SNR (the authors' jacobian.py). Along a sampling trajectory\n"
+        "(--trajectory, or --steps as the authors' script): the Jacobian where each step starts. Otherwise\n"
+        "on a sigma grid (--sigmas) around clean points that the sampler (same options) generates.",
     )
     p.add_argument("--network_pkl", required=True, metavar="PKL|URL", help="network snapshot")
+    p.add_argument(
+        "--class", dest="class_idx", type=int, metavar="INT", help="class label (default: random per seed)"
+    )
     p.add_argument(
         "--seeds",
         type=_int_list,
         default=_int_list("0-4"),
         metavar="LIST",
-        help="starting noise seeds (default 0-4)",
+        help="starting noise seeds (default 0-4; the authors' script draws one unseeded latent)",
+    )
+    _add_sampler_options(
+        p,
+        ablation=False,
+        steps_help="sampling steps of the trajectory (default 18); giving it selects --trajectory",
     )
     p.add_argument(
         "--sigmas", type=_float_list, metavar="LIST", help="noise levels; default: the authors' SNR grid"
     )
     p.add_argument(
-        "--trajectory", action="store_true", help="evaluate along 18-step sampling trajectories instead"
+        "--trajectory", action="store_true", help="evaluate along sampling trajectories (--steps steps)"
     )
     p.add_argument("--ratio", type=float, default=0.99, metavar="FLOAT", help="rank threshold (default 0.99)")
     p.add_argument(
         "--rule", choices=["authors", "energy"], default="authors", help="rank rule (default: the authors')"
     )
     p.add_argument("--chunk", type=int, metavar="INT", help="basis vectors per batched VJP (memory bound)")
-    p.add_argument("--out", metavar="CSV|JSON", help="write the table to this file")
+    p.add_argument(
+        "--out",
+        metavar="CSV|JSON",
+        help="write the table to this file (after every seed; a rerun continues it)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="recompute every seed even if --out has it")
     p.add_argument("--device", help="cuda, cpu ... (default: cuda if available)")
     p.set_defaults(func=cmd_jacobian)
 
 
+def _jacobian_record_path(out: str) -> Path:
+    return Path(out).with_name(f".{Path(out).name}.nbhelpers-jacobian.json")
+
+
+def _previous_jacobian_rows(out: str, record: dict) -> dict[int, Any]:
+    """Rows of an earlier run of the same command in ``--out``, per seed (empty if there is none)."""
+    import pandas as pd
+
+    path, record_path = Path(out), _jacobian_record_path(out)
+    if not path.exists():
+        return {}
+    try:
+        stored = json.loads(record_path.read_text("utf-8")) if record_path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        stored = None
+    if stored != json.loads(json.dumps(record)):
+        raise CLIError(
+            f"{out}: exists and was not written by this same command (network, sigmas, ratio and rule); "
+            "use another --out or pass --overwrite"
+        )
+    try:
+        table = pd.read_json(path, orient="records") if out.endswith(".json") else pd.read_csv(path)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"{out}: unreadable ({e}); pass --overwrite to recompute it") from None
+    if "seed" not in table.columns or "point" not in table.columns:
+        raise CLIError(f"{out}: not a rank table; pass --overwrite to recompute it")
+    return {int(seed): rows for seed, rows in table.groupby("seed", sort=False)}
+
+
+def _class_labels(net, seeds: list[int], class_idx: int | None, shape: list[int], device):
+    """One-hot labels per seed as ``generate`` picks them (the seed's draw after its latent), or None."""
+    import torch
+
+    from .sampling import SeedNoise
+
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    if class_idx is not None and not 0 <= class_idx < label_dim:
+        raise CLIError(f"--class {class_idx}: the network has {label_dim} classes")
+    if not label_dim:
+        return None
+    if class_idx is None:
+        noise = SeedNoise(seeds, device=device)
+        noise.randn(shape)
+        idx = noise.randint(label_dim)
+    else:
+        idx = torch.full((len(seeds),), class_idx, device=device)
+    return torch.eye(label_dim, device=device)[idx]
+
+
 def cmd_jacobian(a: argparse.Namespace) -> int:
+    import pandas as pd
     import torch
 
     from .jacobian import rank_profile
     from .sampling import SeedNoise, edm_sampler
 
+    if a.out:
+        check_writable(a.out)
+        check_writable(_jacobian_record_path(a.out))
     device = _device(a.device)
-    net = _load_net(a.network_pkl, device)
+    network = resolve(a.network_pkl)
+    net = _load_net(str(network), device)
     shape = [int(net.img_channels), int(net.img_resolution), int(net.img_resolution)]
-    if a.trajectory:
-        table = rank_profile(
-            net,
-            seeds=a.seeds,
-            trajectory=True,
-            ratio=a.ratio,
-            rule=a.rule,
-            chunk_size=a.chunk,
-            device=device,
-            batch_size=1,
+    trajectory = a.trajectory or a.steps is not None
+    if trajectory and a.sigmas is not None:
+        raise CLIError(
+            "--sigmas is for the sigma grid; a trajectory (--trajectory, --steps) sets its own levels"
         )
-    else:
-        # Clean points: the network's own samples for the seeds (as the authors start from generated images).
-        latents = SeedNoise(a.seeds, device=device).randn(shape)
-        with torch.no_grad():
-            clean = edm_sampler(net, latents).to(torch.float32)
-        table = rank_profile(
-            net,
-            clean=clean,
-            sigmas=a.sigmas,
-            seeds=a.seeds,
-            ratio=a.ratio,
-            rule=a.rule,
-            chunk_size=a.chunk,
-            device=device,
-            batch_size=1,
-        )
+    sampler = dict(
+        num_steps=a.steps or 18,
+        sigma_min=0.002 if a.sigma_min is None else a.sigma_min,
+        sigma_max=80.0 if a.sigma_max is None else a.sigma_max,
+        rho=a.rho,
+        S_churn=a.S_churn,
+        S_min=a.S_min,
+        S_max=a.S_max,
+        S_noise=a.S_noise,
+    )
+    record = dict(
+        network_sha256=_sha256(network),
+        trajectory=trajectory,
+        sigmas=a.sigmas,
+        ratio=a.ratio,
+        rule=a.rule,
+        sampler=sampler,
+        class_idx=a.class_idx,
+    )
+    done = _previous_jacobian_rows(a.out, record) if a.out and not a.overwrite else {}
+    if done:
+        _print0(f"{a.out}: keeping the rows of {len(set(done) & set(a.seeds))} seeds from an earlier run")
+    elif a.out:
+        atomic_write_text(_jacobian_record_path(a.out), json.dumps(record, sort_keys=True))
+    common = dict(ratio=a.ratio, rule=a.rule, chunk_size=a.chunk, device=device, batch_size=1)
+    frames = []
+    for point, seed in enumerate(a.seeds):  # one seed at a time, each written as soon as it is done
+        if seed in done:
+            frames.append(done[seed].assign(point=point))
+            continue
+        labels = _class_labels(net, [seed], a.class_idx, shape, device)
+        if trajectory:
+            table = rank_profile(net, seeds=[seed], trajectory=True, class_labels=labels, **sampler, **common)
+        else:
+            # Clean points: the network's own samples for the seeds (the authors start from generated images).
+            noise = SeedNoise([seed], device=device)
+            latents = noise.randn(shape)
+            with torch.no_grad():
+                clean = edm_sampler(net, latents, labels, noise=noise, **sampler).to(torch.float32)
+            table = rank_profile(
+                net, clean=clean, sigmas=a.sigmas, seeds=[seed], class_labels=labels, **common
+            )
+        frames.append(table.assign(point=point))
+        if a.out:
+            _write_table(a.out, pd.concat(frames, ignore_index=True))
+    table = pd.concat(frames, ignore_index=True)
+    table = table.sort_values(["step", "point", "rule"], kind="stable", ignore_index=True)
     summary = table.groupby("sigma", sort=False).agg(
         snr=("snr", "first"),
         rank_mean=("rank", "mean"),
@@ -624,16 +1043,14 @@ def cmd_jacobian(a: argparse.Namespace) -> int:
     )
     print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
     if a.out:
-        from .atomic import atomic_write_text
-
-        text = (
-            table.to_json(orient="records", indent=1)
-            if a.out.endswith(".json")
-            else table.to_csv(index=False)
-        )
-        atomic_write_text(a.out, text)
+        _write_table(a.out, table)
         print(f"Wrote {a.out}")
     return 0
+
+
+def _write_table(out: str, table) -> None:
+    text = table.to_json(orient="records", indent=1) if out.endswith(".json") else table.to_csv(index=False)
+    atomic_write_text(out, text)
 
 
 # ----------------------------------------------------------------------------
@@ -652,11 +1069,17 @@ def _add_sscd(sub) -> None:
         ss,
         "feature",
         "Compute descriptors of a folder/zip of images into an .npz (with seeds/names).",
-        "nbhelpers sscd feature --images ./evaluation/ddpm-dim64-n64 --features ./evaluation/sscd-dim64-n64.npz",
+        "nbhelpers sscd feature --images ./evaluation/ddpm-dim64-n64 --features "
+        "./evaluation/sscd-dim64-n64.npz",
     )
     f.add_argument("--images", required=True, metavar="DIR|ZIP", help="images (generated PNGs or a dataset)")
     f.add_argument("--features", required=True, metavar="NPZ", help="output feature file")
-    f.add_argument("--backend", choices=["sscd", "pixel"], default="sscd", help="descriptor (default sscd)")
+    f.add_argument(
+        "--backend",
+        choices=["sscd", "pixel"],
+        default="sscd",
+        help="descriptor: sscd (default) or pixel (unit pixel vectors; both compared by cosine)",
+    )
     f.add_argument(
         "--model",
         metavar="PATH|URL|NAME",
@@ -670,11 +1093,13 @@ def _add_sscd(sub) -> None:
         (
             "rpscore",
             "Reproducibility score: fraction of shared seeds whose descriptors have cosine > t.",
-            "nbhelpers sscd rpscore --source ./evaluation/sscd-dim128-n64.npz --target ./evaluation/sscd-dim64-n64.npz",
+            "nbhelpers sscd rpscore --source ./evaluation/sscd-dim128-n64.npz --target "
+            "./evaluation/sscd-dim64-n64.npz",
         ),
         (
             "mscore",
-            "Generalization score GL = 1 - fraction of samples whose nearest training descriptor has cosine > t.",
+            "Generalization score GL = 1 - fraction of samples "
+            "whose nearest training descriptor has cosine > t.",
             "nbhelpers sscd mscore --source ./evaluation/sscd-dim128-n64.npz "
             "--target ./evaluation/sscd-training-dataset-synthetic-cifar10-32x32-n64.npz",
         ),
@@ -701,6 +1126,8 @@ def _load_features(path: str):
 def cmd_sscd_feature(a: argparse.Namespace) -> int:
     from .features import SSCD, extract_features
 
+    check_writable(a.features)
+
     device = _device(a.device)
     model = None
     if a.backend == "sscd":  # running the command is the request to download the model (once, cached)
@@ -715,10 +1142,38 @@ def cmd_sscd_feature(a: argparse.Namespace) -> int:
     return 0
 
 
+def _few(values, k: int = 5) -> str:
+    values = sorted(values)
+    return ", ".join(map(str, values[:k])) + (f", ... ({len(values)} in all)" if len(values) > k else "")
+
+
+def _check_same_seeds(src, tgt, source: str, target: str) -> None:
+    """rpscore pairs samples by seed: both files need the same seeds, each once (errors name the files)."""
+    seeds = {}
+    for fs, path in ((src, source), (tgt, target)):
+        if fs.seeds is None:
+            raise CLIError(f"{path}: has no seeds (its image names did not give them); rpscore pairs by seed")
+        values = fs.seeds.tolist()
+        if len(set(values)) != len(values):
+            repeated = {s for s in values if values.count(s) > 1} if len(values) < 10**5 else set()
+            raise CLIError(f"{path}: repeated seeds {_few(repeated)}")
+        seeds[path] = set(values)
+    only_a, only_b = seeds[source] - seeds[target], seeds[target] - seeds[source]
+    if only_a or only_b:
+        parts = [
+            f"only in {source}: {_few(only_a)}" if only_a else "",
+            f"only in {target}: {_few(only_b)}" if only_b else "",
+        ]
+        raise CLIError(
+            "the two feature files have different seeds (" + "; ".join(p for p in parts if p) + ")"
+        )
+
+
 def cmd_sscd_rpscore(a: argparse.Namespace) -> int:
     from .scores import reproducibility_score
 
     src, tgt = _load_features(a.source), _load_features(a.target)
+    _check_same_seeds(src, tgt, a.source, a.target)
     rp = reproducibility_score(src, tgt, threshold=a.t)
     if a.json:
         print(json.dumps({"reproducibility_score": rp, "threshold": a.t, "num_pairs": len(src.features)}))
@@ -780,20 +1235,86 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(argv)
     prog = f"nbhelpers {a.command}" + (f" {a.sscd_cmd}" if a.command == "sscd" else "")
     try:
+        _check_numbers(a)
         return int(a.func(a) or 0)
     except CLIError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        _error(prog, e)
+    except OSError as e:  # missing, unwritable, read-only, full: the path is in the message
+        _error(prog, e)
     except ValueError as e:  # bad content: corrupt files, mismatched seeds, unsafe pickles ...
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        _error(prog, e)
     except Exception as e:
-        from .download import DownloadError
-
         if not isinstance(e, DownloadError):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        _error(prog, e)
     return EXIT_USAGE
+
+
+def _error(prog: str, e: BaseException) -> None:
+    """One line on stderr, whatever the exception's message looks like."""
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    print(f"{prog}: error: {text}", file=sys.stderr)
+
+
+# Options (by dest) that must be positive integers, and float options that must be finite
+# (checked after parsing, for every subcommand that has them).
+_POSITIVE = (
+    "batch",
+    "batch_gpu",
+    "model_channels",
+    "steps",
+    "max_images",
+    "snap",
+    "dump",
+    "num_blocks",
+    "img_res",
+    "img_channels",
+    "class_num",
+    "per_class_dim",
+    "sample_per_class",
+    "embed_channels",
+    "chunk",
+)
+_FINITE = (
+    "t",
+    "lr",
+    "lr_rampup",
+    "ema",
+    "dropout",
+    "augment",
+    "duration",
+    "tick",
+    "sigma_min",
+    "sigma_max",
+    "rho",
+    "S_churn",
+    "S_min",
+    "S_noise",
+    "ratio",
+)
+
+
+_OPTION = {
+    "model_channels": "--cbase/--model_channels",
+    "batch_gpu": "--batch-gpu",
+    "max_images": "--max-images",
+    "lr_rampup": "--lr-rampup",
+}
+
+
+def _check_numbers(a: argparse.Namespace) -> None:
+    for name in _POSITIVE:
+        v = getattr(a, name, None)
+        if v is not None and v < 1:
+            raise CLIError(f"{_OPTION.get(name, '--' + name)} must be a positive integer, got {v}")
+    for name in _FINITE:
+        v = getattr(a, name, None)
+        if v is not None and not math.isfinite(v):
+            raise CLIError(f"{_OPTION.get(name, '--' + name)} must be a finite number, got {v}")
+    if getattr(a, "S_max", None) is not None and math.isnan(a.S_max):
+        raise CLIError("--S_max must be a number, got nan")
+    if getattr(a, "cres", None) is not None and (not a.cres or min(a.cres) < 1):
+        raise CLIError(f"--cres must be positive channel multipliers, got {a.cres}")
 
 
 if __name__ == "__main__":

@@ -8,17 +8,17 @@ the first N images in that order (the authors' ``dataset_tool.py --max-images``)
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import gzip
 import io
 import json
+import math
 import os
-import pickle
 import shutil
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -26,7 +26,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from . import safeload
 from .atomic import atomic_path
+from .download import resolve
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -39,10 +41,49 @@ _PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 # Conversions between uint8 images and model space.
 
 
-def to_model(x: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> float32 tensor in [-1, 1] (x / 127.5 - 1)."""
+def to_model(
+    x: np.ndarray | torch.Tensor,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> tensor in model space [-1, 1] (``x / 127.5 - 1``) of ``dtype``.
+
+    The one copy of this map in the package; :func:`to_uint8` is its inverse (EDM's quantisation).
+    """
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    return t.to(device=device, dtype=torch.float32) / 127.5 - 1
+    return t.to(device=device, dtype=dtype) / 127.5 - 1
+
+
+def model_space(
+    x: np.ndarray | torch.Tensor,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Images as a model-space tensor of ``dtype``: uint8 mapped by :func:`to_model`, floating point
+    taken as model space already (only cast); any other dtype is an error."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.dtype == torch.uint8:
+        return to_model(t, device, dtype)
+    if not t.is_floating_point():
+        raise ValueError(f"images must be uint8 or floating point, got {t.dtype}")
+    return t.to(device=device, dtype=dtype)
+
+
+def flat_rows(
+    x: np.ndarray | torch.Tensor, what: str = "images", item_shape: Sequence[int] | None = None
+) -> torch.Tensor:
+    """A batch (N, ...) as rows (N, D), left in its dtype (uint8 or floating point; arrays become
+    tensors). With ``item_shape``, each item must hold ``prod(item_shape)`` values."""
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
+    if t.ndim < 2:
+        raise ValueError(f"{what} must be batched (N, ...), got shape {tuple(t.shape)}")
+    if t.dtype != torch.uint8 and not t.is_floating_point():
+        raise ValueError(f"{what} must be uint8 or floating point, got {t.dtype}")
+    if item_shape is not None and math.prod(t.shape[1:]) != math.prod(item_shape):
+        raise ValueError(
+            f"{what} has shape {tuple(t.shape)}, expected (N, {', '.join(map(str, item_shape))})"
+        )
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def to_uint8(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -96,8 +137,16 @@ class _ImageSource:
         if self._zip is not None:
             try:
                 return self._zip.read(name)
-            except (zipfile.BadZipFile, OSError, KeyError) as e:
-                raise ValueError(f"{self.path}: cannot read member {name!r} ({e})") from e
+            except (
+                zipfile.BadZipFile,
+                OSError,
+                KeyError,
+                EOFError,
+                zlib.error,
+                NotImplementedError,
+                RuntimeError,
+            ) as e:
+                raise ValueError(f"{self.path}: cannot read member {name!r} ({type(e).__name__}: {e})") from e
         return (self.path / name).read_bytes()
 
     def where(self, name: str) -> str:
@@ -107,8 +156,10 @@ class _ImageSource:
         """One image as uint8 (C, H, W)."""
         try:
             with PIL.Image.open(io.BytesIO(self.read(name))) as img:
-                arr = np.asarray(img)
-        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                arr = np.asarray(_plain_mode(img))
+        except PIL.Image.DecompressionBombError as e:
+            raise ValueError(f"{self.where(name)}: image too large ({e})") from e
+        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error) as e:
             raise ValueError(f"{self.where(name)}: unreadable image ({e})") from e
         if arr.dtype != np.uint8:
             raise ValueError(f"{self.where(name)}: not an 8-bit image (pixel type {arr.dtype})")
@@ -117,7 +168,7 @@ class _ImageSource:
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     def labels(self) -> np.ndarray | None:
-        """Labels aligned with ``names`` (int64 (N,) or float32 (N, L)), or None; checked against the images."""
+        """Labels aligned with ``names`` (int64 (N,) or float32 (N, L)) or None, checked with the images."""
         if not self.has_json:
             return None
         where = self.where(DATASET_JSON)
@@ -125,6 +176,8 @@ class _ImageSource:
             meta = json.loads(self.read(DATASET_JSON).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from e
+        except RecursionError:
+            raise ValueError(f"{where}: nested too deeply") from None
         if not isinstance(meta, dict) or "labels" not in meta:
             raise ValueError(f"{where}: expected an object with a 'labels' entry")
         entries = meta["labels"]
@@ -147,11 +200,16 @@ class _ImageSource:
             )
         values = [table[n] for n in self.names]
         if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            bad = [(n, v) for n, v in zip(self.names, values) if not 0 <= v < 2**31]
+            if bad:
+                raise ValueError(
+                    f"{where}: class labels must be non-negative integers, got {bad[0][1]} for {bad[0][0]!r}"
+                )
             return np.asarray(values, dtype=np.int64)
         if all(isinstance(v, list) for v in values):
             try:
                 arr = np.asarray(values, dtype=np.float32)
-            except ValueError as e:
+            except (ValueError, TypeError, RecursionError) as e:
                 raise ValueError(f"{where}: label vectors of different lengths or types ({e})") from e
             if arr.ndim == 2:
                 return arr
@@ -161,6 +219,32 @@ class _ImageSource:
         if self._zip is not None:
             self._zip.close()
             self._zip = None
+
+
+# Image modes stored as something other than plain channels, and what they are converted to.
+_CONVERT_MODES = {
+    "P": "RGB",
+    "PA": "RGBA",
+    "CMYK": "RGB",
+    "YCbCr": "RGB",
+    "LAB": "RGB",
+    "HSV": "RGB",
+    "RGBX": "RGB",
+    "RGBa": "RGBA",
+    "La": "LA",
+    "1": "L",
+}
+
+
+def _plain_mode(img: PIL.Image.Image) -> PIL.Image.Image:
+    """``img`` with plain channels: palette images become their colours (RGBA if the palette has
+    transparency), CMYK and other colour spaces RGB, bilevel L; LA stays two channels."""
+    mode = img.mode
+    if mode == "P" and "transparency" in img.info:
+        return img.convert("RGBA")
+    if mode in _CONVERT_MODES:
+        return img.convert(_CONVERT_MODES[mode])
+    return img
 
 
 @contextlib.contextmanager
@@ -284,61 +368,72 @@ def write_dataset(
             raise ValueError(f"{dest}: exists and is not a folder")
         if any(dest.iterdir()) and not overwrite:
             raise FileExistsError(f"{dest}: folder is not empty (pass overwrite=True to replace it)")
-    if names is not None:
-        names = [str(n).replace("\\", "/") for n in names]
-        if len(set(names)) != len(names):
-            raise ValueError(f"{dest}: duplicate image names")
-        bad = [
-            n for n in names if not n.lower().endswith(".png") or n.startswith("/") or ".." in n.split("/")
-        ]
-        if bad:
-            raise ValueError(f"{dest}: image names must be relative paths ending in .png, got {bad[0]!r}")
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        batches: Iterable = [images]
-    else:
-        batches = images
+    names = _member_names(names, dest)
+    batches = [images] if isinstance(images, (np.ndarray, torch.Tensor)) else images
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
-
-    def members() -> Iterator[tuple[str, bytes]]:
-        idx = 0
-        shape = None
-        written: list[str] = []
-        for batch in batches:
-            arr = _as_uint8_batch(batch, dest)
-            if shape is None:
-                shape = arr.shape[1:]
-            elif arr.shape[1:] != shape:
-                raise ValueError(f"{dest}: batch of shape {arr.shape[1:]} differs from {shape} (mixed sizes)")
-            for img in arr:
-                if names is not None and idx >= len(names):
-                    raise ValueError(f"{dest}: more images than names ({len(names)})")
-                name = names[idx] if names is not None else edm_image_name(idx)
-                written.append(name)
-                yield name, _encode_png(img)
-                idx += 1
-        if idx == 0:
-            raise ValueError(f"{dest}: no images to write (empty data set)")
-        if names is not None and idx != len(names):
-            raise ValueError(f"{dest}: {idx} images but {len(names)} names")
-        table = None
-        if labels is not None:
-            if len(labels) != idx:
-                raise ValueError(f"{dest}: {idx} images but {len(labels)} labels")
-            table = [[n, _label_json(lab)] for n, lab in zip(written, labels)]
-        yield DATASET_JSON, json.dumps({"labels": table}).encode("utf-8")
-
+    members = _dataset_members(batches, dest, labels, names)
     if is_zip:
         with atomic_path(dest) as tmp:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-                for name, data in members():
+                for name, data in members:
                     zf.writestr(name, data)
         return dest
+    _write_folder(members, dest)
+    return dest
 
+
+def _member_names(names: Sequence[str] | None, dest: Path) -> list[str] | None:
+    """``names`` as checked relative PNG paths with forward slashes (None stays None)."""
+    if names is None:
+        return None
+    names = [str(n).replace("\\", "/") for n in names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{dest}: duplicate image names")
+    bad = [n for n in names if not n.lower().endswith(".png") or n.startswith("/") or ".." in n.split("/")]
+    if bad:
+        raise ValueError(f"{dest}: image names must be relative paths ending in .png, got {bad[0]!r}")
+    return names
+
+
+def _dataset_members(
+    batches: Iterable, dest: Path, labels: Sequence | np.ndarray | None, names: list[str] | None
+) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each PNG of the batches, then of ``dataset.json``; checked as they come."""
+    idx = 0
+    shape = None
+    written: list[str] = []
+    for batch in batches:
+        arr = _as_uint8_batch(batch, dest)
+        if shape is None:
+            shape = arr.shape[1:]
+        elif arr.shape[1:] != shape:
+            raise ValueError(f"{dest}: batch of shape {arr.shape[1:]} differs from {shape} (mixed sizes)")
+        for img in arr:
+            if names is not None and idx >= len(names):
+                raise ValueError(f"{dest}: more images than names ({len(names)})")
+            name = names[idx] if names is not None else edm_image_name(idx)
+            written.append(name)
+            yield name, _encode_png(img)
+            idx += 1
+    if idx == 0:
+        raise ValueError(f"{dest}: no images to write (empty data set)")
+    if names is not None and idx != len(names):
+        raise ValueError(f"{dest}: {idx} images but {len(names)} names")
+    table = None
+    if labels is not None:
+        if len(labels) != idx:
+            raise ValueError(f"{dest}: {idx} images but {len(labels)} labels")
+        table = [[n, _label_json(lab)] for n, lab in zip(written, labels)]
+    yield DATASET_JSON, json.dumps({"labels": table}).encode("utf-8")
+
+
+def _write_folder(members: Iterable[tuple[str, bytes]], dest: Path) -> None:
+    """Write the members into a fresh folder beside ``dest``, then put it in ``dest``'s place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
     try:
-        for name, data in members():
+        for name, data in members:
             (tmp_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_dir / name).write_bytes(data)
         if dest.exists():
@@ -351,7 +446,6 @@ def write_dataset(
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    return dest
 
 
 # ----------------------------------------------------------------------------
@@ -405,33 +499,15 @@ def _pad_images(images: np.ndarray, resolution: int) -> np.ndarray:
 # ----------------------------------------------------------------------------
 # CIFAR-10 (python tarball).
 
-_CIFAR_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals a pickled numpy array needs; anything else is refused."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _CIFAR_GLOBALS:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed (only numpy array data)")
-        if name == "_reconstruct":
-            return np.ndarray.__reduce__(np.empty(0, dtype=np.uint8))[0]
-        if name == "encode":
-            return codecs.encode
-        return getattr(np, name)
-
 
 def _safe_unpickle(data: bytes, where: str):
+    """A CIFAR-10 batch pickle read by :mod:`nbhelpers.safeload`: plain data and numeric numpy arrays only."""
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"{where}: cannot read this pickle safely ({e})") from e
+        return safeload.load_pickle(
+            data, where, {**safeload.plain_globals(), **safeload.numpy_globals()}, encoding="latin1"
+        )
+    except safeload.PickleError as e:
+        raise ValueError(f"{e} (not a CIFAR-10 batch this reader accepts)") from None
 
 
 def load_cifar10(
@@ -445,8 +521,6 @@ def load_cifar10(
     ``train`` picks ``data_batch_1..5`` (50,000 images, in order) or ``test_batch`` (10,000). The
     default source is ``CIFAR10_URL``, fetched (into the cache) only when ``download`` is true.
     """
-    from .download import resolve
-
     _check_max_images(max_images)
     path = resolve(CIFAR10_URL if path_or_url is None else path_or_url, download=download)
     wanted = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
@@ -466,10 +540,13 @@ def load_cifar10(
                 data, labs = d.get("data"), d.get("labels")
                 if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
                     raise ValueError(f"{where}: 'data' must be a uint8 array (N, 3072)")
-                if data.shape[1] != 3 * 32 * 32 or labs is None or len(labs) != len(data):
-                    raise ValueError(f"{where}: data {data.shape} and {len(labs or [])} labels do not match")
+                labs = np.asarray(labs) if isinstance(labs, list | np.ndarray) else None
+                if labs is None or labs.ndim != 1 or (len(labs) and labs.dtype.kind not in "iu"):
+                    raise ValueError(f"{where}: 'labels' must be a list of integers")
+                if data.shape[1] != 3 * 32 * 32 or len(labs) != len(data):
+                    raise ValueError(f"{where}: data {data.shape} and {len(labs)} labels do not match")
                 images.append(data.reshape(-1, 3, 32, 32))
-                labels.append(np.asarray(labs, dtype=np.int64))
+                labels.append(labs.astype(np.int64))
                 if max_images is not None and sum(len(x) for x in images) >= max_images:
                     break
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -492,7 +569,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise ValueError(f"{path}: corrupt gzip data ({e})") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path}: bad IDX magic number {raw[:4].hex() or '(empty)'}")
@@ -570,24 +647,110 @@ def _is_idx_folder(path: Path) -> bool:
     return path.is_dir() and any((path / f"train-images-idx3-ubyte{ext}").exists() for ext in ("", ".gz"))
 
 
+TRANSFORMS = ("center-crop", "center-crop-wide")
+
+
+def transform_image(img: np.ndarray, transform: str, width: int, height: int) -> np.ndarray | None:
+    """EDM ``dataset_tool.py --transform`` of one uint8 image (C, H, W), grayscale made RGB, Lanczos resize.
+
+    ``center-crop``: the centred square of the shorter side, resized to ``width`` x ``height``.
+    ``center-crop-wide``: the centred band of aspect ``width``/``height``'s source rows, resized to
+    ``width`` x ``height`` and pasted into the middle of a black ``width`` x ``width`` canvas; None
+    (the image is skipped) when the source is narrower than ``width`` or the band lower than ``height``.
+    """
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    hwc = img.transpose(1, 2, 0)
+    if hwc.shape[2] == 1:
+        hwc = hwc.repeat(3, axis=2)
+    h, w = hwc.shape[:2]
+    if transform == "center-crop":
+        c = min(h, w)
+        hwc = hwc[(h - c) // 2 : (h + c) // 2, (w - c) // 2 : (w + c) // 2]
+    else:
+        band = int(np.round(width * h / w))
+        if w < width or band < height:
+            return None
+        hwc = hwc[(h - band) // 2 : (h + band) // 2]
+    out = np.asarray(
+        PIL.Image.fromarray(np.ascontiguousarray(hwc[:, :, :3]), "RGB").resize(
+            (width, height), PIL.Image.Resampling.LANCZOS
+        )
+    )
+    if transform == "center-crop-wide":
+        canvas = np.zeros((width, width, 3), dtype=np.uint8)
+        canvas[(width - height) // 2 : (width + height) // 2] = out
+        out = canvas
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def _transformed(
+    images: Iterable[np.ndarray],
+    labels: np.ndarray | None,
+    transform: str,
+    size: tuple[int, int],
+    where: Path,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Apply ``transform_image`` to each image (any sizes), dropping skipped images and their labels."""
+    kept, keep_idx = [], []
+    for i, img in enumerate(images):
+        out = transform_image(img, transform, *size)
+        if out is not None:
+            kept.append(out)
+            keep_idx.append(i)
+    if not kept:
+        raise ValueError(f"{where}: every image is smaller than {size[0]}x{size[1]} ({transform} skips them)")
+    if kept[0].shape[1] != kept[0].shape[2]:
+        raise ValueError(
+            f"{where}: images after {transform} are {kept[0].shape[2]}x{kept[0].shape[1]}, not square"
+        )
+    return np.stack(kept), None if labels is None else labels[keep_idx]
+
+
 def convert_dataset(
     source: str | os.PathLike,
     dest: str | os.PathLike,
     max_images: int | None = None,
-    resolution: int | None = None,
+    resolution: int | tuple[int, int] | None = None,
     batch_size: int = 1024,
     overwrite: bool = False,
+    transform: str | None = None,
 ) -> Path:
-    """The authors' ``dataset_tool.py --source --dest --max-images``: copy the first N images to an EDM data set.
+    """The authors' ``dataset_tool.py --source --dest --max-images``: the first N images as an EDM data set.
 
     ``source``: a folder or zip of images (labels kept), the CIFAR-10 python tarball (training
     split) or a folder of (Fashion-)MNIST IDX files (training split). ``resolution`` resizes
-    square images by area averaging (``resize_images``); non-square sources are refused.
+    square images by area averaging (``resize_images``); non-square sources are refused. With
+    ``transform`` (``TRANSFORMS``, needs ``resolution`` = (width, height)) each image is cropped and
+    resized as EDM's ``dataset_tool.py --transform`` does (:func:`transform_image`).
     """
     source = Path(source).expanduser()
     _check_max_images(max_images)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or directory")
+    if transform is not None:
+        if resolution is None:
+            raise ValueError(f"--transform {transform} needs --resolution WxH")
+        size = (resolution, resolution) if isinstance(resolution, int) else tuple(int(v) for v in resolution)
+        if _is_idx_folder(source) or (
+            source.is_file() and not zipfile.is_zipfile(source) and _is_cifar_tarball(source)
+        ):
+            loader = load_fashion_mnist if source.is_dir() else load_cifar10
+            images, labels = _transformed(
+                *loader(source, train=True, max_images=max_images), transform, size, source
+            )
+        else:
+            with _open_source(source) as src:  # decoded one at a time: the sources may differ in size
+                names, labels = src.names[:max_images], src.labels()
+                labels = None if labels is None else labels[: len(names)]
+                images, labels = _transformed((src.decode(n) for n in names), labels, transform, size, source)
+        return write_dataset(images, dest, labels=labels, overwrite=overwrite)
+    if isinstance(resolution, tuple):
+        if resolution[0] != resolution[1]:
+            raise ValueError(
+                f"resolution {resolution[0]}x{resolution[1]} is not square (only --transform makes that)"
+            )
+        resolution = resolution[0]
 
     def fit(batch: np.ndarray) -> np.ndarray:
         if resolution is None:
@@ -626,7 +789,7 @@ def synthetic_dataset(
 
     Nested subsets of it (first N images) are then exactly the teacher's samples for seeds 0..N-1.
     """
-    from .sampling import generate
+    from .sampling import generate  # sampling imports this module (to_uint8)
 
     if n_images < 1:
         raise ValueError(f"n_images must be positive, got {n_images}")

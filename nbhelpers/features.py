@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_path
+from .data import flat_rows, image_names, iter_image_batches, model_space
 from .devices import default_device
 from .download import resolve
 
@@ -175,22 +176,11 @@ class SSCD:
 def pixel_features(images: torch.Tensor | np.ndarray, center: bool = False) -> torch.Tensor:
     """Flattened images as (N, D) float32 unit vectors, so that dot products are pixel cosines.
 
-    uint8 input is mapped to model space (x/127.5 - 1, mid-grey at 0); float input is taken as
+    uint8 input is mapped to model space (``data.to_model``, mid-grey at 0); float input is taken as
     model space already. ``center`` subtracts each image's own mean first (the cosine becomes the
     Pearson correlation of the pixels, blind to brightness shifts). An all-zero vector stays zero.
     """
-    t = (
-        torch.from_numpy(np.ascontiguousarray(images))
-        if isinstance(images, np.ndarray)
-        else torch.as_tensor(images)
-    )
-    if t.ndim < 2:
-        raise ValueError(f"images must be batched (N, ...), got shape {tuple(t.shape)}")
-    x = t.reshape(t.shape[0], -1).to(torch.float64)
-    if t.dtype == torch.uint8:
-        x = x / 127.5 - 1
-    elif not t.is_floating_point():
-        raise ValueError(f"images must be uint8 or floating point, got {t.dtype}")
+    x = model_space(flat_rows(images, "images"), dtype=torch.float64)
     if center:
         x = x - x.mean(1, keepdim=True)
     return F.normalize(x, dim=1).to(torch.float32)
@@ -207,6 +197,8 @@ def seeds_from_names(names: Sequence[str]) -> np.ndarray | None:
         m = _SEED_NAME.match(Path(str(name)).stem)
         if m is None:
             return None
+        if len(m.group(1)) > 19 or int(m.group(1)) > 2**63 - 1:
+            raise ValueError(f"{name}: the seed in this image name is larger than 2^63 - 1")
         seeds.append(int(m.group(1)))
     arr = np.asarray(seeds, dtype=np.int64)
     return arr if len(np.unique(arr)) == len(arr) else None
@@ -224,9 +216,18 @@ class FeatureSet:
     def __post_init__(self) -> None:
         f = self.features
         f = torch.from_numpy(np.asarray(f)) if not isinstance(f, torch.Tensor) else f
-        if f.ndim != 2:
-            raise ValueError(f"features must be (N, F), got shape {tuple(f.shape)}")
-        self.features = f.detach().to("cpu", torch.float32)
+        if f.ndim != 2 or (len(f) and f.shape[1] == 0):
+            raise ValueError(f"features must be (N, F) with F >= 1, got shape {tuple(f.shape)}")
+        if not (
+            f.is_floating_point()
+            or f.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+        ):
+            raise ValueError(f"features must be numbers, got {f.dtype}")
+        f = f.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(f).all()):
+            bad = int((~torch.isfinite(f)).any(1).sum())
+            raise ValueError(f"features contain NaN or infinite values ({bad} of {len(f)} rows)")
+        self.features = f
         n = len(self.features)
         if self.seeds is not None:
             s = torch.as_tensor(
@@ -277,11 +278,19 @@ class FeatureSet:
                 if "features" not in z.files:
                     raise ValueError(f"no 'features' array (keys: {', '.join(z.files) or 'none'})")
                 features = z["features"]
+                if features.dtype.kind not in "fiub":
+                    raise ValueError(f"'features' must be numbers, got {features.dtype}")
+                if features.size == 0:
+                    raise ValueError(f"no descriptors ('features' has shape {features.shape})")
                 seeds = z["seeds"] if "seeds" in z.files else None
                 names = z["names"].tolist() if "names" in z.files else None
                 meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+                if not isinstance(meta, dict):
+                    raise ValueError("'meta' is not a JSON object")
         except errors as e:
             raise ValueError(f"{path}: not a readable feature file ({e})") from e
+        except RecursionError:
+            raise ValueError(f"{path}: 'meta' is nested too deeply") from None
         try:
             return cls(features, seeds, names, meta)
         except ValueError as e:
@@ -293,15 +302,13 @@ def _batches(
 ) -> tuple[Iterable[np.ndarray | torch.Tensor], list[str] | None, str | None]:
     """(batches, names, source) for an array/tensor of images or a folder/zip data set."""
     if isinstance(images_or_path, (str, os.PathLike)):
-        from . import data
-
         path = Path(images_or_path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such folder or zip of images")
-        names = data.image_names(path)
+        names = image_names(path)
         if not names:
             raise ValueError(f"{path}: no images found")
-        return data.iter_image_batches(path, batch_size), names, str(path)
+        return iter_image_batches(path, batch_size), names, str(path)
     t = (
         images_or_path
         if isinstance(images_or_path, torch.Tensor)
@@ -312,13 +319,13 @@ def _batches(
 
 def extract_features(
     images_or_path: torch.Tensor | np.ndarray | str | os.PathLike,   # uint8 (N, C, H, W) or a folder/zip
-    backend: str = "sscd",                                           # 'sscd' or 'pixel'
-    model: SSCD | Callable[[torch.Tensor], torch.Tensor] | str | None = None,  # sscd: model or its file/URL/name
+    backend: str = "sscd",                                           # 'sscd' or 'pixel' (pixel cosine)
+    model: SSCD | Callable[[torch.Tensor], torch.Tensor] | str | None = None,  # sscd: model, file, URL, name
     seeds: Sequence[int] | np.ndarray | torch.Tensor | None = None,  # default: parsed from file names
     names: Sequence[str] | None = None,                              # default: the data set's file names
     batch_size: int = 64,                                            # images per batch
     device: str | torch.device | None = None,                        # for a model built here
-    center: bool = False,                                            # pixel backend: subtract each image's mean
+    center: bool = False,                                            # pixel: subtract each image's mean
 ) -> FeatureSet:  # fmt: skip
     """Descriptors of images or of a data set, with their seeds, as a ``FeatureSet``.
 
@@ -352,5 +359,8 @@ def extract_features(
         raise ValueError("no images given")
     features = torch.cat(feats)
     if seeds is None and names is not None:
-        seeds = seeds_from_names(names)
+        try:
+            seeds = seeds_from_names(names)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}" if source else str(e)) from None
     return FeatureSet(features, seeds, names, meta)

@@ -5,7 +5,9 @@ The denoiser D(x; sigma) maps an image to an image, so its Jacobian at one point
 :func:`denoiser_jacobian` computes it at a batch of points with batched vector-Jacobian (or
 Jacobian-vector) products, :func:`effective_rank` turns singular values into a rank, and
 :func:`rank_profile` tabulates rank against noise level, on a sigma grid or along sampling
-trajectories.
+trajectories. It is made of two point generators, :func:`sigma_grid_points` and
+:func:`trajectory_points` (which visits each point through the sampler's callback, so no path is
+held in memory), and one :class:`RankTable` that turns points into rows.
 
 What the authors' ``edm/jacobian.py`` does (huijieZH/Diffusion-Model-Generalizability), which
 :func:`rank_profile` with ``trajectory=True`` reproduces:
@@ -30,11 +32,13 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from nbhelpers.sampling import SeedNoise, edm_sampler
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,6 +50,9 @@ __all__ = [
     "effective_rank",
     "jacobian_singular_values",
     "rank_profile",
+    "RankTable",
+    "sigma_grid_points",
+    "trajectory_points",
 ]
 
 AUTHORS_SNR_GRID = (500.0, 125.0, 50.0, 10.0, 1.67, 0.91, 0.3, 0.12, 0.08, 0.04, 0.02, 0.01)
@@ -248,31 +255,35 @@ def denoiser_jacobian(
         ("replicated batch", lambda: _jac_replicated(net, x, sigma_b, class_labels, dtype, jac, chunk)),
     ]
     jac = torch.empty(batch, n, n, dtype=dtype, device=x.device)
-    failures: list[str] = []
     # The math SDPA backend decomposes attention into ops with vmap rules (the fused CPU kernel's
     # backward has none); dropout is off in eval mode.
     with _eval_mode(net), torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
         out_shape = f(x).shape
         if out_shape != x.shape:
             raise ValueError(f"net output shape {tuple(out_shape)} differs from input shape {tuple(x.shape)}")
-        for i, (name, engine) in enumerate(engines):
-            try:
-                engine()
-            except _TRANSFORM_ERRORS as err:
-                failures.append(f"{name}: {type(err).__name__}: {str(err)[:200]}")
-                if i == len(engines) - 1:
-                    raise RuntimeError(
-                        f"no Jacobian engine worked for {type(net).__name__}: " + "; ".join(failures)
-                    ) from err
-                continue
-            if failures:
-                warnings.warn(
-                    f"Jacobian of {type(net).__name__} computed with {name} after: " + "; ".join(failures),
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            break
+        _first_engine_that_works(engines, type(net).__name__)
     return jac
+
+
+def _first_engine_that_works(engines: list[tuple[str, Callable[[], None]]], what: str) -> None:
+    """Run the engines in turn until one does not fail with a transform error; warn about the failed
+    ones when a later one works, and raise a RuntimeError naming them all when none does."""
+    failures: list[str] = []
+    for i, (name, engine) in enumerate(engines):
+        try:
+            engine()
+        except _TRANSFORM_ERRORS as err:
+            failures.append(f"{name}: {type(err).__name__}: {str(err)[:200]}")
+            if i == len(engines) - 1:
+                raise RuntimeError(f"no Jacobian engine worked for {what}: " + "; ".join(failures)) from err
+            continue
+        if failures:
+            warnings.warn(
+                f"Jacobian of {what} computed with {name} after: " + "; ".join(failures),
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return
 
 
 def effective_rank(
@@ -334,158 +345,221 @@ def jacobian_singular_values(
     return torch.linalg.svdvals(jac if svd_dtype is None else jac.to(svd_dtype))
 
 
+# ----------------------------------------------------------------------------
+# Rank profiles: point generators say where the Jacobian is taken, as (step, sigma, x) with x a batch
+# of points (B, C, H, W) at noise level sigma; a RankTable turns each into rows of ranks.
+
+
+def sigma_grid_points(
+    sigmas: Sequence[float] | torch.Tensor | None = None,
+    points: torch.Tensor | None = None,
+    clean: torch.Tensor | None = None,
+    noise: Callable[[torch.Size], torch.Tensor] | None = None,
+) -> Iterator[tuple[int, float, torch.Tensor]]:
+    """(step, sigma, x) for each sigma of the grid (default ``1 / AUTHORS_SNR_GRID``): the noisy
+    ``points`` as they are, or, from clean images x0 = ``clean``, ``x0 + sigma * eps`` (float64) with
+    one ``eps = noise(x0.shape)`` for all sigmas. Exactly one of ``points`` and ``clean``."""
+    if sigmas is None:
+        sigmas = [1.0 / snr for snr in AUTHORS_SNR_GRID]
+    sigma_list = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)]
+    if not sigma_list or min(sigma_list) <= 0:
+        raise ValueError(f"sigmas must be a non-empty list of positive noise levels, got {sigmas!r}")
+    if (points is None) == (clean is None):
+        raise ValueError("the sigma-grid mode needs exactly one of points= (noisy) or clean= (x0)")
+    if clean is None:
+        points = torch.as_tensor(points)
+        return ((i, s, points) for i, s in enumerate(sigma_list))
+    x0 = torch.as_tensor(clean).to(torch.float64)
+    if noise is None:
+        raise ValueError("clean= needs a generator= or seeds= for the noise")
+    eps = noise(x0.shape).to(device=x0.device, dtype=torch.float64)
+    return ((i, s, x0 + s * eps) for i, s in enumerate(sigma_list))
+
+
+def trajectory_points(
+    net: Callable,
+    latents: torch.Tensor,
+    visit: Callable[[int, float, torch.Tensor], None],
+    class_labels: torch.Tensor | None = None,
+    **sampler: Any,
+) -> torch.Tensor:
+    """Run ``sampling.edm_sampler`` from ``latents`` (``sampler``: its options, e.g. ``num_steps``,
+    ``S_churn``, ``noise``) and call ``visit(step, sigma, x)`` at each step's starting point, with
+    its level (``t_i``, or ``t_hat`` under churn): the authors' points. Returns the final samples.
+
+    Nothing of the path is kept: each point is visited while the sampler is at it. The net runs in
+    eval mode without gradients."""
+
+    def callback(step: dict) -> None:
+        if step["sigma_hat"] > 0:
+            visit(step["i"], step["sigma_hat"], step["x"])
+
+    if class_labels is not None:
+        sampler["class_labels"] = class_labels
+    with _eval_mode(net), torch.no_grad():
+        return edm_sampler(net, latents, callback=callback, **sampler)
+
+
+class RankTable:
+    """Effective ranks of the denoiser Jacobian at batches of points, collected as table rows.
+
+    ``add(step, sigma, x)`` (a point generator's visit) computes the singular values at the points
+    ``x`` (B, ...) in batches of ``batch_size`` and adds one row per point and rule; ``frame()``
+    returns the table (columns: see :func:`rank_profile`). ``seeds`` (one per point) label the rows.
+    """
+
+    COLUMNS = ("point", "seed", "step", "sigma", "snr", "rank", "rank_ratio", "n", "rule", "ratio")
+
+    def __init__(
+        self,
+        net: Callable,
+        ratio: float = 0.99,
+        rule: str | Sequence[str] = "authors",
+        seeds: Sequence[int] | None = None,
+        class_labels: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        **jacobian: Any,  # chunk_size, method, dtype, svd_dtype of jacobian_singular_values
+    ):
+        self.rules = [rule] if isinstance(rule, str) else list(rule)
+        for r in self.rules:
+            if r not in RANK_RULES:
+                raise ValueError(f"rule must be one of {RANK_RULES}, got {r!r}")
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.net, self.ratio, self.class_labels, self.jacobian = net, float(ratio), class_labels, jacobian
+        self.seeds = None if seeds is None else [int(s) for s in seeds]
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.rows: list[dict] = []
+
+    def add(self, step: int, sigma: float, x: torch.Tensor) -> None:
+        """Rows for the points ``x`` (B, ...) at noise level ``sigma``, labelled ``step``."""
+        num_points, n = x.shape[0], math.prod(x.shape[1:])
+        if self.seeds is not None and len(self.seeds) != num_points:
+            raise ValueError(f"{len(self.seeds)} seeds for {num_points} points")
+        bs = self.batch_size or num_points
+        for lo in range(0, num_points, bs):
+            hi = min(num_points, lo + bs)
+            labels = None if self.class_labels is None else self.class_labels[lo:hi]
+            sv = jacobian_singular_values(self.net, x[lo:hi], sigma, labels, **self.jacobian)
+            for r in self.rules:
+                for j, rank in enumerate(effective_rank(sv, ratio=self.ratio, rule=r).tolist()):
+                    seed = self.seeds[lo + j] if self.seeds is not None else None
+                    row = dict(point=lo + j, seed=seed, step=step, sigma=sigma, snr=1.0 / sigma)
+                    row.update(rank=int(rank), rank_ratio=rank / n, n=n, rule=r, ratio=self.ratio)
+                    self.rows.append(row)
+
+    def frame(self) -> pd.DataFrame:
+        """The rows as a DataFrame sorted by step, point and rule; ``seed`` is nullable Int64."""
+        import pandas as pd  # pandas is slow to import and only the tables need it
+
+        df = pd.DataFrame(self.rows, columns=list(self.COLUMNS))
+        df["seed"] = df["seed"].astype("Int64")
+        return df.sort_values(["step", "point", "rule"], kind="stable", ignore_index=True)
+
+
+def _seed_latents(net: Callable, seeds: Sequence[int], shape, dtype: torch.dtype, device: torch.device):
+    """(noise, draws): the seeds' generators (``sampling.SeedNoise``) and their first standard-normal
+    draw of ``shape`` (default the net's (C, H, W)), as ``sampling.generate`` draws latents."""
+    if shape is None:
+        try:
+            shape = (net.img_channels, net.img_resolution, net.img_resolution)
+        except AttributeError:
+            raise ValueError(
+                "latents from seeds need img_shape=(C, H, W) or a net with img_channels/img_resolution"
+            ) from None
+    noise = SeedNoise(seeds, device=device)
+    return noise, noise.randn([int(d) for d in shape], dtype=dtype)
+
+
+def _grid_noise(net: Callable, seeds: list[int] | None, generator: torch.Generator | None, device):
+    """``noise(shape)`` for :func:`sigma_grid_points`: one draw per seed (as ``sampling.generate``
+    draws latents), else from ``generator``; None without either."""
+    if seeds is not None:
+
+        def from_seeds(shape: torch.Size) -> torch.Tensor:
+            if len(seeds) != shape[0]:
+                raise ValueError(f"{len(seeds)} seeds for {shape[0]} clean points")
+            return _seed_latents(net, seeds, shape[1:], torch.float64, device)[1]
+
+        return from_seeds
+    if generator is not None:
+        return lambda shape: torch.randn(
+            shape, generator=generator, device=generator.device, dtype=torch.float64
+        )
+    return None
+
+
 def rank_profile(
     net: Callable,
-    points: torch.Tensor | None = None,
-    sigmas: Sequence[float] | torch.Tensor | None = None,
+    points: torch.Tensor | None = None,             # Noisy points (grid) or latents (trajectory).
+    sigmas: Sequence[float] | torch.Tensor | None = None,  # The grid; default 1 / AUTHORS_SNR_GRID.
     *,
-    trajectory: bool = False,
-    clean: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    seeds: Sequence[int] | None = None,
-    num_steps: int = 18,
+    trajectory: bool = False,                       # Along sampling trajectories instead of a grid.
+    clean: torch.Tensor | None = None,              # Grid around clean images x0 (B, C, H, W).
+    generator: torch.Generator | None = None,       # Noise of the points around clean images ...
+    seeds: Sequence[int] | None = None,             # ... or one generator per seed (also the latents).
+    num_steps: int = 18,                            # Sampler options of the trajectory (edm_sampler).
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
     rho: float = 7.0,
     order: int = 2,
-    class_labels: torch.Tensor | None = None,
-    ratio: float = 0.99,
-    rule: str | Sequence[str] = "authors",
-    chunk_size: int | None = None,
+    S_churn: float = 0.0,                           # Churn; its noise comes from the seeds' generators.
+    S_min: float = 0.0,
+    S_max: float = math.inf,
+    S_noise: float = 1.0,
+    class_labels: torch.Tensor | None = None,       # (B, label_dim) labels passed to the net.
+    ratio: float = 0.99,                            # Rank rule and ratio (effective_rank); rule may
+    rule: str | Sequence[str] = "authors",          # be a list, e.g. ['authors', 'energy'].
+    chunk_size: int | None = None,                  # Jacobian options (denoiser_jacobian).
     method: str = "auto",
     dtype: torch.dtype = torch.float32,
-    svd_dtype: torch.dtype | None = torch.float64,
-    batch_size: int | None = None,
-    img_shape: Sequence[int] | None = None,
-    device: str | torch.device | None = None,
-) -> pd.DataFrame:
+    svd_dtype: torch.dtype | None = torch.float64,  # SVD dtype (jacobian_singular_values).
+    batch_size: int | None = None,                  # Points per Jacobian call (memory B n^2); default all.
+    img_shape: Sequence[int] | None = None,         # (C, H, W) of latents from seeds; default the net's.
+    device: str | torch.device | None = None,       # Device of latents from seeds; default the net's.
+) -> pd.DataFrame:  # fmt: skip
     """Effective rank of the denoiser Jacobian vs noise level, as a tidy ``pandas.DataFrame``.
 
-    Modes:
+    - ``trajectory=True``: ``edm_sampler`` runs from the latents ``points`` (or from ``seeds``, with
+      the churn noise from the seeds' generators as in ``sampling.generate``) and the Jacobian is
+      taken at each noisy point where step i starts, with its sigma (``t_i``, or ``t_hat`` under
+      churn): the authors' procedure (module docstring, :func:`trajectory_points`).
+    - sigma grid (default): for each sigma, at the noisy ``points`` as they are, or at
+      ``x0 + sigma * eps`` around ``clean=`` images with one eps per point shared by all sigmas
+      (:func:`sigma_grid_points`).
 
-    - ``trajectory=True``: ``points`` are standard-normal latents (B, C, H, W) (or made from
-      ``seeds``); ``edm_sampler`` runs from them (``num_steps``, ``sigma_min``, ``sigma_max``, ``rho``,
-      ``order``) and the Jacobian is taken at each noisy point ``x_i`` where step i starts, with
-      ``sigma = t_i`` (the authors' procedure; see the module docstring). ``sigmas`` must be None.
-    - sigma grid (default): for each sigma in ``sigmas`` (default ``1 / AUTHORS_SNR_GRID``), either
-      at the given noisy ``points`` as they are, or, with ``clean=`` images x0 (B, C, H, W), at
-      ``x0 + sigma * eps`` with one eps per point shared by all sigmas (from ``generator``, or from
-      ``seeds``, one generator per seed).
-
-    Columns: ``point`` (index), ``seed`` (or <NA>), ``step`` (index into the sigmas), ``sigma``,
-    ``snr`` (= 1/sigma), ``rank``, ``rank_ratio`` (= rank/n), ``n``, ``rule``, ``ratio``; one row per
-    point, sigma and rule (``rule`` may be a list, e.g. ``['authors', 'energy']``).
-
-    Args:
-        batch_size: Points per Jacobian call (memory: ``batch_size * n^2`` values); default all.
-        img_shape:  (C, H, W) for latents made from ``seeds``; default from the net's attributes.
-        device:     Device for latents made from ``seeds``; default the net's device, else CPU.
-        Others:     As in :func:`denoiser_jacobian`, :func:`jacobian_singular_values` and
-                    :func:`effective_rank`.
+    Columns (:class:`RankTable`): ``point`` (index), ``seed`` (or <NA>), ``step`` (index into the
+    sigmas), ``sigma``, ``snr`` (= 1/sigma), ``rank``, ``rank_ratio`` (= rank/n), ``n``, ``rule``,
+    ``ratio``; one row per point, sigma and rule.
     """
-    import pandas as pd
-
-    rules = [rule] if isinstance(rule, str) else list(rule)
-    for r in rules:
-        if r not in RANK_RULES:
-            raise ValueError(f"rule must be one of {RANK_RULES}, got {r!r}")
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    if seeds is not None:
-        seeds = [int(s) for s in seeds]
+    jac = dict(chunk_size=chunk_size, method=method, dtype=dtype, svd_dtype=svd_dtype)
+    table = RankTable(net, ratio, rule, seeds, class_labels, batch_size, **jac)
+    seeds = table.seeds
     dev = torch.device(device) if device is not None else _module_device(net) or torch.device("cpu")
 
-    def from_seeds(shape: Sequence[int] | None, dtype: torch.dtype) -> torch.Tensor:
-        from nbhelpers.sampling import SeedNoise
+    if not trajectory:  # on a sigma grid
+        noise = _grid_noise(net, seeds, generator, dev)
+        for step, sigma, x in sigma_grid_points(sigmas, points, clean, noise):
+            table.add(step, sigma, x)
+        return table.frame()
 
-        if shape is None:
-            try:
-                shape = (net.img_channels, net.img_resolution, net.img_resolution)
-            except AttributeError:
-                raise ValueError(
-                    "latents from seeds need img_shape=(C, H, W) or a net with img_channels/img_resolution"
-                ) from None
-        return SeedNoise(seeds, device=dev).randn([int(d) for d in shape], dtype=dtype)
-
-    evaluations: list[tuple[int, float, torch.Tensor]] = []  # (step, sigma, x)
-    if trajectory:
-        if sigmas is not None:
-            raise ValueError("sigmas must be None with trajectory=True: the sampler's schedule sets them")
-        if clean is not None:
-            raise ValueError("clean= is for the sigma-grid mode, not trajectory=True")
-        if points is None and seeds is None:
-            raise ValueError("trajectory=True needs latents (points=) or seeds=")
-        # Seeds give float32 latents drawn as nbhelpers.sampling.generate draws them.
-        latents = points if points is not None else from_seeds(img_shape, torch.float32)
-        from nbhelpers.sampling import edm_sampler
-
-        kwargs = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, order=order)
-        if class_labels is not None:
-            kwargs["class_labels"] = class_labels
-        with _eval_mode(net), torch.no_grad():
-            _, traj = edm_sampler(net, latents, return_trajectory=True, **kwargs)
-        for sigma, x_t, _denoised in traj:
-            s = float(sigma)
-            if s > 0:
-                evaluations.append((len(evaluations), s, x_t))
-    else:
-        if sigmas is None:
-            sigmas = [1.0 / snr for snr in AUTHORS_SNR_GRID]
-        sigma_list = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)]
-        if not sigma_list or min(sigma_list) <= 0:
-            raise ValueError(f"sigmas must be a non-empty list of positive noise levels, got {sigmas!r}")
-        if (points is None) == (clean is None):
-            raise ValueError("the sigma-grid mode needs exactly one of points= (noisy) or clean= (x0)")
-        if clean is not None:
-            x0 = torch.as_tensor(clean).to(torch.float64)
-            if seeds is not None:
-                if len(seeds) != x0.shape[0]:
-                    raise ValueError(f"{len(seeds)} seeds for {x0.shape[0]} clean points")
-                eps = from_seeds(x0.shape[1:], torch.float64).to(x0.device)
-            elif generator is not None:
-                eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float64)
-                eps = eps.to(x0.device)
-            else:
-                raise ValueError("clean= needs a generator= or seeds= for the noise")
-            evaluations = [(i, s, x0 + s * eps) for i, s in enumerate(sigma_list)]
-        else:
-            evaluations = [(i, s, torch.as_tensor(points)) for i, s in enumerate(sigma_list)]
-
-    num_points = evaluations[0][2].shape[0] if evaluations else 0
-    if seeds is not None and len(seeds) != num_points:
-        raise ValueError(f"{len(seeds)} seeds for {num_points} points")
-    bs = num_points if batch_size is None else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-    rows = []
-    for step, sigma, x_t in evaluations:
-        n = math.prod(x_t.shape[1:])
-        for lo in range(0, num_points, bs):
-            hi = min(num_points, lo + bs)
-            labels = None if class_labels is None else class_labels[lo:hi]
-            sv = jacobian_singular_values(
-                net, x_t[lo:hi], sigma, labels, chunk_size, method, dtype, svd_dtype
-            )
-            for r in rules:
-                ranks = effective_rank(sv, ratio=ratio, rule=r).tolist()
-                for j, rank in enumerate(ranks):
-                    i = lo + j
-                    rows.append(
-                        dict(
-                            point=i,
-                            seed=seeds[i] if seeds is not None else pd.NA,
-                            step=step,
-                            sigma=sigma,
-                            snr=1.0 / sigma,
-                            rank=int(rank),
-                            rank_ratio=rank / n,
-                            n=n,
-                            rule=r,
-                            ratio=float(ratio),
-                        )
-                    )
-    columns = ["point", "seed", "step", "sigma", "snr", "rank", "rank_ratio", "n", "rule", "ratio"]
-    df = pd.DataFrame(rows, columns=columns)
-    df["seed"] = df["seed"].astype("Int64")
-    return df.sort_values(["step", "point", "rule"], kind="stable", ignore_index=True)
+    # Along sampling trajectories; seeds give float32 latents drawn as sampling.generate draws them.
+    if sigmas is not None:
+        raise ValueError("sigmas must be None with trajectory=True: the sampler's schedule sets them")
+    if clean is not None:
+        raise ValueError("clean= is for the sigma-grid mode, not trajectory=True")
+    if points is None and seeds is None:
+        raise ValueError("trajectory=True needs latents (points=) or seeds=")
+    noise = None  # the seeds' generators, continued by the churn after the latents are drawn
+    if points is None:
+        noise, points = _seed_latents(net, seeds, img_shape, torch.float32, dev)
+    if S_churn > 0 and noise is None:
+        raise ValueError("S_churn > 0 needs seeds= (the churn noise comes from the seeds' generators)")
+    if seeds is not None and len(seeds) != points.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {points.shape[0]} points")
+    sampler = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, order=order)
+    churn = dict(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, noise=noise)
+    trajectory_points(net, points, table.add, class_labels, **sampler, **churn)
+    return table.frame()

@@ -19,8 +19,6 @@ __all__ = [
     "Conv2d",
     "GroupNorm",
     "attention",
-    "attention_fused",
-    "attention_reference",
     "UNetBlock",
     "PositionalEmbedding",
     "FourierEmbedding",
@@ -176,34 +174,17 @@ class GroupNorm(torch.nn.Module):
         return F.group_norm(x, num_groups=self.num_groups, weight=w, bias=b, eps=self.eps)
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """EDM's attention on (B, c, L) tensors: float32 softmax weights, then weights @ values.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention on (B, c, L) tensors (c channels per head, L positions) -> (B, c, L) in the
+    dtype of ``q``.
 
-    Returns (B, c, L) in the dtype of ``q``.
+    EDM's form (float32 softmax weights, then weights @ values): bit-identical to EDM on CPU. The
+    fused ``scaled_dot_product_attention`` agrees to ~1e-6 but measured no faster (slower on CPU, and
+    on an H200 for the CIFAR-10/ImageNet-64 shapes).
     """
     logits = torch.einsum("bcq,bck->bqk", q.to(torch.float32), (k / math.sqrt(k.shape[1])).to(torch.float32))
     weights = logits.softmax(dim=2).to(q.dtype)
     return torch.einsum("bqk,bck->bcq", weights, v)
-
-
-def attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Same as :func:`attention_reference` through ``scaled_dot_product_attention`` in float32.
-
-    Agrees with the reference to ~1e-6 in float32, but measured no faster (slower on CPU, and on an
-    H200 for the CIFAR-10/ImageNet-64 shapes), so :func:`attention` does not use it.
-    """
-    dtype = q.dtype
-    q, k, v = (t.transpose(1, 2).to(torch.float32).contiguous() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).to(dtype)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention on (B, c, L) tensors (c channels per head, L positions) -> (B, c, L).
-
-    EDM's form (:func:`attention_reference`): bit-identical to EDM on CPU and as fast as the fused kernel.
-    """
-    return attention_reference(q, k, v)
 
 
 class UNetBlock(torch.nn.Module):
@@ -219,7 +200,7 @@ class UNetBlock(torch.nn.Module):
         up: bool = False,                           # Upsample 2x?
         down: bool = False,                         # Downsample 2x?
         attention: bool = False,                    # Self-attention after the residual branch?
-        num_heads: int | None = None,               # Attention heads; None = out_channels // channels_per_head.
+        num_heads: int | None = None,               # Heads; None: out_channels // channels_per_head.
         channels_per_head: int = 64,                # Used when num_heads is None.
         dropout: float = 0.0,                       # Dropout before conv1.
         skip_scale: float = 1.0,                    # Scale after each residual sum.
@@ -299,7 +280,8 @@ class UNetBlock(torch.nn.Module):
 
 
 class PositionalEmbedding(torch.nn.Module):
-    """Sinusoidal embedding (N,) -> (N, num_channels): [cos(x f_j), sin(x f_j)], f_j = max_positions^(-j/J)."""
+    """Sinusoidal embedding (N,) -> (N, num_channels): [cos(x f_j), sin(x f_j)] with f_j = P^(-j/J),
+    P = ``max_positions``."""
 
     def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Mixture of low-rank Gaussians (MoLRG, paper P2): data, closed-form and low-rank denoisers, subspace distance.
+"""Mixture of low-rank Gaussians (MoLRG, P2): data, closed-form and low-rank denoisers, subspace distance.
 
 The data live in R^n, n = C*R*R, and are stored as images (N, C, R, R) flattened in C order. Class
 k (uniform over K) draws x0 = U_k a with a ~ N(0, I_d); the bases U_k (n, d) are consecutive column
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +106,7 @@ class _SubspaceDenoiser(torch.nn.Module):
 
 
 class MoLRGDenoiser(_SubspaceDenoiser):
-    """The exact posterior-mean denoiser of a MoLRG with orthonormal ``bases`` (K, n, d); ``shape`` = (C, R, R)."""
+    """Exact posterior-mean denoiser of a MoLRG with orthonormal ``bases`` (K, n, d), ``shape`` (C, R, R)."""
 
     def __init__(self, bases: torch.Tensor, shape: tuple[int, int, int]):
         c, r, r2 = (int(v) for v in shape)
@@ -170,7 +172,7 @@ class LowRankDenoiser(_SubspaceDenoiser):
 
 @dataclass
 class MoLRG:
-    """A mixture of K low-rank Gaussians in R^n, n = C*R*R: ``bases`` (K, n, d) float64, ``shape`` (C, R, R)."""
+    """Mixture of K low-rank Gaussians in R^n, n = C*R*R: ``bases`` (K, n, d) float64, ``shape`` (C, R, R)."""
 
     bases: torch.Tensor
     shape: tuple[int, int, int]
@@ -270,10 +272,19 @@ class MoLRG:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except (ValueError, OSError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+            z = np.load(path, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("a single array (.npy), not an .npz archive")
+            with z:
+                arrays = {k: z[k] for k in z.files}
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+        for name, arr in arrays.items():
+            if arr.dtype.kind not in "fiub":
+                raise ValueError(f"{path}: array '{name}' holds {arr.dtype}, not numbers")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise ValueError(f"{path}: array '{name}' contains NaN or infinite values")
+        return arrays
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> MoLRG:
@@ -281,7 +292,7 @@ class MoLRG:
         z = cls._read(path)
         if "bases" not in z or "shape" not in z:
             raise ValueError(f"{path}: missing 'bases' or 'shape'")
-        bases, shape = z["bases"], tuple(int(v) for v in z["shape"])
+        bases, shape = z["bases"], tuple(int(v) for v in np.asarray(z["shape"]).reshape(-1))
         if bases.ndim != 3 or len(shape) != 3 or shape[1] != shape[2] or bases.shape[1] != math.prod(shape):
             raise ValueError(f"{path}: bases {bases.shape} do not fit image shape {shape}")
         b = torch.from_numpy(bases).to(torch.float64)
@@ -296,8 +307,16 @@ class MoLRG:
         z = cls._read(path)
         if "samples" not in z:
             return None
-        labels = torch.from_numpy(z["labels"]) if "labels" in z else None
-        return torch.from_numpy(z["samples"]), labels
+        samples, labels = z["samples"], z.get("labels")
+        if samples.ndim != 4 or samples.dtype.kind != "f" or len(samples) == 0:
+            raise ValueError(
+                f"{path}: 'samples' must be float images (N, C, R, R), got {samples.dtype} {samples.shape}"
+            )
+        if labels is not None and (labels.shape != (len(samples),) or labels.dtype.kind not in "iu"):
+            raise ValueError(
+                f"{path}: 'labels' must be {len(samples)} integers, got {labels.dtype} {labels.shape}"
+            )
+        return torch.from_numpy(samples), None if labels is None else torch.from_numpy(labels)
 
 
 # ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,81 @@ def _check_resolution(name: str, img_resolution: int, levels: int) -> None:
         )
 
 
+_SONG_OPTIONS = {
+    "embedding_type": ("positional", "fourier"),
+    "encoder_type": ("standard", "skip", "residual"),
+    "decoder_type": ("standard", "skip"),
+}
+
+
+@dataclass
+class _Levels:
+    """What SongUNet's encoder and decoder share: the resolutions, widths and block settings."""
+
+    img_resolution: int
+    model_channels: int
+    channel_mult: Sequence[int]
+    num_blocks: int
+    attn_resolutions: Sequence[int]
+    resample_filter: Sequence[float]
+    block_kwargs: dict  # UNetBlock keyword arguments
+    init: dict  # init of the plain layers
+
+
+def _song_encoder(lv: _Levels, in_channels: int, encoder_type: str) -> tuple[torch.nn.ModuleDict, int]:
+    """SongUNet's encoder in EDM's order (the random init draws in that order), and its output width."""
+    enc = torch.nn.ModuleDict()
+    kw, init, rf = lv.block_kwargs, lv.init, lv.resample_filter
+    cout = caux = in_channels
+    for level, mult in enumerate(lv.channel_mult):
+        res = lv.img_resolution >> level
+        if level == 0:
+            cin, cout = cout, lv.model_channels
+            enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, kernel=3, **init)
+        else:
+            enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **kw)
+            if encoder_type == "skip":
+                enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, kernel=0, down=True, resample_filter=rf)
+                enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
+            if encoder_type == "residual":
+                enc[f"{res}x{res}_aux_residual"] = Conv2d(
+                    caux, cout, kernel=3, down=True, resample_filter=rf, fused_resample=True, **init
+                )
+                caux = cout
+        for idx in range(lv.num_blocks):
+            cin, cout = cout, lv.model_channels * mult
+            attn = res in lv.attn_resolutions
+            enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **kw)
+    return enc, cout
+
+
+def _song_decoder(
+    lv: _Levels, cout: int, skips: list[int], out_channels: int, decoder_type: str, init_zero: dict
+) -> torch.nn.ModuleDict:
+    """SongUNet's decoder in EDM's order, from the encoder's width ``cout`` and its skip widths."""
+    dec = torch.nn.ModuleDict()
+    kw, top = lv.block_kwargs, len(lv.channel_mult) - 1
+    for level, mult in reversed(list(enumerate(lv.channel_mult))):
+        res = lv.img_resolution >> level
+        if level == top:
+            dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **kw)
+            dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **kw)
+        else:
+            dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **kw)
+        for idx in range(lv.num_blocks + 1):
+            cin, cout = cout + skips.pop(), lv.model_channels * mult
+            attn = idx == lv.num_blocks and res in lv.attn_resolutions
+            dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **kw)
+        if decoder_type == "skip" or level == 0:
+            if decoder_type == "skip" and level < top:
+                dec[f"{res}x{res}_aux_up"] = Conv2d(
+                    out_channels, out_channels, kernel=0, up=True, resample_filter=lv.resample_filter
+                )
+            dec[f"{res}x{res}_aux_norm"] = GroupNorm(num_channels=cout, eps=1e-6)
+            dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+    return dec
+
+
 class SongUNet(torch.nn.Module):
     """DDPM++ / NCSN++ U-Net of Song et al. as re-implemented in EDM.
 
@@ -84,16 +160,10 @@ class SongUNet(torch.nn.Module):
         resample_filter: Sequence[float] = (1, 1),   # [1,1] (DDPM++) or [1,3,3,1] (NCSN++).
         generator: torch.Generator | None = None,    # Source of the random init (None: global RNG).
     ):  # fmt: skip
-        if embedding_type not in ("fourier", "positional"):
-            raise ValueError(
-                f"SongUNet: embedding_type must be 'fourier' or 'positional', got {embedding_type!r}"
-            )
-        if encoder_type not in ("standard", "skip", "residual"):
-            raise ValueError(
-                f"SongUNet: encoder_type must be 'standard', 'skip' or 'residual', got {encoder_type!r}"
-            )
-        if decoder_type not in ("standard", "skip"):
-            raise ValueError(f"SongUNet: decoder_type must be 'standard' or 'skip', got {decoder_type!r}")
+        options = dict(embedding_type=embedding_type, encoder_type=encoder_type, decoder_type=decoder_type)
+        for name, value in options.items():
+            if value not in _SONG_OPTIONS[name]:
+                raise ValueError(f"SongUNet: {name} must be one of {_SONG_OPTIONS[name]}, got {value!r}")
         _check_resolution("SongUNet", img_resolution, len(channel_mult))
         super().__init__()
         self.label_dropout = label_dropout
@@ -106,10 +176,12 @@ class SongUNet(torch.nn.Module):
         init = dict(init_base, **g)
         init_zero = dict(zero_base, **g)
         block_kwargs = dict(
-            emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-            init=init_base, init_zero=zero_base, init_attn=attn_base, generator=generator,
-        )  # fmt: skip
+            emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5)
+        )
+        block_kwargs.update(
+            eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False
+        )
+        block_kwargs.update(init=init_base, init_zero=zero_base, init_attn=attn_base, generator=generator)
 
         # Mapping of noise level, class and augmentation labels to the embedding vector.
         if embedding_type == "positional":
@@ -121,57 +193,20 @@ class SongUNet(torch.nn.Module):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        # Encoder.
-        self.enc = torch.nn.ModuleDict()
-        cout = in_channels
-        caux = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin = cout
-                cout = model_channels
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, kernel=3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
-                if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(
-                        caux, caux, kernel=0, down=True, resample_filter=resample_filter
-                    )
-                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
-                if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
-                        caux, cout, kernel=3, down=True, resample_filter=resample_filter, fused_resample=True,
-                        **init,
-                    )  # fmt: skip
-                    caux = cout
-            for idx in range(num_blocks):
-                cin = cout
-                cout = model_channels * mult
-                attn = res in attn_resolutions
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+        # Encoder and decoder.
+        lv = _Levels(
+            img_resolution,
+            model_channels,
+            channel_mult,
+            num_blocks,
+            attn_resolutions,
+            resample_filter,
+            block_kwargs,
+            init,
+        )
+        self.enc, cout = _song_encoder(lv, in_channels, encoder_type)
         skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
-
-        # Decoder.
-        self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin = cout + skips.pop()
-                cout = model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
-            if decoder_type == "skip" or level == 0:
-                if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(
-                        out_channels, out_channels, kernel=0, up=True, resample_filter=resample_filter
-                    )
-                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(num_channels=cout, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+        self.dec = _song_decoder(lv, cout, skips, out_channels, decoder_type, init_zero)
 
     def forward(
         self,
@@ -254,9 +289,13 @@ class DhariwalUNet(torch.nn.Module):
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
         block_kwargs = dict(
-            emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero,
+            emb_channels=emb_channels,
+            channels_per_head=64,
+            dropout=dropout,
+            init=init,
+            init_zero=init_zero,
             generator=generator,
-        )  # fmt: skip
+        )
 
         # Mapping.
         self.map_noise = PositionalEmbedding(num_channels=model_channels)
@@ -265,18 +304,8 @@ class DhariwalUNet(torch.nn.Module):
         )
         self.map_layer0 = Linear(model_channels, emb_channels, **init, **g)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init, **g)
-        self.map_label = (
-            Linear(
-                label_dim,
-                emb_channels,
-                bias=False,
-                init_mode="kaiming_normal",
-                init_weight=math.sqrt(label_dim),
-                **g,
-            )
-            if label_dim
-            else None
-        )
+        label_init = dict(init_mode="kaiming_normal", init_weight=math.sqrt(label_dim), **g)
+        self.map_label = Linear(label_dim, emb_channels, bias=False, **label_init) if label_dim else None
 
         # Encoder.
         self.enc = torch.nn.ModuleDict()
@@ -453,18 +482,27 @@ class _Precond(torch.nn.Module):
         self._init_args = ()
         self._init_kwargs = copy.deepcopy(
             dict(
-                img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, use_fp16=use_fp16,
-                **precond_kwargs, model_type=model_type, **model_kwargs,
+                img_resolution=img_resolution,
+                img_channels=img_channels,
+                label_dim=label_dim,
+                use_fp16=use_fp16,
+                **precond_kwargs,
+                model_type=model_type,
+                **model_kwargs,
             )
-        )  # fmt: skip
+        )
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
         self.model = MODELS[model_type](
-            img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
-            label_dim=label_dim, generator=generator, **model_kwargs,
-        )  # fmt: skip
+            img_resolution=img_resolution,
+            in_channels=img_channels,
+            out_channels=img_channels,
+            label_dim=label_dim,
+            generator=generator,
+            **model_kwargs,
+        )
         if generator is not None:  # weights were drawn on the generator's device; keep buffers there too
             self.model.to(generator.device)
 
@@ -481,7 +519,8 @@ class _Precond(torch.nn.Module):
             sigma = sigma.reshape(n)
         else:
             raise ValueError(
-                f"{type(self).__name__}: sigma with shape {tuple(sigma.shape)} does not match a batch of {n}; "
+                f"{type(self).__name__}: sigma with shape "
+                f"{tuple(sigma.shape)} does not match a batch of {n}; "
                 "give a scalar, (N,) or (N, 1, 1, 1)"
             )
         return sigma.reshape(n, *([1] * (x.ndim - 1)))
@@ -663,24 +702,42 @@ class EDMPrecond(_Precond):
 
 PRECONDS: dict[str, type[_Precond]] = {"vp": VPPrecond, "ve": VEPrecond, "edm": EDMPrecond}
 
+
+def _song_preset(
+    embedding_type: str, encoder_type: str, channel_mult_noise: int, resample_filter: list
+) -> dict:
+    """EDM's DDPM++ (positional, standard) or NCSN++ (fourier, residual) preset for CIFAR-10."""
+    return dict(
+        model_type="SongUNet",
+        embedding_type=embedding_type,
+        encoder_type=encoder_type,
+        decoder_type="standard",
+        channel_mult_noise=channel_mult_noise,
+        resample_filter=resample_filter,
+        model_channels=128,
+        channel_mult=[2, 2, 2],
+        num_blocks=4,
+        attn_resolutions=[16],
+        dropout=0.13,
+        augment_dim=9,
+    )
+
+
 # Presets of EDM's train.py (CIFAR-10 defaults: dropout 0.13, augment p 0.12 -> augment_dim 9).
 ARCHS: dict[str, dict] = {
-    "ddpmpp": dict(
-        model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
-        channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2],
-        num_blocks=4, attn_resolutions=[16], dropout=0.13, augment_dim=9,
-    ),
-    "ncsnpp": dict(
-        model_type="SongUNet", embedding_type="fourier", encoder_type="residual", decoder_type="standard",
-        channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2],
-        num_blocks=4, attn_resolutions=[16], dropout=0.13, augment_dim=9,
-    ),
+    "ddpmpp": _song_preset("positional", "standard", 1, [1, 1]),
+    "ncsnpp": _song_preset("fourier", "residual", 2, [1, 3, 3, 1]),
     "adm": dict(
-        model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3,
-        attn_resolutions=[32, 16, 8], dropout=0.13, augment_dim=9,
+        model_type="DhariwalUNet",
+        model_channels=192,
+        channel_mult=[1, 2, 3, 4],
+        num_blocks=3,
+        attn_resolutions=[32, 16, 8],
+        dropout=0.13,
+        augment_dim=9,
     ),
     "mlp": dict(model_type="MLP", hidden_dim=256, num_layers=4, emb_dim=128, dropout=0.0, augment_dim=0),
-}  # fmt: skip
+}
 
 
 def _jsonable(value):

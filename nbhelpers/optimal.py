@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .data import flat_rows, to_model
 from .devices import default_device
 
 __all__ = ["OptimalDenoiser", "PosteriorStats"]
@@ -37,7 +38,7 @@ class PosteriorStats(NamedTuple):
 
 
 def _as_model_space(batch: Any, device: torch.device, dtype: torch.dtype, copy: bool) -> torch.Tensor:
-    """One batch of training data as a float tensor in model space; uint8 is mapped by x/127.5 - 1."""
+    """One batch of training data as a float tensor in model space; uint8 is mapped by ``data.to_model``."""
     if (
         isinstance(batch, (tuple, list))
         and len(batch) > 0
@@ -49,32 +50,27 @@ def _as_model_space(batch: Any, device: torch.device, dtype: torch.dtype, copy: 
     if not isinstance(batch, torch.Tensor):
         raise ValueError(f"training data must be tensors or arrays, got {type(batch).__name__}")
     if batch.dtype == torch.uint8:
-        return batch.to(device).to(dtype).div_(127.5).sub_(1.0)
+        return to_model(batch, device, dtype)
     if not batch.is_floating_point():
         raise ValueError(f"training data must be uint8 or floating point, got {batch.dtype}")
     return batch.to(device=device, dtype=dtype, copy=copy)
 
 
-def _flatten(t: torch.Tensor, img_shape: tuple[int, ...] | None, what: str) -> torch.Tensor:
-    """(N, C, H, W) or (N, D) data as (N, D), checked against ``img_shape``."""
-    if img_shape is not None:
-        dim = math.prod(img_shape)
-        if t.ndim < 2 or math.prod(t.shape[1:]) != dim:
-            raise ValueError(
-                f"{what} has shape {tuple(t.shape)}, expected (N, {', '.join(map(str, img_shape))})"
-            )
-    elif t.ndim != 4:
+def _training_rows(t: torch.Tensor, img_shape: tuple[int, ...] | None, what: str) -> torch.Tensor:
+    """(N, C, H, W) or, with ``img_shape``, (N, D) data as non-empty rows (N, D) (``data.flat_rows``)."""
+    if img_shape is None and t.ndim != 4:
         raise ValueError(f"{what} has shape {tuple(t.shape)}: expected (N, C, H, W), or pass img_shape")
+    t = flat_rows(t, what, img_shape)
     if t.shape[0] == 0:
         raise ValueError(f"{what} is empty (shape {tuple(t.shape)})")
-    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    return t
 
 
 class OptimalDenoiser(torch.nn.Module):
     """Posterior mean of the empirical training distribution, callable like an EDM network.
 
     ``train`` is either in memory, a float tensor (N, C, H, W) in model space or a uint8
-    tensor/array (converted by x/127.5 - 1), or streamed: a re-iterable of batches (a list, a
+    tensor/array (converted by ``data.to_model``), or streamed: a re-iterable of batches (a list, a
     DataLoader) or a callable returning a fresh iterator of batches on each call, e.g.
     ``lambda: iter_image_batches(path, 1024)``; batches may be uint8 or float, or (images, labels)
     tuples. The denoiser reads the whole source on every call. ``dtype`` is the precision of the
@@ -85,10 +81,10 @@ class OptimalDenoiser(torch.nn.Module):
 
     def __init__(
         self,
-        train: torch.Tensor | np.ndarray | Iterable | Callable[[], Iterator],  # training set or a source of batches
+        train: torch.Tensor | np.ndarray | Iterable | Callable[[], Iterator],  # training set or batches
         chunk_size: int = 1024,                                # training points per matrix product
-        device: str | torch.device | None = None,              # where the work happens (default: CUDA if present)
-        img_shape: tuple[int, int, int] | None = None,         # (C, H, W); needed only for flattened (N, D) data
+        device: str | torch.device | None = None,              # where the work happens (default: CUDA if any)
+        img_shape: tuple[int, int, int] | None = None,         # (C, H, W); needed for flattened (N, D) data
         dtype: torch.dtype = torch.float32,                    # precision of the products and exponentials
     ):  # fmt: skip
         super().__init__()
@@ -107,7 +103,7 @@ class OptimalDenoiser(torch.nn.Module):
         if isinstance(train, (torch.Tensor, np.ndarray)):
             data = _as_model_space(train, device, dtype, copy=True)
             shape = tuple(img_shape) if img_shape is not None else tuple(data.shape[1:])
-            data = _flatten(data, shape if img_shape is not None else None, "train")
+            data = _training_rows(data, shape if img_shape is not None else None, "train")
             center = data.mean(0, dtype=torch.float64)
             data.sub_(center.to(dtype))
             half_sq = torch.cat([0.5 * y.double().square().sum(1) for y in data.split(self.chunk_size)])
@@ -122,7 +118,7 @@ class OptimalDenoiser(torch.nn.Module):
                 raise ValueError("the training-data source produced no batches") from None
             t = _as_model_space(first, device, torch.float64, copy=False)
             shape = tuple(img_shape) if img_shape is not None else tuple(t.shape[1:])
-            t = _flatten(t, shape if img_shape is not None else None, "the first training batch")
+            t = _training_rows(t, shape if img_shape is not None else None, "the first training batch")
             center = t.mean(0)
             self.num_train = None  # known after the first full pass
         if len(shape) != 3:
@@ -145,7 +141,8 @@ class OptimalDenoiser(torch.nn.Module):
                 )
             return lambda: iter(train)
         raise ValueError(
-            f"train must be a tensor, an array, a re-iterable of batches or a callable, got {type(train).__name__}"
+            "train must be a tensor, an array, a re-iterable of "
+            f"batches or a callable, got {type(train).__name__}"
         )
 
     @property
@@ -179,7 +176,7 @@ class OptimalDenoiser(torch.nn.Module):
             t = _as_model_space(batch, self.device, self.compute_dtype, copy=False)
             if t.ndim > 0 and t.shape[0] == 0:
                 continue
-            t = _flatten(t, self.img_shape, "a training batch")
+            t = _training_rows(t, self.img_shape, "a training batch")
             for piece in t.split(self.chunk_size):
                 y = piece - self._center
                 count += y.shape[0]

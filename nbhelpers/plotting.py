@@ -201,23 +201,6 @@ def errorbar_lines(
     return ax
 
 
-def reference_lines(
-    ax: plt.Axes,
-    table: pd.DataFrame,
-    x: str,
-    y: str,
-    hue: str,
-    color_of: dict | None = None,
-    label_suffix: str = " (paper)",
-    **kwargs: Any,
-) -> None:
-    """Dashed lines of reference numbers (e.g. the paper's) beside the measured ones."""
-    for i, (key, sub) in enumerate(table.groupby(hue, sort=False)):
-        sub = sub.sort_values(x)
-        color = (color_of or {}).get(key, colors(len(table[hue].unique()))[i])
-        ax.plot(sub[x], sub[y], ls="--", lw=1, color=color, alpha=0.7, label=f"{key}{label_suffix}", **kwargs)
-
-
 def annotated_heatmap(
     matrix: np.ndarray | pd.DataFrame,
     labels: Sequence[str] | None = None,
@@ -326,8 +309,18 @@ def mean_se_lines(
     palette = palette or dict(zip(groups, colors(len(groups))))
     for g in groups:
         t = table[table[hue] == g].sort_values(x)
-        ax.errorbar(t[x], t[y], yerr=t[se] if se in t else None, marker="o", ms=4, capsize=2.5, lw=1.3,
-                    ls=linestyle, color=palette[g], label=f"{g}{label_suffix}")  # fmt: skip
+        ax.errorbar(
+            t[x],
+            t[y],
+            yerr=t[se] if se in t else None,
+            marker="o",
+            ms=4,
+            capsize=2.5,
+            lw=1.3,
+            ls=linestyle,
+            color=palette[g],
+            label=f"{g}{label_suffix}",
+        )
     if log2:
         log2_axis(ax, table[x].unique(), label=x)
     if ylim is not None:

@@ -25,8 +25,11 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+from . import __version__
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EXPERIMENTS_DIR = PACKAGE_DIR / "experiments"
@@ -47,8 +50,6 @@ def collect(device: Any = None, wall_seconds: float | None = None) -> dict[str, 
     ``device`` is the device the result was computed on (default: the one ``devices.default_device``
     picks; ``"cpu"`` when torch was never imported, i.e. the result needed no torch).
     """
-    from . import __version__
-
     info: dict[str, Any] = {"nbhelpers": __version__, **git_info(), "torch": _torch_version()}
     info["device"] = describe_device(device)
     info["python"] = platform.python_version()
@@ -88,9 +89,12 @@ def _git_info(root: str | None) -> tuple[tuple[str, Any], ...]:
 def _git(folder: Path, *args: str) -> str | None:
     try:
         proc = subprocess.run(
-            ["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10,
+            ["git", "-C", str(folder), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
             env={**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"},
-        )  # fmt: skip
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
@@ -101,8 +105,6 @@ def _torch_version() -> str | None:
     if torch is not None:
         return str(torch.__version__)
     try:
-        from importlib.metadata import version
-
         return version("torch")
     except Exception:  # no distribution metadata (a source build on the path)
         return None
@@ -113,7 +115,7 @@ def describe_device(device: Any = None) -> str:
     :func:`nbhelpers.devices.default_device` when torch is loaded, else ``"cpu"``."""
     if "torch" not in sys.modules and device is None:
         return "cpu"
-    import torch
+    import torch  # provenance stays torch-free until asked (tools import it)
 
     from .devices import default_device
 
@@ -205,7 +207,7 @@ def cells_digest(records: Iterable[Mapping[str, Any]]) -> str:
 def show(profile: str, t0: float | None = None) -> None:
     """Display the provenance line (Markdown) in a notebook; the full record rides in the output's
     metadata (``nbhelpers_provenance``), where ``tools/build_book.py`` picks it up."""
-    from IPython.display import Markdown, display
+    from IPython.display import Markdown, display  # only inside a notebook
 
     info = collect()
     seconds = process_seconds() if t0 is None else time.time() - t0

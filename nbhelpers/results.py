@@ -9,6 +9,7 @@ its ``margin`` in units of the measurement's standard error (positive: on the pa
 from __future__ import annotations
 
 import datetime as _dt
+import html
 import json
 import math
 import operator
@@ -112,18 +113,128 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"cannot write {type(x).__name__} to a results file")
 
 
-def load_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """All results files in ``folder``, sorted by notebook name; a bad file is a clear error."""
-    out = []
-    for path in sorted(Path(folder).glob("*.json")):
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid results file ({e})") from None
-        if not isinstance(doc, dict) or "rows" not in doc or "notebook" not in doc:
-            raise ValueError(f"{path}: results file lacks 'notebook' or 'rows'")
-        out.append(doc)
-    return out
+_REQUIRED_KEYS = ("notebook", "profile", "rows")
+
+
+def read_results(path: str | os.PathLike) -> tuple[dict | None, str | None]:
+    """One results file: (content, None), or (None, the problem in words) for a bad file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return None, f"cannot be read ({type(exc).__name__}: {exc})"
+    if (
+        not isinstance(data, dict)
+        or any(k not in data for k in _REQUIRED_KEYS)
+        or not isinstance(data["rows"], list)
+    ):
+        return None, "is not a results file (expected the keys " + ", ".join(_REQUIRED_KEYS) + ")"
+    bad = [i for i, r in enumerate(data["rows"]) if not isinstance(r, dict) or "quantity" not in r]
+    if bad:
+        return None, f"has malformed rows (index {', '.join(map(str, bad))})"
+    return data, None
+
+
+def load_results(
+    folder: str | os.PathLike, notebooks: list[str] | None = None, profile: str | None = None
+) -> tuple[dict[str, dict], list[str]]:
+    """The results files in ``folder`` by notebook (``notebooks`` first, in order, then any others),
+    and a Markdown line per problem: a missing or unreadable file, or one of another ``profile``."""
+    folder = Path(folder)
+    found = {p.stem: p for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+    results, problems = {}, []
+    for name in list(notebooks or []) + [n for n in found if n not in (notebooks or [])]:
+        path = folder / f"{name}.json"
+        if name not in found:
+            problems.append(
+                f"- **{name}**: no results file (`{path}`). Execute the notebook with "
+                f"`python tools/build_book.py execute --notebooks {name}`, which also refreshes this page."
+            )
+            continue
+        data, problem = read_results(path)
+        if problem:
+            problems.append(f"- **{name}**: `{path}` {problem}. Re-execute the notebook to rewrite it.")
+            continue
+        if profile is not None and data["profile"] != profile:
+            problems.append(
+                f"- **{name}**: `{path}` holds results of the `{data['profile']}` profile, not `{profile}`."
+            )
+        results[name] = data
+    return results, problems
+
+
+def summary_headline(results: dict[str, dict], problems: list[str]) -> str:
+    """Markdown: how many numbers, and the sanity and phenomenon checks counted apart."""
+    rows = [r for d in results.values() for r in d["rows"]]
+    lines = [f"**{len(rows)} numbers from {len(results)} notebook(s).**"]
+    for kind, ok, bad, what in (
+        ("sanity", "pass", "FAIL", "Sanity checks"),
+        ("phenomenon", "shown", "not shown", "Phenomenon checks"),
+    ):
+        checked = [r for r in rows if r.get("kind") == kind and r.get("passed") is not None]
+        good = sum(bool(r["passed"]) for r in checked)
+        failed = f", {len(checked) - good} {bad}" if good < len(checked) else ""
+        lines.append(f"**{what}: {good} of {len(checked)} {ok}{failed}.**")
+    other = [r for r in rows if r.get("kind") not in KINDS and r.get("passed") is not None]
+    if other:
+        good = sum(bool(r["passed"]) for r in other)
+        lines.append(
+            f"Unclassified checks: {good} of {len(other)} passed"
+            + (f", {len(other) - good} failed." if good < len(other) else ".")
+        )
+    text = " ".join(lines)
+    return text + ("\n\nNot in the table:\n\n" + "\n".join(problems) if problems else "")
+
+
+def _fmt(value: Any) -> str:
+    """A value as shown in the summary: numbers to three significant digits, a dash for none."""
+    if value is None:
+        return "\u2014"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3g}"
+    return str(value)
+
+
+def summary_html(results: dict[str, dict], profile: str) -> str:
+    """The summary table as HTML: five columns that fit a page; each notebook heads its rows, the
+    setting sits under the quantity, and each check carries its verdict and margin."""
+
+    def cell(v: Any) -> str:
+        return html.escape(str(v))
+
+    def check_cell(r: dict) -> str:
+        verdict = _verdict(r)
+        css = "nbh-pass" if verdict in ("pass", "shown") else "nbh-fail"
+        badge = f'<span class="{css}">{cell(verdict)}</span>' if r.get("passed") is not None else ""
+        margin = f" ({r['margin']:+} se)" if isinstance(r.get("margin"), (int, float)) else ""
+        return " ".join(p for p in (cell(r.get("check") or ""), badge + margin) if p) or "\u2014"
+
+    widths = ["30%", "13%", "16%", "18%", "23%"]
+    head = ["Quantity (setting)", f"This run<br>({cell(profile)})", "Paper", "Check", "Note"]
+    parts = [
+        '<table class="nbh-summary"><colgroup>',
+        *[f'<col style="width: {w}">' for w in widths],
+        "</colgroup>",
+        "<thead><tr>",
+        *[f"<th>{h}</th>" for h in head],
+        "</tr></thead><tbody>",
+    ]
+    for name, data in results.items():
+        parts.append(f'<tr class="nbh-group"><th colspan="{len(head)}">{cell(name)}</th></tr>')
+        for r in data["rows"]:
+            setting = r.get("setting") or ""
+            kind = f'<span class="nbh-setting">{cell(r["kind"])} check</span>' if r.get("kind") else ""
+            parts.append(
+                "<tr>"
+                f"<td>{cell(r.get('quantity', ''))}"
+                + (f'<span class="nbh-setting">{cell(setting)}</span>' if setting else "")
+                + kind
+                + f"</td><td>{cell(_fmt(r.get('measured')))}</td><td>{cell(_fmt(r.get('paper')))}</td>"
+                f"<td>{check_cell(r)}</td><td>{cell(r.get('note') or '')}</td></tr>"
+            )
+    parts.append("</tbody></table>")
+    return "".join(parts)
 
 
 def _verdict(r: dict[str, Any]) -> str:
@@ -137,13 +248,24 @@ def _verdict(r: dict[str, Any]) -> str:
 def checks_table(rows: list[dict[str, Any]]):
     """The checked rows as a DataFrame: kind, quantity, setting, measured, paper, check, result, margin
     (in standard errors), note; sanity checks first."""
-    import pandas as pd
+    import pandas as pd  # slow to import; only the tables need it
 
     checked = [r for r in rows if r.get("passed") is not None]
     table = pd.DataFrame(
-        [{"kind": r.get("kind"), "quantity": r["quantity"], "setting": r["setting"], "measured": r["measured"],
-          "paper": r.get("paper"), "check": r.get("check"), "result": _verdict(r), "margin (se)": r.get("margin"),
-          "note": r.get("note", "")} for r in checked]  # fmt: skip
+        [
+            {
+                "kind": r.get("kind"),
+                "quantity": r["quantity"],
+                "setting": r["setting"],
+                "measured": r["measured"],
+                "paper": r.get("paper"),
+                "check": r.get("check"),
+                "result": _verdict(r),
+                "margin (se)": r.get("margin"),
+                "note": r.get("note", ""),
+            }
+            for r in checked
+        ]
     )
     if table.empty:
         return table
@@ -155,14 +277,21 @@ def findings(rows: list[dict[str, Any]]) -> str:
     """Markdown: how many sanity checks passed and which phenomena were shown or not, with numbers."""
     sanity = [r for r in rows if r.get("kind") == "sanity" and r.get("passed") is not None]
     pheno = [r for r in rows if r.get("kind") == "phenomenon" and r.get("passed") is not None]
-    lines = [f"**Sanity checks: {sum(r['passed'] for r in sanity)} of {len(sanity)} pass.** "
-             f"**Phenomena: {sum(r['passed'] for r in pheno)} of {len(pheno)} shown at this profile's scale.**", ""]  # fmt: skip
+    lines = [
+        f"**Sanity checks: {sum(r['passed'] for r in sanity)} of {len(sanity)} pass.** "
+        f"**Phenomena: {sum(r['passed'] for r in pheno)} of {len(pheno)} shown at this profile's scale.**",
+        "",
+    ]
     for r in sanity:
         if not r["passed"]:
-            lines.append(f"- sanity check FAILED: {r['quantity']} ({r['setting']}): {r['measured']} ({r['check']})")
+            lines.append(
+                f"- sanity check FAILED: {r['quantity']} ({r['setting']}): {r['measured']} ({r['check']})"
+            )
     for r in pheno:
         margin = "" if r.get("margin") is None else f", margin {r['margin']} se"
         paper = "" if r.get("paper") is None else f"; paper: {r['paper']}"
-        lines.append(f"- **{_verdict(r)}**: {r['quantity']} ({r['setting']}): {r['measured']} "
-                     f"(wanted {r['check']}{margin}){paper}")  # fmt: skip
+        lines.append(
+            f"- **{_verdict(r)}**: {r['quantity']} ({r['setting']}): {r['measured']} "
+            f"(wanted {r['check']}{margin}){paper}"
+        )
     return "\n".join(lines)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from . import provenance
+from . import __version__, provenance
 from .atomic import atomic_path
 from .claims import LEASE, Claims, Holder, dir_mode, make_dirs
 
@@ -265,8 +265,11 @@ class RunStore:
         if progress and pending:
             older = self.older_versions(pending)
             note = f" ({older} cells of older code versions are stored and not reused)" if older else ""
-            print(f"{self.root}: {len(unique)} cells, {tally['loaded']} finished; running {len(pending)} "
-                  f"with {max(1, min(workers, len(pending)))} worker(s){note}", flush=True)  # fmt: skip
+            print(
+                f"{self.root}: {len(unique)} cells, {tally['loaded']} finished; running {len(pending)} "
+                f"with {max(1, min(workers, len(pending)))} worker(s){note}",
+                flush=True,
+            )
         with _Workers(workers, threads_per_worker) as pool:
             computed = self._drive(pending, fn, pool, tally, timeout, progress, verbose)
         results = [self.load(c) for c in configs]
@@ -349,8 +352,6 @@ class RunStore:
         other package versions, and configs without a version. ``on_mismatch``: ``"warn"`` reuses them
         with a :class:`StaleCellWarning`, ``"error"`` raises :class:`StaleCellError`.
         """
-        from . import __version__
-
         code = provenance.code_version(fn)
         reasons: Counter = Counter()
         example: dict[str, str] = {}
@@ -363,8 +364,10 @@ class RunStore:
             return
         what = "; ".join(f"{n} {reason} (e.g. {example[reason]})" for reason, n in reasons.items())
         verb = "refused" if on_mismatch == "error" else "reused"
-        message = (f"{self.root}: {sum(reasons.values())} of {len(results)} stored cells come from other code "
-                   f"and are {verb}: {what}. Delete those cell folders to recompute them.")  # fmt: skip
+        message = (
+            f"{self.root}: {sum(reasons.values())} of {len(results)} stored cells come from other code "
+            f"and are {verb}: {what}. Delete those cell folders to recompute them."
+        )
         if on_mismatch == "error":
             raise StaleCellError(message)
         warnings.warn(message, StaleCellWarning, stacklevel=3)
@@ -439,8 +442,12 @@ class _Workers:
                 yield c, store.attempt(c, fn)
             return
         if self.pool is None:
-            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
-                                            initializer=_init_worker, initargs=(self.threads,))  # fmt: skip
+            self.pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.threads,),
+            )
         futures = {
             self.pool.submit(_attempt_in_worker, str(store.root), store.lease, c, fn): c for c in configs
         }
@@ -463,7 +470,7 @@ def _attempt_in_worker(
 
 
 def _init_worker(threads: int) -> None:
-    import torch
+    import torch  # the run store itself needs no torch
 
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -488,8 +495,10 @@ def _held_list(held: dict[str, tuple[dict, Holder]], most: int = 3) -> str:
 
 def _held_message(held: dict[str, tuple[dict, Holder]], waited: float) -> str:
     cells = "; ".join(f"{k} by {h.describe()}" for k, (_, h) in held.items())
-    return (f"{len(held)} cell(s) still held by other live jobs after waiting {provenance.duration(waited)}: "
-            f"{cells}. Their jobs renew their leases; wait longer (timeout=None waits while they live).")  # fmt: skip
+    return (
+        f"{len(held)} cell(s) still held by other live jobs after waiting {provenance.duration(waited)}: "
+        f"{cells}. Their jobs renew their leases; wait longer (timeout=None waits while they live)."
+    )
 
 
 def _say(on: bool, text: str) -> None:

@@ -11,21 +11,29 @@ compute device itself; on CUDA that reproduces EDM's ``generate.py`` latents exa
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
+import json
 import math
 import os
 import re
+import shutil
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import tqdm
+from PIL import Image
 
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_text, check_writable, remove_stale_tmp
+from .data import to_uint8
 from .devices import default_device
+from .safeload import PickleError, read_zip_member
 
 __all__ = [
     "SeedNoise",
@@ -33,7 +41,6 @@ __all__ = [
     "edm_sigmas",
     "edm_sampler",
     "generate",
-    "to_uint8",
     "save_images",
     "image_names",
     "export_noise",
@@ -81,7 +88,7 @@ class SeedNoise:
     def randint(
         self, low: int, high: int | None = None, size: Sequence[int] = (), dtype: torch.dtype = torch.int64
     ) -> torch.Tensor:
-        """Integers in ``[low, high)`` (or ``[0, low)`` when ``high`` is None), shaped ``(len(seeds), *size)``."""
+        """Integers in ``[low, high)`` (``[0, low)`` if ``high`` is None), shaped ``(len(seeds), *size)``."""
         if high is None:
             low, high = 0, low
         size = tuple(int(s) for s in size)
@@ -90,6 +97,8 @@ class SeedNoise:
 
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
+MAX_SEEDS = 10_000_000  # seeds in one list (a list of 10^7 ints already takes ~0.4 GB)
+MAX_SEED = 2**63 - 1  # seeds are stored as int64 (feature files, noise files)
 
 
 def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
@@ -109,11 +118,15 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
             lo, hi = int(m.group(1)), int(m.group(2))
             if hi < lo:
                 raise ValueError(f"seed range {part!r} in {spec!r} is reversed")
+            if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+                raise ValueError(f"seed list {spec!r} has more than {MAX_SEEDS} seeds; split the job")
             seeds.extend(range(lo, hi + 1))
         elif part.isdigit():
             seeds.append(int(part))
         else:
             raise ValueError(f"cannot parse {part!r} in seed list {spec!r}; expected e.g. '0-49999,5,7-9'")
+    if seeds and max(seeds) > MAX_SEED:
+        raise ValueError(f"seed {max(seeds)} in {spec!r} is larger than {MAX_SEED} (2^63 - 1)")
     return seeds
 
 
@@ -172,12 +185,19 @@ def edm_sampler(
     S_noise: float = 1.0,              # Noise inflation of the churn.
     noise: SeedNoise | None = None,    # Per-seed generators for the churn noise (needed if S_churn > 0).
     sigmas: torch.Tensor | Sequence[float] | None = None,  # Explicit levels; overrides the 5 above.
-    return_trajectory: bool = False,   # Also return [(sigma, x, denoised), ...], one per step.
+    callback: Callable[[dict], None] | None = None,  # Called at every step with a dict (see below).
+    return_trajectory: bool = False,   # Also return [(sigma_hat, x, denoised), ...], one per step.
 ) -> torch.Tensor | tuple[torch.Tensor, list[tuple[float, torch.Tensor, torch.Tensor]]]:  # fmt: skip
     """Integrate the probability-flow ODE from ``latents * sigmas[0]`` down the levels, in float64.
 
-    ``latents`` are standard normal, (N, C, H, W). Returns float64 samples of the same shape; with
-    ``return_trajectory`` also the list of ``(sigma, x, D(x; sigma))`` at each step's first evaluation.
+    ``latents`` are standard normal, (N, C, H, W). Returns float64 samples of the same shape.
+
+    ``callback``, as in k-diffusion's samplers, is called once per step ``i`` (after the step's first
+    denoiser evaluation, before the update) with one dict: ``x`` (N, C, H, W) float64, the point the
+    step starts from (after churn); ``i``; ``sigma`` (float, the level ``t_i``); ``sigma_hat`` (float,
+    the level of ``x``: ``t_i`` raised by churn, else ``t_i``); ``denoised``, ``D(x; sigma_hat)``. The
+    tensors are the sampler's own: read them, do not change them in place. ``return_trajectory``
+    also returns the list of ``(sigma_hat, x, denoised)`` of all steps (it holds the whole path).
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (Euler) or 2 (Heun), got {order}")
@@ -209,8 +229,12 @@ def edm_sampler(
         denoised = denoise(x_hat, t_hat)
         d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
-        if return_trajectory:
-            trajectory.append((float(t_hat), x_hat, denoised))
+        if callback is not None or return_trajectory:
+            step = dict(x=x_hat, i=i, sigma=levels[i], sigma_hat=float(t_hat), denoised=denoised)
+            if return_trajectory:
+                trajectory.append((step["sigma_hat"], x_hat, denoised))
+            if callback is not None:
+                callback(step)
 
         # Second-order correction, except on a step that ends at sigma = 0.
         if order == 2 and levels[i + 1] > 0:
@@ -218,11 +242,6 @@ def edm_sampler(
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
 
     return (x_next, trajectory) if return_trajectory else x_next
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model space [-1, 1] to uint8 as EDM saves images: ``(x*127.5+128).clip(0,255)`` truncated."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
 def _infer_device(net: Any, device: Device | None) -> torch.device:
@@ -259,7 +278,7 @@ def generate(
     seeds: str | Iterable[int],
     batch_size: int = 64,
     device: Device | None = None,      # None: the net's parameter device, else the default device.
-    class_labels: Any = None,          # None: random per seed (EDM) if conditional; int; (N,) ints; (N, L) one-hot.
+    class_labels: Any = None,          # None: random per seed (EDM) if conditional; int; (N,) ints; (N, L).
     num_steps: int = 18,
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
@@ -276,39 +295,181 @@ def generate(
     subdirs: bool = False,             # PNGs in {seed - seed % 1000:06d}/ subfolders.
     output: str = "uint8",             # "uint8": EDM-quantised images; "float": float64 samples.
     progress: bool = False,
+    skip_existing: bool = False,       # with out: reuse images already written there (a resumed job).
+    record: dict | None = None,        # with out: how the images are made, kept beside them and checked.
+    sampler: Callable[..., torch.Tensor] | None = None,  # not edm_sampler: sampler(net, x_T, labels, noise=)
 ) -> torch.Tensor:  # fmt: skip
-    """Sample one image per seed in batches; returns a CPU tensor (N, C, H, W), uint8 or float64."""
+    """Sample one image per seed in batches; returns a CPU tensor (N, C, H, W), uint8 or float64.
+
+    With ``out`` the output is checked before any sampling and each batch is written as soon as it
+    is done (a folder gets its PNGs at once; a ``.zip`` is packed at the end from a staging folder
+    beside it), so a killed job keeps its finished batches; ``skip_existing`` then samples only
+    the seeds whose images are missing. ``record`` (JSON-serialisable: network, sampler options) is
+    stored with the images; with ``skip_existing``, images stored under another record (or none)
+    are an error rather than silently mixed in. Non-finite samples (NaN weights or noise) are an error.
+    ``sampler`` (e.g. a ``functools.partial`` of ``schedules.ablation_sampler``) replaces the EDM
+    sampler and its arguments above (``num_steps`` ... ``sigmas``).
+    """
     if output not in ("uint8", "float"):
         raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if skip_existing and (out is None or output != "uint8"):
+        raise ValueError("skip_existing needs out= and output='uint8' (images are read back from PNG)")
     seeds = parse_seeds(seeds)
     device = _infer_device(net, device)
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
-    if latents is not None and tuple(latents.shape) != (len(seeds), *shape):
-        raise ValueError(f"latents shape {tuple(latents.shape)} != {(len(seeds), *shape)}")
+    _check_latents(latents, (len(seeds), *shape))
+    writer = _ImageWriter(out, seeds, subdirs, record) if out is not None else None
     result = torch.empty((len(seeds), *shape), dtype=torch.uint8 if output == "uint8" else torch.float64)
-    starts = range(0, len(seeds), batch_size)
+    todo = writer.reuse(result) if skip_existing else list(range(len(seeds)))
+    if writer is not None:
+        writer.start()
+    starts = range(0, len(todo), batch_size)
     if progress:
-        import tqdm
-
         starts = tqdm.tqdm(starts, unit="batch", desc="sampling")
+    if sampler is None:
+        options = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, order=order)
+        churn = dict(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+        sampler = functools.partial(edm_sampler, sigmas=sigmas, **options, **churn)
     for start in starts:
-        idx = slice(start, start + batch_size)
-        noise = SeedNoise(seeds[idx], device=device, noise_device=noise_device)
+        pos = todo[start : start + batch_size]
+        idx = torch.tensor(pos, dtype=torch.int64)
+        noise = SeedNoise([seeds[i] for i in pos], device=device, noise_device=noise_device)
         x_T = noise.randn(shape)  # drawn even when latents are given, so labels and churn see the same stream
         if latents is not None:
             x_T = latents[idx].to(device=device, dtype=torch.float32)
         labels = _labels_for(net, class_labels, idx, noise, device)
-        x = edm_sampler(
-            net, x_T, labels, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-            order=order, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, noise=noise,
-            sigmas=sigmas,
-        )  # fmt: skip
+        x = sampler(net, x_T, labels, noise=noise)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"sampling gave NaN or infinite values for seeds {_seed_list([seeds[i] for i in pos])}: "
+                "the network's weights or the initial noise are not finite"
+            )
         result[idx] = (to_uint8(x) if output == "uint8" else x).cpu()
-    if out is not None:
-        save_images(result if output == "uint8" else to_uint8(result), seeds, out, subdirs=subdirs)
+        if writer is not None:
+            writer.write(pos, to_uint8(x).cpu())
+    if writer is not None:
+        writer.finish(result if output == "uint8" else to_uint8(result))
     return result
+
+
+def _check_latents(latents: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    """Given initial noise must have ``shape`` (N, C, H, W) and be finite."""
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(f"latents shape {tuple(latents.shape)} != {shape}")
+    if latents is not None and not bool(torch.isfinite(latents).all()):
+        raise ValueError("latents contain NaN or infinite values")
+
+
+def _seed_list(seeds: Sequence[int], k: int = 5) -> str:
+    return ", ".join(map(str, seeds[:k])) + (f", ... ({len(seeds)} in all)" if len(seeds) > k else "")
+
+
+class _ImageWriter:
+    """Where ``generate`` puts its PNGs: checked up front, written per batch, readable on a rerun."""
+
+    RECORD = ".nbhelpers-generate.json"
+
+    def __init__(self, out: str | os.PathLike, seeds: Sequence[int], subdirs: bool, record: dict | None):
+        self.record = None if record is None else json.loads(json.dumps(record))
+        self.out = Path(out)
+        self.zip = self.out.suffix.lower() == ".zip"
+        self.seeds, self.subdirs = list(seeds), subdirs
+        self.names = image_names(self.seeds, subdirs)
+        if self.zip:  # the finished batches wait in a staging folder until the zip is packed
+            check_writable(self.out)
+            self.folder = self.out.parent / f".{self.out.name}.partial"
+        else:
+            self.folder = self.out
+        check_writable(self.folder, folder=True)
+        for sub in {Path(n).parent for n in self.names}:
+            remove_stale_tmp(self.folder / sub)
+
+    def _stored_record(self, packed: zipfile.ZipFile | None) -> dict | None:
+        try:
+            if packed is not None:
+                text = packed.comment.decode("utf-8")
+            elif (self.folder / self.RECORD).is_file():
+                text = (self.folder / self.RECORD).read_text("utf-8")
+            else:
+                return None
+            return json.loads(text) if text else None
+        except (UnicodeDecodeError, json.JSONDecodeError, OSError, RecursionError):
+            return {"unreadable": True}
+
+    def start(self) -> None:
+        if self.record is not None:
+            atomic_write_text(self.folder / self.RECORD, json.dumps(self.record, indent=1, sort_keys=True))
+
+    def write(self, positions: Sequence[int], images: torch.Tensor) -> None:
+        # No fsync per image (it costs ~10 ms each): a PNG a crash left empty fails to decode on a
+        # rerun and is sampled again (``reuse`` checks every file it keeps).
+        for i, image in zip(positions, images.numpy()):
+            with atomic_path(self.folder / self.names[i], fsync=False) as tmp:
+                tmp.write_bytes(_png_bytes(image))
+
+    def reuse(self, result: torch.Tensor) -> list[int]:
+        """Fill ``result`` with the images already written (here or in the zip); the positions left."""
+        packed, records = {}, []
+        if self.zip and self.out.is_file():
+            try:
+                with zipfile.ZipFile(self.out) as zf:
+                    names = set(zf.namelist()) & set(self.names)
+                    packed = {n: read_zip_member(zf, n, str(self.out), 1 << 24) for n in names}
+                    records.append((self.out, self._stored_record(zf)))
+            except (zipfile.BadZipFile, OSError, EOFError, PickleError) as e:
+                raise ValueError(
+                    f"{self.out}: existing zip is unreadable ({e}); remove it to start over"
+                ) from e
+        present = bool(packed) or any((self.folder / n).is_file() for n in self.names)
+        if present and self.folder.is_dir():
+            records.append((self.folder, self._stored_record(None)))
+        for where, stored in records:
+            if stored != self.record:
+                diff = sorted(
+                    k
+                    for k in {*(stored or {}), *(self.record or {})}
+                    if (stored or {}).get(k) != (self.record or {}).get(k)
+                )
+                raise ValueError(
+                    f"{where}: holds images made "
+                    + (
+                        f"differently ({', '.join(diff)} changed)"
+                        if stored
+                        else "by another or an unrecorded run"
+                    )
+                    + "; use another output or overwrite them"
+                )
+        todo = []
+        for i, name in enumerate(self.names):
+            path = self.folder / name
+            data = packed.get(name) or (path.read_bytes() if path.is_file() else None)
+            image = _png_image(data, tuple(result.shape[1:])) if data is not None else None
+            if image is None:
+                todo.append(i)
+            else:
+                result[i] = torch.from_numpy(image)
+        return todo
+
+    def finish(self, images: torch.Tensor) -> None:
+        if self.zip:
+            comment = json.dumps(self.record, sort_keys=True).encode() if self.record is not None else b""
+            save_images(images, self.seeds, self.out, subdirs=self.subdirs, comment=comment)
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _png_image(data: bytes, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """A PNG written by ``generate`` as uint8 (C, H, W), or None if it is not one of that shape."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode not in ("L", "RGB") or im.size != (shape[2], shape[1]):
+                return None
+            arr = np.asarray(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return np.array(arr, dtype=np.uint8, order="C") if arr.shape == shape else None
 
 
 def image_names(names: Sequence[int | str], subdirs: bool = False) -> list[str]:
@@ -325,8 +486,6 @@ def image_names(names: Sequence[int | str], subdirs: bool = False) -> list[str]:
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     if image.shape[0] == 1:
         Image.fromarray(image[0], "L").save(buf, format="PNG")
@@ -340,10 +499,12 @@ def save_images(
     names: Sequence[int | str],
     out: str | os.PathLike,
     subdirs: bool = False,
+    comment: bytes = b"",
 ) -> Path:
     """Write uint8 images (N, C, H, W), C in {1, 3}, as PNGs (mode L or RGB) into a folder or a ``.zip``.
 
-    Every file (and the zip as a whole) is written atomically. Returns ``Path(out)``.
+    Every file (and the zip as a whole) is written atomically. Returns ``Path(out)``. ``comment``:
+    the zip's comment (at most 64 KiB).
     """
     images = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
@@ -354,12 +515,13 @@ def save_images(
     out = Path(out)
     if out.suffix.lower() == ".zip":
         with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.comment = comment
             for rel, image in zip(paths, images):
                 zf.writestr(rel, _png_bytes(image))
     else:
         out.mkdir(parents=True, exist_ok=True)
-        for rel, image in zip(paths, images):
-            with atomic_path(out / rel) as tmp:
+        for rel, image in zip(paths, images):  # no fsync per image: ~10 ms each on some disks
+            with atomic_path(out / rel, fsync=False) as tmp:
                 tmp.write_bytes(_png_bytes(image))
     return out
 
@@ -380,13 +542,25 @@ def load_noise(path: str | os.PathLike) -> tuple[list[int], torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such noise file")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single array (.npy), not an .npz archive with 'seeds' and 'noise'")
+        with loaded as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, AttributeError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, AttributeError, zlib.error) as e:
         raise ValueError(f"{path}: not a readable .npz noise file ({e})") from e
     if "seeds" not in arrays or "noise" not in arrays:
         raise ValueError(f"{path}: expected arrays 'seeds' and 'noise', found {sorted(arrays)}")
     seeds, noise = arrays["seeds"], arrays["noise"]
     if seeds.ndim != 1 or noise.ndim < 2 or len(noise) != len(seeds):
         raise ValueError(f"{path}: seeds {seeds.shape} and noise {noise.shape} do not match")
+    if seeds.dtype.kind not in "iu":
+        raise ValueError(f"{path}: seeds must be integers, got {seeds.dtype}")
+    uniq, counts = np.unique(seeds, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{path}: repeated seeds {uniq[counts > 1][:5].tolist()}")
+    if noise.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: noise must be numbers, got {noise.dtype}")
+    if not np.isfinite(noise).all():
+        raise ValueError(f"{path}: noise contains NaN or infinite values")
     return [int(s) for s in seeds], torch.from_numpy(noise.astype(np.float32, copy=False))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import flat_rows, model_space
 from .features import FeatureSet
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "mae_score",
     "max_similarity",
     "mean_abs_difference",
-    "memorized_by_nn_ratio",
     "memorized_fraction",
     "nearest_neighbors",
     "nn_ratio",
@@ -72,20 +72,8 @@ def _tensor(x: Any) -> torch.Tensor:
 
 
 def _flat(x: Any, what: str) -> torch.Tensor:
-    """Rows of data (N, ...) flattened to (N, D), left in their dtype (uint8 or floating)."""
-    t = _tensor(x)
-    if t.ndim < 2:
-        raise ValueError(f"{what} must be batched (N, ...), got shape {tuple(t.shape)}")
-    if t.dtype != torch.uint8 and not t.is_floating_point():
-        raise ValueError(f"{what} must be uint8 or floating point, got {t.dtype}")
-    return t.reshape(t.shape[0], -1)
-
-
-def _rows(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A chunk of rows from ``_flat`` in ``dtype`` on ``device``; uint8 is mapped to model space [-1, 1]."""
-    if t.dtype == torch.uint8:
-        return t.to(device).to(dtype) / 127.5 - 1
-    return t.to(device=device, dtype=dtype)
+    """Rows (N, D) of data, features or a FeatureSet, in their dtype (``data.flat_rows``)."""
+    return flat_rows(_tensor(x), what)
 
 
 def _unit_interval(x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +94,8 @@ def _seeded(x: Seeded, what: str) -> tuple[torch.Tensor, np.ndarray]:
         data, seeds = x
     else:
         raise ValueError(
-            f"{what} must be a FeatureSet or a (data, seeds) pair, so that samples are paired by seed, "
-            f"got {type(x).__name__}"
+            f"{what} must be a FeatureSet or a (data, seeds) pair, so "
+            f"that samples are paired by seed, got {type(x).__name__}"
         )
     data = _tensor(data)
     seeds = np.asarray(seeds.cpu() if isinstance(seeds, torch.Tensor) else seeds)
@@ -117,6 +105,19 @@ def _seeded(x: Seeded, what: str) -> tuple[torch.Tensor, np.ndarray]:
     if (counts > 1).any():
         raise ValueError(f"{what}: repeated seeds {uniq[counts > 1][:5].tolist()}")
     return data, seeds.astype(np.int64)
+
+
+def _check_finite(x: Any, what: str) -> None:
+    """Input validation: floating data must be finite (a NaN would silently change a score)."""
+    t = _tensor(x)
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        rows = int((~torch.isfinite(t.reshape(len(t), -1))).any(1).sum()) if t.ndim else 1
+        raise ValueError(f"{what} contains NaN or infinite values ({rows} rows)")
+
+
+def _check_threshold(threshold: float) -> None:
+    if not isinstance(threshold, int | float | np.floating | np.integer) or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
 
 
 def _few(values: np.ndarray, k: int = 5) -> str:
@@ -156,19 +157,26 @@ def pair_by_seed(
 # Per-pair criteria on aligned rows.
 
 
-def paired_cosine(xa: Any, xb: Any) -> torch.Tensor:
-    """Cosine similarity of row j of xa and row j of xb, (M,) float64 (0 for a zero row)."""
-    a, b = _rows(_flat(xa, "xa"), "cpu", torch.float64), _rows(_flat(xb, "xb"), "cpu", torch.float64)
+def _aligned_rows(xa: Any, xb: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two finite aligned sets of rows of one shape, (M, D) each, float64 in model space."""
+    _check_finite(xa, "xa")
+    _check_finite(xb, "xb")
+    a = model_space(_flat(xa, "xa"), "cpu", torch.float64)
+    b = model_space(_flat(xb, "xb"), "cpu", torch.float64)
     if a.shape != b.shape:
         raise ValueError(f"xa and xb must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return a, b
+
+
+def paired_cosine(xa: Any, xb: Any) -> torch.Tensor:
+    """Cosine similarity of row j of xa and row j of xb, (M,) float64 (0 for a zero row)."""
+    a, b = _aligned_rows(xa, xb)
     return (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1)
 
 
 def relative_distance(xa: Any, xb: Any) -> torch.Tensor:
     """||xa_j - xb_j|| / ||xb_j|| per aligned row, (M,) float64; uint8 is compared in model space."""
-    a, b = _rows(_flat(xa, "xa"), "cpu", torch.float64), _rows(_flat(xb, "xb"), "cpu", torch.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"xa and xb must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = _aligned_rows(xa, xb)
     num, den = (a - b).norm(dim=1), b.norm(dim=1)
     return torch.where(num == 0, 0.0, num / den)
 
@@ -178,6 +186,8 @@ def mean_abs_difference(xa: Any, xb: Any) -> torch.Tensor:
 
     uint8 images are divided by 255; float images are taken as model space [-1, 1].
     """
+    _check_finite(xa, "xa")
+    _check_finite(xb, "xb")
     a, b = _unit_interval(_tensor(xa)), _unit_interval(_tensor(xb))
     if a.shape != b.shape or a.ndim < 2:
         raise ValueError(
@@ -205,6 +215,7 @@ def pairwise_agreement(
 
 def reproducibility_score(a: Seeded, b: Seeded, threshold: float = 0.6, on_mismatch: str = "error") -> float:
     """RP = fraction of seeds j with cos(f(xa_j), f(xb_j)) > threshold (P1; SSCD features, 0.6)."""
+    _check_threshold(threshold)
     return pairwise_agreement(a, b, lambda xa, xb: paired_cosine(xa, xb) > threshold, on_mismatch)
 
 
@@ -213,6 +224,7 @@ def rp_relative(a: Seeded, b: Seeded, threshold: float = 0.1, on_mismatch: str =
 
     0.1 gave a clean drop with training-set size in the CPU pilot on MoLRG; 1/3 is looser.
     """
+    _check_threshold(threshold)
     return pairwise_agreement(a, b, lambda xa, xb: relative_distance(xa, xb) < threshold, on_mismatch)
 
 
@@ -221,6 +233,7 @@ def mae_score(
 ) -> float:
     """MAE score: fraction of seeds whose images differ by a mean absolute difference (in [0, 1]
     units) below ``threshold`` (default ``MAE_THRESHOLD`` = 0.1; the authors' value is not published)."""
+    _check_threshold(threshold)
     return pairwise_agreement(
         a_images, b_images, lambda xa, xb: mean_abs_difference(xa, xb) < threshold, on_mismatch
     )
@@ -252,6 +265,8 @@ def max_similarity(
     the working memory is about query_chunk x key_chunk similarities plus the two chunks.
     The products run on ``device`` (default: where the query is), in ``dtype``.
     """
+    _check_finite(query, "query")
+    _check_finite(keys, "keys")
     q_all, k_all = _flat(query, "query"), _flat(keys, "keys")
     if q_all.shape[1] != k_all.shape[1]:
         raise ValueError(f"query has {q_all.shape[1]} features per row, keys have {k_all.shape[1]}")
@@ -261,11 +276,11 @@ def max_similarity(
     device = torch.device(device) if device is not None else q_all.device
     values, indices = [], []
     for qs in range(0, len(q_all), cq):
-        q = F.normalize(_rows(q_all[qs : qs + cq], device, dtype), dim=1)
+        q = F.normalize(model_space(q_all[qs : qs + cq], device, dtype), dim=1)
         best = torch.full((len(q),), -math.inf, dtype=dtype, device=device)
         arg = torch.zeros(len(q), dtype=torch.int64, device=device)
         for ks in range(0, len(k_all), ck):
-            k = F.normalize(_rows(k_all[ks : ks + ck], device, dtype), dim=1)
+            k = F.normalize(model_space(k_all[ks : ks + ck], device, dtype), dim=1)
             v, i = (q @ k.T).max(1)
             better = v > best
             best = torch.where(better, v, best)
@@ -278,10 +293,14 @@ def max_similarity(
 
 
 def memorized_fraction(
-    generated: Any, train: Any, threshold: float = 0.6, chunk_size: int | tuple[int, int] = 4096,
+    generated: Any,
+    train: Any,
+    threshold: float = 0.6,
+    chunk_size: int | tuple[int, int] = 4096,
     device: str | torch.device | None = None,
-) -> float:  # fmt: skip
+) -> float:
     """Fraction of generated samples whose max cosine similarity to the training set exceeds ``threshold``."""
+    _check_threshold(threshold)
     values, _ = max_similarity(generated, train, chunk_size, device)
     if len(values) == 0:
         raise ValueError("generated is empty")
@@ -289,9 +308,12 @@ def memorized_fraction(
 
 
 def generalization_score(
-    generated: Any, train: Any, threshold: float = 0.6, chunk_size: int | tuple[int, int] = 4096,
+    generated: Any,
+    train: Any,
+    threshold: float = 0.6,
+    chunk_size: int | tuple[int, int] = 4096,
     device: str | torch.device | None = None,
-) -> float:  # fmt: skip
+) -> float:
     """GL = 1 - memorized fraction: the share of samples that copy no training image (P1; SSCD, 0.6)."""
     return 1.0 - memorized_fraction(generated, train, threshold, chunk_size, device)
 
@@ -310,6 +332,8 @@ def nearest_neighbors(
     uint8 rows are compared in model space; any (N, ...) shape is flattened. The products run on
     ``device`` (default: where the query is).
     """
+    _check_finite(query, "query")
+    _check_finite(keys, "keys")
     q_all, k_all = _flat(query, "query"), _flat(keys, "keys")
     if q_all.shape[1] != k_all.shape[1]:
         raise ValueError(f"query rows have {q_all.shape[1]} values, keys rows {k_all.shape[1]}")
@@ -317,21 +341,21 @@ def nearest_neighbors(
         raise ValueError(f"k must be between 1 and the number of keys ({len(k_all)}), got {k}")
     cq, ck = _chunks(chunk_size)
     device = torch.device(device) if device is not None else q_all.device
-    k_sq = torch.cat([_rows(c, device, torch.float64).square().sum(1) for c in k_all.split(ck)])
+    k_sq = torch.cat([model_space(c, device, torch.float64).square().sum(1) for c in k_all.split(ck)])
     dists, indices = [], []
     for qs in range(0, len(q_all), cq):
-        q = _rows(q_all[qs : qs + cq], device, torch.float64)
+        q = model_space(q_all[qs : qs + cq], device, torch.float64)
         best_d = torch.empty(len(q), 0, dtype=torch.float64, device=device)
         best_i = torch.empty(len(q), 0, dtype=torch.int64, device=device)
         for ks in range(0, len(k_all), ck):
-            kc = _rows(k_all[ks : ks + ck], device, torch.float64)
+            kc = model_space(k_all[ks : ks + ck], device, torch.float64)
             d2 = k_sq[ks : ks + ck] - 2 * (q @ kc.T)  # ||q||^2 is constant per row: left out
             v, i = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False)
             best_d, order = torch.topk(
                 torch.cat([best_d, v], 1), min(k, best_d.shape[1] + v.shape[1]), dim=1, largest=False
             )
             best_i = torch.gather(torch.cat([best_i, i + ks], 1), 1, order)
-        cand = _rows(k_all[best_i.to(k_all.device)], device, torch.float64)  # (cq, k, D)
+        cand = model_space(k_all[best_i.to(k_all.device)], device, torch.float64)  # (cq, k, D)
         d = (q[:, None, :] - cand).norm(dim=2)
         d, order = d.sort(1)
         dists.append(d.cpu())
@@ -365,7 +389,7 @@ def nn_relative_distance(
     """||x - NN(x)|| / ||NN(x)|| per query row and the index of NN(x), the nearest training row in L2
     (model space): ((S,) float64, (S,) int64). Small means x is a (near) copy of NN(x)."""
     d, idx = nearest_neighbors(query, train, k=1, chunk_size=chunk_size, device=device)
-    nn = _rows(_flat(train, "train")[idx[:, 0]], "cpu", torch.float64)
+    nn = model_space(_flat(train, "train")[idx[:, 0]], "cpu", torch.float64)
     norm = nn.norm(dim=1)
     return torch.where(d[:, 0] == 0, 0.0, d[:, 0] / norm.clamp_min(1e-300)), idx[:, 0]
 
@@ -374,22 +398,11 @@ def noisy_copies(train: Any, count: int, noise: float, generator: torch.Generato
     """``count`` training rows drawn with replacement plus Gaussian noise of relative norm ``noise``:
     y + noise ||y|| e / sqrt(D), e standard normal; float64 model space (count, D). Planted copies
     that a copy criterion must flag."""
-    y = _rows(_flat(train, "train"), "cpu", torch.float64)
+    y = model_space(_flat(train, "train"), "cpu", torch.float64)
     idx = torch.randint(0, len(y), (int(count),), generator=generator)
     e = torch.randn((int(count), y.shape[1]), generator=generator, dtype=torch.float64)
     y = y[idx]
     return y + noise * y.norm(dim=1, keepdim=True) * e / math.sqrt(y.shape[1])
-
-
-def memorized_by_nn_ratio(
-    generated: Any, train: Any, threshold: float = 1 / 3, chunk_size: int | tuple[int, int] = 2048,
-    device: str | torch.device | None = None,
-) -> float:  # fmt: skip
-    """Fraction of generated samples with ``nn_ratio < threshold`` (memorized; the CPU pilot's GL criterion)."""
-    r = nn_ratio(generated, train, chunk_size, device)
-    if len(r) == 0:
-        raise ValueError("generated is empty")
-    return float((r < threshold).double().mean())
 
 
 def rate_se(rates: Sequence[float] | np.ndarray, count: int) -> float:
@@ -417,7 +430,11 @@ def rate_se(rates: Sequence[float] | np.ndarray, count: int) -> float:
 FLAGS = ("below", "above")
 # 'relative': ||x - y|| / ||y|| (model space); 'cosine': descriptor cosine; 'mae': mean absolute
 # pixel difference in [0, 1] units. Distances are flagged when small, cosines when large.
-STATISTICS = ("relative", "cosine", "mae")  # 'below': a score <= t is flagged (distances); 'above': a score > t (cosines)
+STATISTICS = (
+    "relative",
+    "cosine",
+    "mae",
+)  # 'below': a score <= t is flagged (distances); 'above': a score > t (cosines)
 
 
 def _scores(x: Any, what: str) -> np.ndarray:
@@ -446,7 +463,9 @@ def flag_rates(scores: Any, thresholds: Sequence[float] | np.ndarray, flag: str 
     return flagged(a[None, :], t, flag).mean(1)
 
 
-def calibrate_null(null: Any, max_false_rate: float = 0.01, flag: str = "below", decimals: int | None = 2) -> float:
+def calibrate_null(
+    null: Any, max_false_rate: float = 0.01, flag: str = "below", decimals: int | None = 2
+) -> float:
     """The loosest threshold that flags at most ``max_false_rate`` of the ``null`` scores (data that
     must not be flagged), rounded to ``decimals`` towards the strict side (None: no rounding)."""
     _check_flag(flag)
@@ -499,5 +518,7 @@ class Criterion:
 
     def __str__(self) -> str:
         op = "<=" if self.flag == "below" else ">"
-        what = {"relative": "||x - y|| / ||y||", "cosine": "cos(f(x), f(y))", "mae": "mean |x - y|"}[self.statistic]
+        what = {"relative": "||x - y|| / ||y||", "cosine": "cos(f(x), f(y))", "mae": "mean |x - y|"}[
+            self.statistic
+        ]
         return f"{self.question}: {what} {op} {self.threshold:g}"

@@ -30,25 +30,31 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from nbhelpers.atomic import atomic_path, atomic_write_text
+from nbhelpers import safeload
+from nbhelpers.atomic import atomic_path, atomic_write_text, remove_stale_tmp
 from nbhelpers.augment import AugmentPipe, make_augment_pipe
+from nbhelpers.checkpoints import save_network
+from nbhelpers.data import model_space
 from nbhelpers.devices import default_device
-from nbhelpers.losses import LOSSES, DenoisingLoss, make_loss
+from nbhelpers.losses import LOSSES, DenoisingLoss, LossDraws, make_loss
+from nbhelpers.networks import make_network
 
 __all__ = [
     "TrainConfig",
@@ -62,6 +68,8 @@ __all__ = [
     "find_latest_state",
     "snapshot_path",
     "state_dump_path",
+    "data_fingerprint",
+    "RESUME_FREE_OPTIONS",
 ]
 
 STATE_FORMAT = "nbhelpers.training-state"
@@ -102,7 +110,9 @@ class TrainConfig:
     batch_gpu: int | None = None  # Images per forward pass per process; None = batch_size / world size.
     duration_kimg: float | None = None  # Training length in thousands of images ...
     total_steps: int | None = None  # ... or in optimizer steps.
-    lr: float = 1e-3  # Adam learning rate after the ramp-up.
+    lr: float = 1e-3  # Learning rate after the ramp-up.
+    optimizer: str = "adam"  # 'adam' (betas, eps) or 'sgd' (plain, as trainMoLRG.py --optimizer sgd).
+    loss_scaling: float = 1.0  # The summed loss is multiplied by this before backward (EDM's --ls).
     lr_rampup_kimg: float = 10000.0  # Linear learning-rate ramp-up, kimg; 0 = none.
     betas: tuple[float, float] = (0.9, 0.999)  # Adam betas.
     eps: float = 1e-8  # Adam epsilon.
@@ -150,6 +160,10 @@ class TrainConfig:
             errors.append(f"ema_beta must be in [0, 1), got {self.ema_beta}")
         if self.ema_beta is None and (self.ema_halflife_kimg is None or self.ema_halflife_kimg < 0):
             errors.append("give ema_beta or a non-negative ema_halflife_kimg")
+        if self.optimizer not in ("adam", "sgd"):
+            errors.append(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if not self.loss_scaling > 0:
+            errors.append(f"loss_scaling must be positive, got {self.loss_scaling}")
         if self.precision not in PRECISIONS:
             errors.append(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.augment_p <= 1:
@@ -197,7 +211,7 @@ class TrainResult:
 
 
 def learning_rate(base_lr: float, cur_nimg: int, rampup_kimg: float) -> float:
-    """EDM's linear ramp-up: ``base_lr * min(cur_nimg / (rampup_kimg * 1000), 1)``; ``base_lr`` if no ramp-up."""
+    """EDM's linear ramp-up: ``base_lr * min(cur_nimg / (rampup_kimg * 1000), 1)``, else ``base_lr``."""
     if rampup_kimg <= 0:
         return base_lr
     return base_lr * min(cur_nimg / (rampup_kimg * 1000), 1.0)
@@ -288,6 +302,15 @@ def init_distributed(device: torch.device | str | None = None) -> tuple[int, int
     return dist.get_rank(), dist.get_world_size()
 
 
+def _join_processes(device: torch.device | str | None, num_threads: int | None):
+    """(rank, world_size, device) of this process (``init_distributed``), with ``num_threads`` set."""
+    rank, world_size = init_distributed(device)
+    device = _resolve_device(device, world_size > 1)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    return rank, world_size, device
+
+
 def _resolve_device(device: torch.device | str | None, distributed: bool) -> torch.device:
     dev = default_device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -301,8 +324,11 @@ def _resolve_device(device: torch.device | str | None, distributed: bool) -> tor
 
 
 def snapshot_path(outdir: str | os.PathLike, nimg: int) -> Path:
-    """Path of the EMA snapshot taken after ``nimg`` training images."""
-    return Path(outdir) / f"network-snapshot-{nimg // 1000:06d}.nbh"
+    """Path of the EMA snapshot taken after ``nimg`` training images: named by the exact image count
+    (10 digits, sortable), so snapshots of distinct steps never share a name."""
+    if int(nimg) < 0:
+        raise ValueError(f"nimg must be non-negative, got {nimg}")
+    return Path(outdir) / f"network-snapshot-{int(nimg):010d}.nbh"
 
 
 def state_dump_path(outdir: str | os.PathLike, step: int) -> Path:
@@ -324,25 +350,83 @@ def find_latest_state(outdir: str | os.PathLike) -> Path | None:
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a state dump with ``torch.load(weights_only=True)``: tensors and plain containers only."""
+    """Read a state dump with :func:`safeload.read_torch_file`: tensors and plain containers only."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training state {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"training state {path} cannot be read: {e}") from e
+        state = safeload.read_torch_file(path)
+    except safeload.PickleError as e:
+        raise ValueError(f"training state {e}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not an nbhelpers training state (format tag missing)")
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: unsupported training-state version {state.get('version')}")
+    kinds = dict(step=int, window_steps=int, net=dict, ema=dict, optimizer=dict, config=dict, history=list)
+    kinds["window_loss"] = torch.Tensor
+    bad = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind)]
+    if bad:
+        raise ValueError(f"{path}: training state is missing or has malformed entries {bad}")
     return state
+
+
+# Options that may differ on resume without changing what the run computes up to where it stopped.
+RESUME_FREE_OPTIONS = frozenset(
+    {
+        "duration_kimg",
+        "total_steps",
+        "snapshot_kimg",
+        "snapshot_steps",
+        "state_dump_kimg",
+        "state_dump_steps",
+        "log_every",
+        "compile",
+        "num_threads",
+        "batch_gpu",
+    }
+)
+
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> str:
+    """SHA-256 of the training data (images and labels as stored), to tell data sets apart on resume."""
+    h = hashlib.sha256()
+    for t in (images, labels):
+        if t is not None:
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_resume(
+    path: Path, state: dict, config: TrainConfig, fingerprint: str, data_shape: list, allow_changed
+) -> None:
+    """Refuse a resume whose data or result-changing options differ from the saved run's, unless
+    each difference is named in ``allow_changed``."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(allow_changed) - fields - {"data"})
+    if unknown:
+        raise ValueError(f"allow_changed: unknown option(s) {unknown}; expected 'data' or TrainConfig fields")
+    saved, now = state.get("config") or {}, config.to_dict()
+    changed = {
+        k: (saved.get(k), now.get(k))
+        for k in sorted(fields - RESUME_FREE_OPTIONS)
+        if saved.get(k) != now.get(k)
+    }
+    saved_shape = list(state.get("data_shape") or [])
+    if state.get("data_sha256", fingerprint) != fingerprint or saved_shape != list(data_shape):
+        changed["data"] = (f"data of shape {saved_shape}", f"other data of shape {list(data_shape)}")
+    refused = {k: v for k, v in changed.items() if k not in allow_changed}
+    if refused:
+        what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ValueError(
+            f"{path}: this run differs from the saved one ({what}); resume only the same run, or allow "
+            f"the change explicitly (allow_changed={sorted(refused)}; "
+            f"CLI: --allow-changed {','.join(refused)})"
+        )
 
 
 def _save_snapshot(ema: torch.nn.Module, path: Path) -> bool:
     """Save the EMA network with checkpoints.save_network; warn and return False if it cannot."""
-    from nbhelpers.checkpoints import save_network
-
     try:
         save_network(ema, path)
     except ValueError as e:
@@ -386,6 +470,10 @@ def _prepare_data(
     if labels.shape[0] != images.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {images.shape[0]} images")
     if labels.ndim == 1 and not labels.is_floating_point():
+        if labels.numel() and int(labels.min()) < 0:
+            raise ValueError(f"class labels must be non-negative, got {int(labels.min())}")
+        if label_dim is not None and labels.numel() and int(labels.max()) >= label_dim:
+            raise ValueError(f"class label {int(labels.max())} is out of range for label_dim={label_dim}")
         dim = label_dim if label_dim is not None else int(labels.max()) + 1
         labels = F.one_hot(labels.long(), dim)
     elif labels.ndim != 2:
@@ -396,27 +484,400 @@ def _prepare_data(
 
 
 def _build_network(config: TrainConfig, augment_pipe: AugmentPipe | None) -> torch.nn.Module:
-    from nbhelpers.networks import make_network
-
     overrides = dict(config.network)
     if config.dropout is not None:
         overrides["dropout"] = config.dropout
     overrides.setdefault("augment_dim", augment_pipe.label_dim if augment_pipe is not None else 0)
     generator = torch.Generator().manual_seed(_derive_seed(config.seed, _INIT))
     return make_network(
-        config.arch, config.precond, config.img_resolution, config.img_channels, config.label_dim,
-        generator=generator, **overrides,
-    )  # fmt: skip
+        config.arch,
+        config.precond,
+        config.img_resolution,
+        config.img_channels,
+        config.label_dim,
+        generator=generator,
+        **overrides,
+    )
 
 
 def _make_optimizer(net: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in net.parameters() if p.requires_grad]
-    kwargs: dict[str, Any] = dict(lr=config.lr, betas=config.betas, eps=config.eps)
-    if device.type == "cuda":
-        kwargs["fused"] = True
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, foreach=True)
+    kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Pieces of the loop, each usable alone.
+
+
+@dataclass
+class _Layout:
+    """How one global batch of ``batch`` images is split over processes and accumulation rounds."""
+
+    batch: int  # Images per optimizer step, all processes together.
+    rank: int  # This process.
+    world_size: int  # Processes.
+    batch_gpu: int  # Images per forward pass.
+    rounds: int  # Forward/backward passes per optimizer step on each process.
+
+    @property
+    def batch_local(self) -> int:
+        """Images per optimizer step on this process."""
+        return self.batch // self.world_size
+
+    def round_slice(self, r: int) -> slice:
+        """Positions in the global batch that round ``r`` of this process evaluates."""
+        lo = self.rank * self.batch_local + r * self.batch_gpu
+        return slice(lo, lo + self.batch_gpu)
+
+
+def _batch_layout(config: TrainConfig, rank: int, world_size: int) -> _Layout:
+    """Split ``config.batch_size`` over ``world_size`` processes in rounds of at most ``batch_gpu``."""
+    B = config.batch_size
+    if B % world_size:
+        raise ValueError(f"batch_size {B} is not divisible by the world size {world_size}")
+    batch_local = B // world_size
+    batch_gpu = min(config.batch_gpu or batch_local, batch_local)
+    if batch_local % batch_gpu:
+        raise ValueError(f"batch_size/world_size = {batch_local} is not a multiple of batch_gpu {batch_gpu}")
+    return _Layout(B, rank, world_size, batch_gpu, batch_local // batch_gpu)
+
+
+def _complete_config(config: TrainConfig, images: torch.Tensor, labels: torch.Tensor | None) -> TrainConfig:
+    """``config`` with resolution, channels and label width taken from the data (given ones must match)."""
+    _, C, H, W = images.shape
+    if H != W:
+        raise ValueError(f"training images must be square, got {H}x{W}")
+    for name, value in [("img_resolution", H), ("img_channels", C)]:
+        if getattr(config, name) not in (None, value):
+            raise ValueError(f"config.{name}={getattr(config, name)} but the data has {value}")
+    label_dim = 0 if labels is None else labels.shape[1]
+    return dataclasses.replace(config, img_resolution=H, img_channels=C, label_dim=label_dim)
+
+
+@dataclass
+class _Model:
+    """What an optimizer step changes or uses: the network, its EMA, optimizer, loss and augmentation."""
+
+    net: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only.
+    loss_fn: DenoisingLoss
+    augment_pipe: AugmentPipe | None
+    amp_dtype: torch.dtype | None  # Autocast dtype; None = fp32.
+
+
+def _setup_model(config: TrainConfig, net: torch.nn.Module | None, device: torch.device) -> _Model:
+    """The network (built from ``config`` unless given) in train mode on ``device``, an EMA copy, the
+    optimizer, the loss and the augmentation pipe of a complete ``config``."""
+    augment_pipe = make_augment_pipe(config.augment_p, **config.augment_kwargs)
+    loss_fn = make_loss(config.loss or config.precond)
+    if net is None:
+        net = _build_network(config, augment_pipe)
+    for name in ("img_resolution", "img_channels"):
+        value = getattr(config, name)
+        if getattr(net, name, value) != value:
+            raise ValueError(f"net.{name}={getattr(net, name)} does not match the data ({value})")
+    net.train().requires_grad_(True).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = _make_optimizer(net, config, device)
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    return _Model(net, ema, optimizer, scaler, loss_fn, augment_pipe, PRECISIONS[config.precision])
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: steps done, log lines, and the loss window since the last log line."""
+
+    step: int
+    history: list[dict]
+    window_loss: torch.Tensor  # Sum over the window's steps of each step's mean loss, float32 0-d.
+    window_steps: int
+
+
+def _resume_source(resume: str | os.PathLike | None, outdir: Path | None) -> str | os.PathLike | None:
+    """The state dump that ``resume`` names ('latest'/'auto': the newest one in ``outdir``), or None."""
+    if resume not in ("latest", "auto"):
+        return resume
+    if outdir is None:
+        raise ValueError(f"resume={resume!r} needs an outdir")
+    found = find_latest_state(outdir)
+    if found is None and resume == "latest":
+        raise FileNotFoundError(f"no training-state-*.pt in {outdir} to resume from")
+    return found
+
+
+def _restore(m: _Model, resume: str | os.PathLike | None, device: torch.device, **expected: Any) -> _Progress:
+    """Load the state dump ``resume`` into ``m``, or a fresh start if None.
+
+    ``expected``: the ``config``, data ``fingerprint``, ``data_shape`` and ``allow_changed`` of this
+    run, which ``_check_resume`` compares with the saved run's first.
+    """
+    if resume is None:
+        return _Progress(0, [], torch.zeros(()).to(device=device, dtype=torch.float32), 0)
+    state = load_training_state(resume)
+    _check_resume(Path(resume), state, **expected)
+    try:
+        m.net.load_state_dict(state["net"])
+        m.ema.load_state_dict(state["ema"])
+        m.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{resume}: state does not fit this network/optimizer: {e}") from e
+    if m.scaler is not None and state.get("scaler"):
+        m.scaler.load_state_dict(state["scaler"])
+    window_loss = state["window_loss"].to(device=device, dtype=torch.float32)
+    return _Progress(int(state["step"]), list(state["history"]), window_loss, int(state["window_steps"]))
+
+
+def _wrap(
+    net: torch.nn.Module, config: TrainConfig, world_size: int, device: torch.device
+) -> tuple[torch.nn.Module, Any]:
+    """(model to call, the DDP wrapper or None): ``net`` under DDP with several processes and under
+    ``torch.compile`` if asked."""
+    ddp = None
+    model: torch.nn.Module = net
+    if world_size > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+    if config.compile:
+        model = torch.compile(model)
+    return model, ddp
+
+
+class _Batch(NamedTuple):
+    """One global batch: the training data, the positions it takes, and the loss's random draws."""
+
+    images: torch.Tensor  # All training images (N, C, H, W), uint8 or float32.
+    labels: torch.Tensor | None  # All labels (N, label_dim), or None.
+    indices: torch.Tensor  # (batch_size,) positions into images.
+    draws: LossDraws  # Sigma, noise and augmentation of the batch_size samples.
+
+
+def _accumulate_gradients(
+    model: Callable, m: _Model, config: TrainConfig, layout: _Layout, batch: _Batch, step: int, ddp
+) -> list[torch.Tensor]:
+    """Forward and backward passes over this process's rounds of one global batch, leaving in
+    ``m.net`` the gradient of the batch's summed loss divided by the local batch size.
+
+    Returns each round's mean loss (0-d, detached). Dropout draws from the global RNG seeded by
+    (seed, step, global round index).
+    """
+    device = batch.images.device
+    losses = []
+    m.optimizer.zero_grad(set_to_none=True)
+    for r in range(layout.rounds):
+        sl = layout.round_slice(r)
+        x = batch.images[batch.indices[sl]]
+        x = model_space(x)
+        y = batch.labels[batch.indices[sl]] if batch.labels is not None else None
+        no_sync = ddp.no_sync() if (ddp is not None and r < layout.rounds - 1) else contextlib.nullcontext()
+        dropout_seed = _derive_seed(config.seed, _DROPOUT, step, layout.rank * layout.rounds + r)
+        with no_sync, _seeded_global_rng(dropout_seed, device):
+            with torch.autocast(device.type, dtype=m.amp_dtype, enabled=m.amp_dtype is not None):
+                loss = m.loss_fn.evaluate(model, x, y, batch.draws[sl], m.augment_pipe)
+            scaled = loss.sum() / layout.batch_local
+            if config.loss_scaling != 1:
+                scaled = scaled * config.loss_scaling
+            (m.scaler.scale(scaled) if m.scaler is not None else scaled).backward()
+        losses.append(loss.detach().mean())
+    return losses
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, cur_nimg: int) -> float:
+    """Set and return the learning rate of the step that starts at ``cur_nimg`` images (ramp-up)."""
+    lr = learning_rate(config.lr, cur_nimg, config.lr_rampup_kimg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _update_weights(m: _Model, grad_clip: float | None) -> None:
+    """One optimizer step on the accumulated gradients (clipped to norm ``grad_clip`` if given)."""
+    if grad_clip is not None:
+        if m.scaler is not None:
+            m.scaler.unscale_(m.optimizer)
+        torch.nn.utils.clip_grad_norm_(list(m.net.parameters()), grad_clip)
+    if m.scaler is not None:
+        m.scaler.step(m.optimizer)
+        m.scaler.update()
     else:
-        kwargs["foreach"] = True
-    return torch.optim.Adam(params, **kwargs)
+        m.optimizer.step()
+
+
+def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    """``ema <- beta * ema + (1 - beta) * net`` for the parameters; buffers are copied."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - beta)
+        ema_buffers = list(ema.buffers())
+        if ema_buffers:
+            torch._foreach_copy_(ema_buffers, list(net.buffers()))
+
+
+def _ema_beta(config: TrainConfig, cur_nimg: int) -> float:
+    """The EMA decay of the step that starts at ``cur_nimg`` images (as EDM: before the step)."""
+    if config.ema_beta is not None:
+        return config.ema_beta
+    return edm_ema_beta(config.batch_size, cur_nimg, config.ema_halflife_kimg, config.ema_rampup_ratio)
+
+
+def _due(prev_nimg: int, cur_nimg: int, step: int, every_kimg: float | None, every_steps: int | None) -> bool:
+    """Whether a periodic save falls due at ``step`` (``every_steps``) or on crossing a multiple of
+    ``every_kimg`` between ``prev_nimg`` and ``cur_nimg`` images."""
+    if every_steps is not None:
+        return step % every_steps == 0
+    if every_kimg is not None:
+        every = every_kimg * 1000
+        return math.floor(cur_nimg / every) > math.floor(prev_nimg / every)
+    return False
+
+
+def _saves_due(config: TrainConfig, step: int, done: bool) -> tuple[bool, bool]:
+    """(snapshot, state dump): whether each falls due after ``step``; both at the end (dumps if enabled)."""
+    prev_nimg, cur_nimg = (step - 1) * config.batch_size, step * config.batch_size
+    snap = done or _due(prev_nimg, cur_nimg, step, config.snapshot_kimg, config.snapshot_steps)
+    dumps_on = config.state_dump_kimg is not None or config.state_dump_steps is not None
+    dump = (done and dumps_on) or _due(
+        prev_nimg, cur_nimg, step, config.state_dump_kimg, config.state_dump_steps
+    )
+    return snap, dump
+
+
+def _window_mean(progress: _Progress, world_size: int) -> float:
+    """Mean loss per step over the window, averaged over processes (a collective call)."""
+    value = progress.window_loss.clone()
+    if world_size > 1:
+        dist.all_reduce(value)
+        value /= world_size
+    return value.item() / max(progress.window_steps, 1)
+
+
+class _Outputs:
+    """The files of a run in ``outdir`` (on the main process), the progress bar, and what was saved."""
+
+    def __init__(self, outdir: Path | None, config: TrainConfig, progress: _Progress, bar: bool, total: int):
+        self.outdir, self.stats_file, self.bar = outdir, None, None
+        self.last_snapshot: Path | None = None
+        self.last_dump: Path | None = None
+        self.snapshots_ok = True
+        if outdir is not None:
+            outdir.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(outdir)
+            atomic_write_text(outdir / "training_options.json", json.dumps(config.to_dict(), indent=2) + "\n")
+            lines = "".join(json.dumps(h) + "\n" for h in progress.history)
+            atomic_write_text(outdir / "stats.jsonl", lines)
+            self.stats_file = open(outdir / "stats.jsonl", "a")
+        if bar:
+            self.bar = tqdm(
+                total=total, initial=progress.step, unit="step", mininterval=0.5, dynamic_ncols=True
+            )
+        self.window_start = self.t0 = time.perf_counter()
+
+    def check_finite(self, value: float, step: int, batch: int) -> None:
+        """Raise TrainingDivergedError if the loss ``value`` seen by ``step`` is not finite."""
+        if not math.isfinite(value):
+            raise TrainingDivergedError(
+                f"training diverged: loss is {value} by step {step} (kimg {step * batch / 1000:g}); "
+                f"last snapshot: {self.last_snapshot}, last state dump: {self.last_dump}",
+                step,
+                self.last_snapshot,
+                self.last_dump,
+            )
+
+    def log(self, p: _Progress, lr: float, batch: int, world_size: int) -> None:
+        """Close the loss window with a log line: check the loss, append to ``p.history`` and
+        stats.jsonl, show it on the progress bar, and start a new window."""
+        mean_loss = _window_mean(p, world_size)
+        self.check_finite(mean_loss, p.step, batch)
+        elapsed = time.perf_counter() - self.window_start
+        entry = dict(
+            step=p.step,
+            kimg=p.step * batch / 1000,
+            loss=mean_loss,
+            lr=lr,
+            images_per_sec=p.window_steps * batch / max(elapsed, 1e-9),
+            time_s=time.perf_counter() - self.t0,
+        )
+        p.history.append(entry)
+        if self.stats_file is not None:
+            self.stats_file.write(json.dumps(entry) + "\n")
+            self.stats_file.flush()
+        if self.bar is not None:
+            self.bar.set_postfix(
+                kimg=f"{entry['kimg']:.1f}",
+                loss=f"{mean_loss:.4g}",
+                img_s=f"{entry['images_per_sec']:.0f}",
+                refresh=False,
+            )
+        p.window_loss.zero_()
+        p.window_steps = 0
+        self.window_start = time.perf_counter()
+
+    def save(
+        self,
+        m: _Model,
+        config: TrainConfig,
+        p: _Progress,
+        world_size: int,
+        data: dict,
+        snap: bool,
+        dump: bool,
+    ):
+        """The EMA snapshot (if ``snap``) and the state dump (if ``dump``) of the run at ``p.step``."""
+        if snap:
+            self.snapshot(m.ema, p.step * config.batch_size)
+        if dump and self.outdir is not None:
+            self.dump(_training_state(m, config, p, world_size, data))
+
+    def snapshot(self, ema: torch.nn.Module, nimg: int) -> None:
+        """Save the EMA as ``snapshot_path(outdir, nimg)``; after a failure, no more snapshots."""
+        if self.outdir is not None and self.snapshots_ok:
+            path = snapshot_path(self.outdir, nimg)
+            self.snapshots_ok = _save_snapshot(ema, path)
+            self.last_snapshot = path if self.snapshots_ok else self.last_snapshot
+
+    def dump(self, state: dict) -> None:
+        """Write the training state ``state`` (see :func:`_training_state`) atomically."""
+        if self.outdir is not None:
+            path = state_dump_path(self.outdir, state["step"])
+            with atomic_path(path) as tmp:
+                torch.save(state, tmp)
+            self.last_dump = path
+
+    def advance(self) -> None:
+        """One step done: move the progress bar."""
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.stats_file is not None:
+            self.stats_file.close()
+
+
+def _training_state(m: _Model, config: TrainConfig, p: _Progress, world_size: int, data: dict) -> dict:
+    """Everything a state dump holds to continue the run bit-identically (tensors on the CPU).
+
+    ``data``: the training data's ``data_shape`` and ``data_sha256``, checked on resume."""
+    return dict(
+        format=STATE_FORMAT,
+        version=STATE_VERSION,
+        step=p.step,
+        nimg=p.step * config.batch_size,
+        world_size=world_size,
+        **data,
+        config=config.to_dict(),
+        net={k: v.detach().cpu() for k, v in m.net.state_dict().items()},
+        ema={k: v.detach().cpu() for k, v in m.ema.state_dict().items()},
+        optimizer=m.optimizer.state_dict(),
+        scaler=m.scaler.state_dict() if m.scaler is not None else None,
+        history=p.history,
+        window_loss=p.window_loss.detach().cpu(),
+        window_steps=p.window_steps,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -425,274 +886,80 @@ def _make_optimizer(net: torch.nn.Module, config: TrainConfig, device: torch.dev
 
 def train(
     config: TrainConfig,
-    data: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-    outdir: str | os.PathLike | None = None,
-    device: torch.device | str | None = None,
-    resume: str | os.PathLike | None = None,
-    progress: bool = True,
-    net: torch.nn.Module | None = None,
-) -> TrainResult:
+    data: torch.Tensor | tuple[torch.Tensor, torch.Tensor],  # Images, or (images, labels): see below.
+    outdir: str | os.PathLike | None = None,   # training_options.json, stats.jsonl, snapshots, dumps.
+    device: torch.device | str | None = None,  # Default: CUDA (LOCAL_RANK under torchrun) if present.
+    resume: str | os.PathLike | None = None,   # A state dump, 'latest' (in outdir) or 'auto' (or fresh).
+    progress: bool = True,                     # Progress bar on rank 0.
+    net: torch.nn.Module | None = None,        # A prebuilt denoiser, e.g. molrg.LowRankDenoiser.
+    allow_changed: Sequence[str] = (),         # On resume: 'data' or options that may differ.
+) -> TrainResult:  # fmt: skip
     """Train a denoiser on in-memory ``data``; returns the network, its EMA and the log.
 
-    data:    (N,C,H,W) float in model space [-1, 1] or uint8 (converted as x/127.5 - 1), optionally
-             with labels as ``(images, labels)`` (class indices (N,) or one-hot (N, label_dim)).
-    outdir:  where to write training_options.json, stats.jsonl, snapshots and state dumps (rank 0).
-    resume:  a state-dump path, 'latest' (newest dump in outdir, which must exist) or 'auto'
-             (newest dump if any, else a fresh start).
-    net:     a prebuilt trainable denoiser (e.g. molrg.LowRankDenoiser); default make_network(config).
-    Under torchrun the process group is joined (``init_distributed``) and each rank trains on its
-    slice of every global batch. Raises TrainingDivergedError on a non-finite loss.
+    ``data``: (N,C,H,W) float in model space [-1, 1] or uint8 (``data.to_model``), with labels as
+    class indices (N,) or one-hot (N, label_dim). On resume the data and the options outside
+    ``RESUME_FREE_OPTIONS`` must match the saved run's unless in ``allow_changed``. Under torchrun
+    each rank trains its slice of each global batch. Raises TrainingDivergedError on a NaN/inf loss.
     """
-    rank, world_size = init_distributed(device)
-    device = _resolve_device(device, world_size > 1)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-
-    # Data and derived configuration.
+    # Processes, device, data and the configuration the data completes.
+    rank, world_size, device = _join_processes(device, config.num_threads)
     images, labels = _prepare_data(data, config.label_dim, device)
-    n_data, C, H, W = images.shape
-    if H != W:
-        raise ValueError(f"training images must be square, got {H}x{W}")
-    for name, value in [("img_resolution", H), ("img_channels", C)]:
-        if getattr(config, name) not in (None, value):
-            raise ValueError(f"config.{name}={getattr(config, name)} but the data has {value}")
-    config = dataclasses.replace(
-        config, img_resolution=H, img_channels=C, label_dim=0 if labels is None else labels.shape[1]
-    )
-    B = config.batch_size
-    if B % world_size:
-        raise ValueError(f"batch_size {B} is not divisible by the world size {world_size}")
-    batch_local = B // world_size
-    batch_gpu = min(config.batch_gpu or batch_local, batch_local)
-    if batch_local % batch_gpu:
-        raise ValueError(f"batch_size/world_size = {batch_local} is not a multiple of batch_gpu {batch_gpu}")
-    rounds = batch_local // batch_gpu
-    total_steps = config.num_steps()
+    config = _complete_config(config, images, labels)
+    layout = _batch_layout(config, rank, world_size)
+    B, total_steps = config.batch_size, config.num_steps()
 
     # Model, EMA, optimizer, loss.
-    augment_pipe = make_augment_pipe(config.augment_p, **config.augment_kwargs)
-    loss_fn: DenoisingLoss = make_loss(config.loss or config.precond)
-    if net is None:
-        net = _build_network(config, augment_pipe)
-    for name, value in [("img_resolution", H), ("img_channels", C)]:
-        if getattr(net, name, value) != value:
-            raise ValueError(f"net.{name}={getattr(net, name)} does not match the data ({value})")
-    net.train().requires_grad_(True).to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = _make_optimizer(net, config, device)
-    amp_dtype = PRECISIONS[config.precision]
-    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    m = _setup_model(config, net, device)
 
-    # Resume.
-    step, history = 0, []
-    resumed_window = (torch.zeros(()), 0)
+    # Resume: the same data and options as the saved run, unless a change is allowed.
     outdir = Path(outdir) if outdir is not None else None
-    if resume in ("latest", "auto"):
-        if outdir is None:
-            raise ValueError(f"resume={resume!r} needs an outdir")
-        found = find_latest_state(outdir)
-        if found is None and resume == "latest":
-            raise FileNotFoundError(f"no training-state-*.pt in {outdir} to resume from")
-        resume = found
-    if resume is not None:
-        state = load_training_state(resume)
-        for key in ("seed", "batch_size"):
-            if state["config"][key] != getattr(config, key):
-                raise ValueError(
-                    f"{resume}: saved {key}={state['config'][key]} differs from this run's {getattr(config, key)}"
-                )
-        try:
-            net.load_state_dict(state["net"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"{resume}: state does not fit this network/optimizer: {e}") from e
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, history = int(state["step"]), list(state["history"])
-        resumed_window = (state["window_loss"], int(state["window_steps"]))
-        del state
+    resume = _resume_source(resume, outdir)
+    fingerprint = data_fingerprint(images, labels) if (outdir is not None or resume is not None) else None
+    data_record = dict(data_shape=list(images.shape), data_sha256=fingerprint)
+    checks = dict(config=config, fingerprint=fingerprint, allow_changed=allow_changed)
+    p = _restore(m, resume, device, data_shape=data_record["data_shape"], **checks)
 
-    # Wrappers.
-    ddp = None
-    model: torch.nn.Module = net
-    if world_size > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-        model = ddp
-    if config.compile:
-        model = torch.compile(model)
-
-    # Output files.
-    is_main = rank == 0
-    stats_file = None
-    if outdir is not None and is_main:
-        outdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(outdir / "training_options.json", json.dumps(config.to_dict(), indent=2) + "\n")
-        atomic_write_text(outdir / "stats.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-        stats_file = open(outdir / "stats.jsonl", "a")
-
-    order = _EpochOrder(n_data, config.seed, device)
+    # Wrappers, output files, data order and loss generator.
+    model, ddp = _wrap(m.net, config, world_size, device)
+    out = _Outputs(outdir if rank == 0 else None, config, p, progress and rank == 0, total_steps)
+    order = _EpochOrder(images.shape[0], config.seed, device)
     loss_gen = torch.Generator(device=device)
-    ema_params = list(ema.parameters())
-    net_params = list(net.parameters())
-    ema_buffers, net_buffers = list(ema.buffers()), list(net.buffers())
-    last_snapshot: Path | None = None
-    snapshots_ok = True
-    last_dump: Path | None = None
-    window_loss = resumed_window[0].to(device=device, dtype=torch.float32)
-    window_steps = resumed_window[1]
-    window_start = time.perf_counter()
-    t0 = time.perf_counter()
-    check_every_step = world_size == 1 and device.type == "cpu"
-
-    def nimg_at(s: int) -> int:
-        return s * B
-
-    def due(prev: int, cur: int, every_kimg: float | None, every_steps: int | None) -> bool:
-        if every_steps is not None:
-            return cur % every_steps == 0
-        if every_kimg is not None:
-            every = every_kimg * 1000
-            return math.floor(nimg_at(cur) / every) > math.floor(nimg_at(prev) / every)
-        return False
-
-    def reduced_window_loss() -> float:
-        value = window_loss.clone()
-        if world_size > 1:
-            dist.all_reduce(value)
-            value /= world_size
-        return value.item() / max(window_steps, 1)
-
-    def check_finite(value: float, at_step: int) -> None:
-        if not math.isfinite(value):
-            raise TrainingDivergedError(
-                f"training diverged: loss is {value} by step {at_step} (kimg {nimg_at(at_step) / 1000:g}); "
-                f"last snapshot: {last_snapshot}, last state dump: {last_dump}",
-                at_step, last_snapshot, last_dump,
-            )  # fmt: skip
-
-    def write_dump(at_step: int) -> Path:
-        path = state_dump_path(outdir, at_step)
-        state = dict(
-            format=STATE_FORMAT, version=STATE_VERSION, step=at_step, nimg=nimg_at(at_step),
-            world_size=world_size, data_shape=list(images.shape), config=config.to_dict(),
-            net={k: v.detach().cpu() for k, v in net.state_dict().items()},
-            ema={k: v.detach().cpu() for k, v in ema.state_dict().items()},
-            optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
-            history=history, window_loss=window_loss.detach().cpu(), window_steps=window_steps,
-        )  # fmt: skip
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-        return path
-
-    bar = None
-    if progress and is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, unit="step", mininterval=0.5, dynamic_ncols=True)
 
     try:
-        while step < total_steps:
-            cur_nimg = nimg_at(step)
-            lr = learning_rate(config.lr, cur_nimg, config.lr_rampup_kimg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        while p.step < total_steps:
+            cur_nimg = p.step * B
+            lr = _set_learning_rate(m.optimizer, config, cur_nimg)
 
             # Global batch: indices and random draws, identical on every rank.
-            idx = order.indices(cur_nimg, B)
-            loss_gen.manual_seed(_derive_seed(config.seed, _LOSS, step))
-            draws = loss_fn.draw((B, C, H, W), loss_gen, device, augment_pipe)
+            loss_gen.manual_seed(_derive_seed(config.seed, _LOSS, p.step))
+            draws = m.loss_fn.draw((B, *images.shape[1:]), loss_gen, device, m.augment_pipe)
+            batch = _Batch(images, labels, order.indices(cur_nimg, B), draws)
 
-            # Accumulate gradients over this rank's rounds.
-            optimizer.zero_grad(set_to_none=True)
-            for r in range(rounds):
-                lo = rank * batch_local + r * batch_gpu
-                sl = slice(lo, lo + batch_gpu)
-                bidx = idx[sl]
-                x = images[bidx]
-                x = x.to(torch.float32) / 127.5 - 1 if x.dtype == torch.uint8 else x
-                y = labels[bidx] if labels is not None else None
-                no_sync = ddp.no_sync() if (ddp is not None and r < rounds - 1) else contextlib.nullcontext()
-                with (
-                    no_sync,
-                    _seeded_global_rng(_derive_seed(config.seed, _DROPOUT, step, rank * rounds + r), device),
-                ):
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss = loss_fn.evaluate(model, x, y, draws[sl], augment_pipe)
-                    scaled = loss.sum() / batch_local
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                window_loss += loss.detach().mean() / rounds
-
-            if check_every_step:
-                check_finite(window_loss.item(), step + 1)
-            if config.grad_clip is not None:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(net_params, config.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            # Accumulate gradients over this rank's rounds, then update the weights.
+            for loss in _accumulate_gradients(model, m, config, layout, batch, p.step, ddp):
+                p.window_loss += loss / layout.rounds
+            if world_size == 1 and device.type == "cpu":  # cheap there: check the loss at every step
+                out.check_finite(p.window_loss.item(), p.step + 1, B)
+            _update_weights(m, config.grad_clip)
 
             # EMA (beta from the image count before this step, as EDM).
-            if config.ema_beta is not None:
-                beta = config.ema_beta
-            else:
-                beta = edm_ema_beta(B, cur_nimg, config.ema_halflife_kimg, config.ema_rampup_ratio)
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
-                if ema_buffers:
-                    torch._foreach_copy_(ema_buffers, net_buffers)
-
-            prev, step = step, step + 1
-            window_steps += 1
-            done = step >= total_steps
+            _update_ema(m.ema, m.net, _ema_beta(config, cur_nimg))
+            p.step += 1
+            p.window_steps += 1
+            done = p.step >= total_steps
 
             # Logging.
-            if step % config.log_every == 0 or done:
-                mean_loss = reduced_window_loss()
-                check_finite(mean_loss, step)
-                elapsed = time.perf_counter() - window_start
-                entry = dict(
-                    step=step, kimg=nimg_at(step) / 1000, loss=mean_loss, lr=lr,
-                    images_per_sec=window_steps * B / max(elapsed, 1e-9), time_s=time.perf_counter() - t0,
-                )  # fmt: skip
-                history.append(entry)
-                if stats_file is not None:
-                    stats_file.write(json.dumps(entry) + "\n")
-                    stats_file.flush()
-                if bar is not None:
-                    bar.set_postfix(
-                        kimg=f"{entry['kimg']:.1f}", loss=f"{mean_loss:.4g}",
-                        img_s=f"{entry['images_per_sec']:.0f}", refresh=False,
-                    )  # fmt: skip
-                window_loss.zero_()
-                window_steps = 0
-                window_start = time.perf_counter()
+            if p.step % config.log_every == 0 or done:
+                out.log(p, lr, B, world_size)
 
             # Snapshots and state dumps (only after a finite-loss check covering every step so far).
             # Decided identically on every rank (the check below is collective), whatever outdir is.
-            snap = done or due(prev, step, config.snapshot_kimg, config.snapshot_steps)
-            dumps_on = config.state_dump_kimg is not None or config.state_dump_steps is not None
-            dump = (done and dumps_on) or due(prev, step, config.state_dump_kimg, config.state_dump_steps)
-            if (snap or dump) and window_steps:
-                check_finite(reduced_window_loss(), step)
-            if outdir is not None and is_main:
-                if snap and snapshots_ok:
-                    path = snapshot_path(outdir, nimg_at(step))
-                    snapshots_ok = _save_snapshot(ema, path)
-                    last_snapshot = path if snapshots_ok else last_snapshot
-                if dump:
-                    last_dump = write_dump(step)
-            if bar is not None:
-                bar.update(1)
+            snap, dump = _saves_due(config, p.step, done)
+            if (snap or dump) and p.window_steps:
+                out.check_finite(_window_mean(p, world_size), p.step, B)
+            out.save(m, config, p, world_size, data_record, snap, dump)
+            out.advance()
     finally:
-        if bar is not None:
-            bar.close()
-        if stats_file is not None:
-            stats_file.close()
+        out.close()
 
-    return TrainResult(net=net, ema=ema, history=history, steps=step, kimg=nimg_at(step) / 1000)
+    return TrainResult(net=m.net, ema=m.ema, history=p.history, steps=p.step, kimg=p.step * B / 1000)

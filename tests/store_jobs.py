@@ -4,8 +4,9 @@
 
 runs ``RunStore(ROOT).run_grid`` over the configs with :func:`counted_cell` and writes the results
 (or the error) to OUT as JSON. Every computation appends one line ``<key> <pid>`` to the config's
-``log`` file (O_APPEND, one write, so lines of concurrent processes never mix). A config may ask the cell to sleep, to use
-its work folder, to say it started (``"started"``: a file to write), or to hang (``"hang_until"``: until that file exists).
+``log`` file (O_APPEND, one write, so lines of concurrent processes never mix). A config may ask
+the cell to sleep, to use its work folder, to say it started (``"started"``: a file to write), or to
+hang (``"hang_until"``: until that file exists).
 """
 
 from __future__ import annotations

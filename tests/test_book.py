@@ -21,6 +21,9 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = ["regimes", "optimal_denoiser", "model_similarity", "jacobian_rank", "molrg_phase_transition"]
 MATHJAX_CACHE = ROOT / ".cache" / "mathjax" / "package"
+WIDE_PARAMETER = {"model_channels": 128, "channel_mult": [2, 2, 2], "num_blocks": 4, "attn_resolutions": [16],
+                  "dropout": 0.13, "augment_dim": 9, "embedding_type": "positional",
+                  "encoder_type": "standard"}  # fmt: skip
 
 
 def _load_tool(name: str):
@@ -65,7 +68,8 @@ def tiny_figure_notebook(title: str, write_results: bool = True) -> nbformat.Not
                 f"# {title}\n\nThe rank ratio is $r/n$ and\n\n$$D(x;\\sigma) = \\mathbb{{E}}[x_0 \\mid x].$$"
             ),
             new_code_cell(
-                "profile = 'companion'\nresults_json = None\nPARAM_MARKER = 'default'",
+                "profile = 'companion'\nresults_json = None\nPARAM_MARKER = 'default'\n"
+                f"network = {WIDE_PARAMETER!r}  # a parameter line longer than the column is wide",
                 metadata={"tags": ["parameters"]},
             ),
             new_code_cell(
@@ -97,10 +101,12 @@ def make_book_tree(dest: Path) -> Path:
     ]:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
-    (dest / "book").mkdir(exist_ok=True)
+    (dest / "book" / "_static").mkdir(parents=True, exist_ok=True)
     for src in (ROOT / "book").iterdir():
         if src.suffix in (".md", ".bib"):
             shutil.copy2(src, dest / "book" / src.name)
+    for src in (ROOT / "book" / "_static").glob("*.css"):
+        shutil.copy2(src, dest / "book" / "_static" / src.name)
     for name in CHAPTERS:
         nb = tiny_figure_notebook(name.replace("_", " ").capitalize(), name != "molrg_phase_transition")
         nbformat.write(nb, dest / "notebooks" / f"{name}.ipynb")
@@ -191,6 +197,20 @@ def test_notebook_parameters_merge_yaml_profile_and_relative_results(tmp_path):
     (tmp_path / "params" / "paper" / "bad.yaml").write_text("- a list\n")
     with pytest.raises(build_book.BuildError, match="bad.yaml.*mapping"):
         build_book.load_profile_params(tmp_path, "paper", "bad")
+
+
+def test_smoke_profile_parameters_name_the_asset_folder(tmp_path, monkeypatch):
+    from nbhelpers import profiles, smoke
+
+    assert build_book.PROFILES == profiles.PROFILES
+    made = []
+    monkeypatch.setattr(smoke, "ensure_assets", lambda folder=None: made.append(folder))
+    monkeypatch.setenv(smoke.ENV_VAR, str(tmp_path / "assets"))
+    params = build_book.notebook_parameters(
+        ROOT, ROOT / "notebooks" / "regimes.ipynb", "smoke", tmp_path / "out"
+    )
+    assert made and params["profile"] == "smoke"
+    assert params["teacher"] == str(tmp_path / "assets" / smoke.FILES["teacher"])
 
 
 def test_toc_entries_and_prune():
@@ -301,11 +321,14 @@ def test_summary_notebook_reports_rows_missing_and_broken_files(tmp_path):
 
     results = tmp_path / "results"
     row = {"quantity": "GL at N=64", "setting": "UNet-64", "measured": 0.123456, "paper": None,
-           "check": "<= 0.1", "passed": False, "note": "small"}  # fmt: skip
+           "check": "<= 0.1", "passed": False, "kind": "phenomenon", "margin": -1.5,
+           "note": "small"}  # fmt: skip
+    sanity = {**row, "quantity": "copy criterion: held-out samples flagged", "kind": "sanity", "margin": None}
     _write_results(
-        results, "regimes", [row, {**row, "quantity": "GL at N=1024", "passed": True, "paper": 0.99}]
-    )
-    _write_results(results, "jacobian_rank", [{**row, "quantity": "rank ratio"}], profile="ci")
+        results, "regimes",
+        [row, {**row, "quantity": "GL at N=1024", "passed": True, "paper": 0.99, "margin": 2.0}, sanity],
+    )  # fmt: skip
+    _write_results(results, "jacobian_rank", [{**row, "quantity": "rank ratio", "kind": None}], profile="ci")
     (results / "model_similarity.json").write_text("{not json")
     out = tmp_path / "summary.ipynb"
     papermill.execute_notebook(
@@ -314,16 +337,21 @@ def test_summary_notebook_reports_rows_missing_and_broken_files(tmp_path):
     )  # fmt: skip
     text = _outputs_text(nbformat.read(out, as_version=4))
     assert "GL at N=1024" in text and "rank ratio" in text and "0.123" in text
-    assert "FAIL" in text and "pass" in text
-    assert "1 of 3 checks passed, 2 failed" in text
+    assert "FAIL" in text and "not shown" in text and "(-1.5 se)" in text
+    assert "Sanity checks: 0 of 1 pass, 1 FAIL." in text
+    assert (
+        "Phenomenon checks: 1 of 2 shown, 1 not shown." in text
+        and "Unclassified checks: 0 of 1 passed" in text
+    )
     for name in ["optimal_denoiser", "molrg_phase_transition"]:
         assert f"**{name}**: no results file" in text
     assert "**model_similarity**" in text and "cannot be read" in text
     assert "holds results of the `ci` profile" in text
     # A fresh clone: no results folder at all.
     papermill.execute_notebook(
-        str(ROOT / "notebooks" / "summary.ipynb"), str(out), parameters={"results_dir": str(tmp_path / "none")},
-        kernel_name="python3", progress_bar=False, cwd=str(ROOT / "notebooks"),
+        str(ROOT / "notebooks" / "summary.ipynb"), str(out),
+        parameters={"results_dir": str(tmp_path / "none")}, kernel_name="python3", progress_bar=False,
+        cwd=str(ROOT / "notebooks"),
     )  # fmt: skip
     text = _outputs_text(nbformat.read(out, as_version=4))
     assert "No results to show yet" in text and text.count(": no results file") == 5
@@ -431,7 +459,29 @@ def test_chromium_renders_every_page(built_book, tmp_path):
     assert failures == []
     assert sorted(p.relative_to(html).as_posix() for p in pages) == sorted(wanted)
     assert all((tmp_path / "shots" / f"book__{p.stem}.png").stat().st_size > 10_000 for p in pages)
-    # The checker itself fails on a broken page.
+    # The checker itself fails on a broken page ...
+    page = (html / "book" / "regimes.html").read_text(encoding="utf-8")
+    wide = (
+        "<table><tr>"
+        + "".join(f"<td>column{i:02d}_holding_a_long_value</td>" for i in range(12))
+        + "</tr></table>"
+    )
+    (html / "book" / "wide.html").write_text(
+        page.replace("</article>", wide + "</article>", 1), encoding="utf-8"
+    )
+    long_line = "<pre style='white-space: pre; overflow-x: auto'>" + "x = 1;" * 200 + "</pre>"
+    (html / "book" / "scroll.html").write_text(page.replace("</article>", long_line + "</article>", 1))
+    pages, failures = check_book.check_book(
+        html, tmp_path / "shots3", browser, patterns=["book/wide.html", "book/scroll.html"]
+    )
+    assert len(pages) == 2, failures
+    assert any(
+        f.startswith("book/wide.html: overflows the content column") and "column00" in f for f in failures
+    )
+    assert any(
+        f.startswith("book/scroll.html: overflows the content column") and "needs" in f for f in failures
+    )
+    # ... and on missing files.
     (html / "_images").rename(html / "_images_gone")
     pages, failures = check_book.check_book(
         html, tmp_path / "shots2", browser, patterns=["book/regimes.html"]

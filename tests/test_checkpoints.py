@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import collections
 import os
 import pickle
 import subprocess
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbhelpers import networks
+from nbhelpers import edm_pickle, networks
 from nbhelpers.checkpoints import (
     CheckpointError,
     PersistentRecord,
@@ -58,7 +57,7 @@ CASES = {
 
 @pytest.fixture
 def persistence(monkeypatch):
-    """A stand-in ``torch_utils.persistence`` so pickles reference the global EDM's pickles reference."""
+    """A stand-in ``torch_utils.persistence`` whose hook fails when called: the loader must never call it."""
     pkg = types.ModuleType("torch_utils")
     mod = types.ModuleType("torch_utils.persistence")
 
@@ -74,57 +73,19 @@ def persistence(monkeypatch):
     return mod
 
 
-class Persistent:
-    """Pickles like an EDM persistent object: a call of the persistence hook with one ``meta`` dict."""
-
-    def __init__(self, class_name, state, module_src):
-        self.meta = dict(type="class", version=6, module_src=module_src, class_name=class_name, state=state)
-
-    def __reduce__(self):
-        return (sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj, (self.meta,))
-
-
 def marker_source(marker):
     """Module source whose execution is detectable: it creates ``marker``."""
     return f"import pathlib\npathlib.Path({str(marker)!r}).write_text('module_src was executed')\n"
 
 
-def _is_plain(v):
-    if isinstance(v, bool | int | float | str | type(None) | np.generic):
-        return True
-    if isinstance(v, list | tuple):
-        return all(_is_plain(x) for x in v)
-    if isinstance(v, dict):
-        return all(_is_plain(x) for x in v.values())
-    return False
+# EDM records init args on every persistent object; numpy scalars and arrays occur in them.
+_CHILD_INIT_KWARGS = dict(init_weight=np.sqrt(0.2), f=np.ones(2))
+_EXTRA_STATE = dict(skip_scale_np=np.float64(np.sqrt(0.5)))
 
 
 def edm_tree(module, module_src, init_kwargs=None):
-    """Mirror EDM's pickled structure for ``module``: persistent records for the network's own classes,
-    ordinary pickled torch.nn containers (ModuleDict) otherwise, with the module ``__dict__`` as state."""
-    state = {}
-    for k, v in module.__dict__.items():
-        if k in ("_parameters", "_buffers"):
-            state[k] = collections.OrderedDict(v)
-        elif k == "_modules":
-            state[k] = collections.OrderedDict(
-                (name, None if child is None else edm_tree(child, module_src)) for name, child in v.items()
-            )
-        elif k == "_non_persistent_buffers_set" or (k.startswith("_") and isinstance(v, dict) and not v):
-            state[k] = v
-        elif not k.startswith("_") and _is_plain(v):
-            state[k] = v
-    if type(module).__module__.startswith("torch.nn"):
-        clone = type(module).__new__(type(module))
-        clone.__dict__.update(state)
-        return clone
-    # EDM records init args on every persistent object; numpy scalars and arrays occur in them.
-    state["_init_args"] = ()
-    state["_init_kwargs"] = (
-        init_kwargs if init_kwargs is not None else dict(init_weight=np.sqrt(0.2), f=np.ones(2))
-    )
-    state["skip_scale_np"] = np.float64(np.sqrt(0.5))
-    return Persistent(type(module).__name__, state, module_src)
+    """EDM's pickled structure for ``module`` (nbhelpers.edm_pickle), with numpy values in every record."""
+    return edm_pickle.edm_tree(module, module_src, init_kwargs, _CHILD_INIT_KWARGS, _EXTRA_STATE)
 
 
 def make_source_net(class_name, kwargs, seed=1):
@@ -137,21 +98,12 @@ def make_source_net(class_name, kwargs, seed=1):
 
 
 def write_snapshot(path, net, init_kwargs, module_src, protocol=4, **extra):
-    data = dict(
-        ema=edm_tree(net, module_src, init_kwargs),
-        loss_fn=Persistent(
-            "VPLoss",
-            dict(beta_d=19.9, beta_min=0.1, epsilon_t=1e-5, _init_args=(), _init_kwargs={}),
-            module_src,
-        ),
-        augment_pipe=None,
-        dataset_kwargs=dict(
-            class_name="training.dataset.ImageFolderDataset", path="data.zip", use_labels=False
-        ),
+    tree = dict(init_kwargs=init_kwargs, child_init_kwargs=_CHILD_INIT_KWARGS, extra_state=_EXTRA_STATE)
+    extra.setdefault(
+        "dataset_kwargs",
+        dict(class_name="training.dataset.ImageFolderDataset", path="data.zip", use_labels=False),
     )
-    data.update(extra)
-    path.write_bytes(pickle.dumps(data, protocol=protocol))
-    return path
+    return edm_pickle.write_snapshot(path, net, module_src, protocol=protocol, tree_kwargs=tree, **extra)
 
 
 def outputs(net, label_dim, channels):
@@ -279,7 +231,7 @@ def test_unknown_class_and_wrong_weights(tmp_path, persistence):
     class_name, kwargs = CASES["vp-ddpmpp"]
     tree = edm_tree(make_source_net(class_name, kwargs), "", kwargs)
     tree.meta["class_name"] = "iDDPMPrecond"
-    (tmp_path / "iddpm.pkl").write_bytes(pickle.dumps(dict(ema=tree)))
+    (tmp_path / "iddpm.pkl").write_bytes(edm_pickle.dumps(dict(ema=tree)))
     with pytest.raises(CheckpointError, match="iDDPMPrecond") as err:
         load_network(tmp_path / "iddpm.pkl")
     assert "iddpm.pkl" in str(err.value)
@@ -287,7 +239,7 @@ def test_unknown_class_and_wrong_weights(tmp_path, persistence):
     # Recorded kwargs that disagree with the stored weights: strict loading catches it.
     tree.meta["class_name"] = class_name
     tree.meta["state"]["_init_kwargs"] = dict(kwargs, model_channels=8)
-    (tmp_path / "mismatch.pkl").write_bytes(pickle.dumps(dict(ema=tree)))
+    (tmp_path / "mismatch.pkl").write_bytes(edm_pickle.dumps(dict(ema=tree)))
     with pytest.raises(CheckpointError, match="mismatch.pkl"):
         load_network(tmp_path / "mismatch.pkl")
 
@@ -309,7 +261,7 @@ def test_own_format_round_trip_and_content_detection(tmp_path, persistence, monk
     assert torch.equal(outputs(load_network(edm), 2, 3), outputs(src, 2, 3))
     monkeypatch.setenv("NBHELPERS_CACHE", str(tmp_path / "cache"))
     assert torch.equal(outputs(load_network(edm.as_uri()), 2, 3), outputs(src, 2, 3))
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 1
 
     # Broken own-format files.
     data = path.read_bytes()

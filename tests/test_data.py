@@ -1,4 +1,4 @@
-"""Tests for nbhelpers.data: EDM data sets, resizing, CIFAR-10 and Fashion-MNIST loaders, teacher data sets."""
+"""nbhelpers.data: EDM data sets, resizing, CIFAR-10 and Fashion-MNIST loaders, teacher data sets."""
 
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ from nbhelpers.data import (
     CIFAR10_URL,
     convert_dataset,
     edm_image_name,
+    flat_rows,
     image_names,
     iter_image_batches,
     load_cifar10,
     load_fashion_mnist,
     load_images,
+    model_space,
     read_idx,
     resize_images,
     synthetic_dataset,
@@ -62,6 +64,22 @@ def test_to_model_and_back_is_exact():
     assert np.array_equal(to_uint8(m.numpy().astype(np.float64)), x)
     assert torch.equal(to_model(torch.from_numpy(x)), m)
     assert to_uint8(torch.tensor([-3.0, 0.0, 3.0])).tolist() == [0, 128, 255]
+
+
+def test_model_space_and_flat_rows():
+    x = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+    m64 = model_space(x, dtype=torch.float64)
+    assert m64.dtype == torch.float64 and torch.allclose(m64.float(), to_model(x), rtol=0, atol=1e-7)
+    floats = torch.linspace(-1, 1, 8).reshape(2, 1, 2, 2)
+    assert model_space(floats) is floats  # model space already: no copy
+    with pytest.raises(ValueError, match="uint8 or floating point"):
+        model_space(torch.zeros(2, 3, dtype=torch.int32))
+    assert flat_rows(x).shape == (1, 256) and flat_rows(x).dtype == torch.uint8
+    assert flat_rows(floats, item_shape=(1, 2, 2)).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"train has shape \(2, 1, 2, 2\), expected \(N, 3, 2, 2\)"):
+        flat_rows(floats, "train", item_shape=(3, 2, 2))
+    with pytest.raises(ValueError, match="must be batched"):
+        flat_rows(np.zeros(3, dtype=np.uint8))
 
 
 # ----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def _script(module: torch.nn.Module, path) -> str:
 
 
 def authors_preprocess(img_chw: np.ndarray, size: int = 320) -> np.ndarray:
-    """The authors' pipeline without torchvision: PIL bilinear resize of the 8-bit image, /255, ImageNet norm."""
+    """The authors' pipeline without torchvision: PIL bilinear resize of the image, /255, ImageNet norm."""
     hwc = img_chw.transpose(1, 2, 0)
     pil = PIL.Image.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc)
     arr = np.asarray(pil.resize((size, size), PIL.Image.BILINEAR), dtype=np.float64) / 255

@@ -92,6 +92,31 @@ def test_profiles_precedence(fake_root, monkeypatch):
     assert profiles.resolve("demo", dict(defaults), verbose=False).steps == 10
 
 
+def test_injected_values_win_even_when_equal_to_the_defaults(fake_root, monkeypatch):
+    """papermill's injected cell runs after the parameters cell; every name it assigns beats the YAML."""
+    defaults = profiles.notebook_defaults("demo")
+    src = 'profile = ""\nsizes = [8, 16, 32]\nsteps = 4000\nname = "x"\n'
+    injected = '# Parameters\nprofile = "ci"\nsizes = [8, 16, 32]\n'
+    history = ["", src, injected, 'P = profiles.resolve("demo", globals())']
+    ns = dict(defaults, profile="ci", _ih=history)
+    p = profiles.resolve("demo", ns, verbose=False)
+    assert (p.sizes, p.steps) == ([8, 16, 32], 10)  # sizes injected (= default), steps from the YAML
+    assert profiles.injected_names(ns, src, set(defaults)) == {"profile", "sizes"}
+    # a later cell (interactive use) counts too; cells before the parameters cell do not
+    history = ["", "steps = 4000", src, injected, "steps = 4000", "P = ..."]
+    assert profiles.resolve("demo", dict(defaults, profile="ci", _ih=history), verbose=False).steps == 4000
+    history = ["", "steps = 4000", src, injected, "P = ..."]
+    assert profiles.resolve("demo", dict(defaults, profile="ci", _ih=history), verbose=False).steps == 10
+    # an edited parameters cell (not the file's source) is recognised by assigning every parameter
+    edited = src.replace("4000", "5")
+    history = ["", edited, injected, "P = ..."]
+    assert (
+        profiles.resolve("demo", dict(defaults, profile="ci", steps=5, _ih=history), verbose=False).steps == 5
+    )
+    # no history (plain Python): values equal to the defaults cannot be told apart and yield to the YAML
+    assert profiles.resolve("demo", dict(defaults, profile="ci"), verbose=False).sizes == [8]
+
+
 def test_profiles_errors(fake_root):
     defaults = profiles.notebook_defaults("demo")
     with pytest.raises(FileNotFoundError, match="paper"):
@@ -145,11 +170,13 @@ def test_results_round_trip(tmp_path):
     ]
     path = results.write_results(tmp_path / "r" / "demo.json", "demo", "companion", rows)
     assert results.write_results("", "demo", "ci", rows) is None
-    (doc,) = results.load_results(tmp_path / "r")
-    assert doc["rows"][0]["measured"] == 0.05 and doc["rows"][1]["measured"] == "nan"
+    docs, problems = results.load_results(tmp_path / "r", ["demo", "absent"], profile="companion")
+    assert list(docs) == ["demo"] and docs["demo"]["rows"][0]["measured"] == 0.05
+    assert docs["demo"]["rows"][1]["measured"] == "nan"
+    assert len(problems) == 1 and "**absent**: no results file" in problems[0]
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="demo.json"):
-        results.load_results(tmp_path / "r")
+    docs, problems = results.load_results(tmp_path / "r", ["demo"])
+    assert docs == {} and "demo.json" in problems[0] and "cannot be read" in problems[0]
     assert os.path.exists(path)
 
 

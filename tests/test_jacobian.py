@@ -13,10 +13,13 @@ import torch.nn.functional as F
 from nbhelpers import jacobian as jac_mod
 from nbhelpers.jacobian import (
     AUTHORS_SNR_GRID,
+    RankTable,
     denoiser_jacobian,
     effective_rank,
     jacobian_singular_values,
     rank_profile,
+    sigma_grid_points,
+    trajectory_points,
 )
 
 # ----------------------------------------------------------------------------
@@ -397,6 +400,34 @@ def test_rank_profile_trajectory_uses_sampler_points():
     assert from_latents["rank"].tolist() == seeded["rank"].tolist()
     with pytest.raises(ValueError, match="latents"):
         rank_profile(net, trajectory=True)
+
+
+def test_point_generators_and_rank_table():
+    """The trajectory is visited step by step (nothing kept); the grid's points share one eps."""
+    from nbhelpers.sampling import edm_sampler
+
+    net, clean = _molrg(num_classes=2, dim=3)
+    latents = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    kw = dict(num_steps=4, sigma_min=0.01, sigma_max=10.0, order=1)
+    visits = []
+    final = trajectory_points(net, latents, lambda i, s, x: visits.append((i, s, x.clone())), **kw)
+    ref, traj = edm_sampler(net, latents, return_trajectory=True, **kw)
+    assert torch.equal(final, ref) and [v[0] for v in visits] == [0, 1, 2, 3]
+    assert all(s == t and torch.equal(x, y) for (_, s, x), (t, y, _) in zip(visits, traj))
+    eps = torch.ones_like(clean)
+    grid = list(sigma_grid_points([0.5, 2.0], clean=clean, noise=lambda shape: eps))
+    assert [(i, s) for i, s, _ in grid] == [(0, 0.5), (1, 2.0)]
+    assert torch.equal(grid[1][2], clean + 2.0)
+    with pytest.raises(ValueError, match="generator= or seeds="):
+        list(sigma_grid_points([0.5], clean=clean))
+    table = RankTable(net, rule=["authors", "energy"], seeds=[5, 6], dtype=torch.float64)
+    for i, s, x in grid:
+        table.add(i, s, x)
+    df = table.frame()
+    assert list(df.columns) == list(RankTable.COLUMNS) and len(df) == 2 * 2 * 2
+    assert df["seed"].tolist() == [5, 5, 6, 6] * 2
+    with pytest.raises(ValueError, match="2 seeds for 1 points"):
+        table.add(0, 1.0, clean[:1])
 
 
 # ----------------------------------------------------------------------------

@@ -33,8 +33,14 @@ def test_optimal_jacobian_matches_autograd_through_the_optimal_denoiser():
     net = OptimalDenoiser(y, dtype=torch.float64, device="cpu")
     for sigma in (0.3, 2.0):
         J = jr.optimal_jacobian(y, x, sigma)
-        auto = torch.stack([torch.autograd.functional.jacobian(
-            lambda v, s=sigma: net(v.reshape(1, 1, 4, 4), s).reshape(-1), x[i].reshape(-1)) for i in range(3)])  # fmt: skip
+        auto = torch.stack(
+            [
+                torch.autograd.functional.jacobian(
+                    lambda v, s=sigma: net(v.reshape(1, 1, 4, 4), s).reshape(-1), x[i].reshape(-1)
+                )
+                for i in range(3)
+            ]
+        )
         torch.testing.assert_close(J, auto, atol=1e-10, rtol=1e-8)
         torch.testing.assert_close(J, J.transpose(1, 2))
 
@@ -61,13 +67,19 @@ def test_rank_configs_from_the_ci_profile():
     params = ci_params()
     configs = jr.rank_configs(params)
     assert [(c["panel"], c["model"]) for c in configs] == [
-        ("real", "unet"), ("real", "optimal"), ("molrg", "closed_form"), ("molrg", "lowrank"), ("molrg", "unet"),
-        ("molrg", "optimal")]  # fmt: skip
+        ("real", "unet"),
+        ("real", "optimal"),
+        ("molrg", "closed_form"),
+        ("molrg", "lowrank"),
+        ("molrg", "unet"),
+        ("molrg", "optimal"),
+    ]
     assert configs[0]["points"]["snr_grid"] == list(AUTHORS_SNR_GRID)  # empty snr_grid: the authors' axis
     assert configs[3]["train"]["loss"] == "ve" and configs[3]["restarts"] == 2
     assert configs[4]["rank_steps"] == [10] and configs[4]["train"]["precond"] == "edm"
-    ckpt = jr.rank_configs({**params, "checkpoints": ["https://example.org/edm-cifar10-32x32-uncond-vp.pkl"],
-                            "image_train": {}})  # fmt: skip
+    ckpt = jr.rank_configs(
+        {**params, "checkpoints": ["https://example.org/edm-cifar10-32x32-uncond-vp.pkl"], "image_train": {}}
+    )
     assert ckpt[0]["label"] == "edm-cifar10-32x32-uncond-vp" and ckpt[0]["model"] == "checkpoint"
     with pytest.raises(ValueError, match="MoLRG model"):
         jr.rank_configs({**params, "molrg_models": ["transformer"]})
@@ -107,10 +119,22 @@ def test_rank_cells_closed_form_optimal_and_checks(tmp_path):
 
 
 def test_rank_cell_lowrank_trained_by_loss_in_grid_mode(tmp_path):
-    params = {**ci_params(), "molrg_models": ["lowrank"], "image_train": {}, "points": "grid",
-              "snr_grid": [100.0, 0.01], "restarts": 3,
-              "lowrank_train": {"total_steps": 300, "batch_size": 64, "lr": 0.05, "lr_rampup_kimg": 0,
-                                "ema_beta": 0.95, "loss": "ve"}}  # fmt: skip
+    params = {
+        **ci_params(),
+        "molrg_models": ["lowrank"],
+        "image_train": {},
+        "points": "grid",
+        "snr_grid": [100.0, 0.01],
+        "restarts": 3,
+        "lowrank_train": {
+            "total_steps": 300,
+            "batch_size": 64,
+            "lr": 0.05,
+            "lr_rampup_kimg": 0,
+            "ema_beta": 0.95,
+            "loss": "ve",
+        },
+    }
     (config,) = jr.rank_configs(params)
     result, arrays = jr.run_rank_cell(config, tmp_path)
     kept = result["kept_restart"]
@@ -121,8 +145,23 @@ def test_rank_cell_lowrank_trained_by_loss_in_grid_mode(tmp_path):
 
 
 def _curve(label: str, panel: str, curve: dict[float, float], n: int = 48) -> pd.DataFrame:
-    return pd.DataFrame([{"panel": panel, "model": "unet", "label": label, "n": n, "point": p, "sigma": 1 / s,
-                          "snr": s, "rank": r * n, "rank_ratio": r} for s, r in curve.items() for p in (0, 1)])  # fmt: skip
+    return pd.DataFrame(
+        [
+            {
+                "panel": panel,
+                "model": "unet",
+                "label": label,
+                "n": n,
+                "point": p,
+                "sigma": 1 / s,
+                "snr": s,
+                "rank": r * n,
+                "rank_ratio": r,
+            }
+            for s, r in curve.items()
+            for p in (0, 1)
+        ]
+    )
 
 
 def test_rank_checks_u_net_floor_in_directions_and_real_minimum():
@@ -149,8 +188,16 @@ def test_unet_rank_history_generalization_and_resume(tmp_path):
     from nbhelpers import runs
 
     train = {"total_steps": 4, "batch_size": 16, "lr": 0.002, "lr_rampup_kimg": 0, "ema_beta": 0.9}
-    params = {**ci_params(), "molrg_models": ["unet"], "image_train": {}, "optimal_reference": False,
-              "rank_seeds": [0, 1], "molrg_train": train, "molrg_rank_steps": [2], "molrg_gl_samples": 8}  # fmt: skip
+    params = {
+        **ci_params(),
+        "molrg_models": ["unet"],
+        "image_train": {},
+        "optimal_reference": False,
+        "rank_seeds": [0, 1],
+        "molrg_train": train,
+        "molrg_rank_steps": [2],
+        "molrg_gl_samples": 8,
+    }
     (config,) = jr.rank_configs(params)
     fresh = runs.RunStore(tmp_path / "fresh").run(config, jr.run_rank_cell)
     hist = jr.rank_history([fresh])
@@ -162,8 +209,14 @@ def test_unet_rank_history_generalization_and_resume(tmp_path):
     store = runs.RunStore(tmp_path / "resumed")
     work = runs.work_dir(store.root / "staging", config)
     x = jr.training_data(config)
-    cells.train_model({**config["train"], "total_steps": 2}, x, torch.device("cpu"), workdir=work,
-                      snapshot_steps=2, state_dump_steps=2)  # fmt: skip
+    cells.train_model(
+        {**config["train"], "total_steps": 2},
+        x,
+        torch.device("cpu"),
+        workdir=work,
+        snapshot_steps=2,
+        state_dump_steps=2,
+    )
     assert list(work.glob("training-state-*.pt"))
     resumed = store.run(config, jr.run_rank_cell)
     assert not work.exists()

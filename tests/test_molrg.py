@@ -1,4 +1,4 @@
-"""Tests for nbhelpers.molrg: MoLRG bases and samples, the closed-form denoiser, the low-rank model, distances."""
+"""nbhelpers.molrg: MoLRG bases and samples, the closed-form denoiser, the low-rank model, distances."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_bases_reproducible_from_seed():
     c = MoLRG.create(3, 2, 4, 1, generator=12)
     torch.testing.assert_close(a.bases, b.bases, atol=0, rtol=0)
     assert not torch.allclose(a.bases, c.bases)
-    # Consecutive blocks: the first K*d columns of one orthogonal matrix, so more classes extend the same basis.
+    # Consecutive blocks: the first K*d columns of one orthogonal matrix (more classes extend the same basis).
     d = MoLRG.create(4, 2, 4, 1, generator=11)
     torch.testing.assert_close(d.bases[:3], a.bases, atol=1e-12, rtol=0)
 
@@ -101,7 +101,7 @@ def test_load_errors(mix, tmp_path):
 
 
 def _brute_force_posterior_mean(x: torch.Tensor, bases: torch.Tensor, sigma: float) -> torch.Tensor:
-    """E[x0 | x] by Gaussian conditioning per class, with full n x n covariances (independent of the module)."""
+    """E[x0 | x] by Gaussian conditioning per class, with full n x n covariances (not the module's code)."""
     n = bases.shape[1]
     log_lik, means = [], []
     for u in bases:
@@ -303,7 +303,7 @@ def _train_restarts(
 
 @pytest.mark.slow
 def test_lowrank_training_recovers_subspaces_only_with_enough_samples(mix):
-    """N_k >> d: the best of a few random restarts (chosen by training loss) finds the subspaces; N_k < d: none does.
+    """N_k >> d: the best of a few random restarts (by training loss) finds the subspaces; N_k < d: none does.
 
     The loss has spurious local minima (learned subspaces mixing directions of several true ones,
     as in K-subspaces clustering), so a single random start fails in about half the cases.
@@ -321,7 +321,7 @@ def test_lowrank_training_recovers_subspaces_only_with_enough_samples(mix):
 
 
 def test_off_subspace_and_nearest_class():
-    """A point on subspace k is at distance 0 from it and its nearest class is k; noise off it moves it away."""
+    """A point on subspace k is at distance 0 from it and its nearest class is k; noise moves it away."""
     mix = MoLRG.create(3, 2, 4, 3, generator=0)
     x, labels = mix.sample(5, generator=1)
     assert torch.equal(mix.nearest_class(x), labels)

@@ -1,9 +1,15 @@
-"""Every notebook: a literal ``parameters`` cell that knows every profile key, and a clean ``ci`` run."""
+"""Every notebook: a literal ``parameters`` cell that knows every profile key; papermill's values win.
+
+The ``ci`` run of every notebook is ``NBHELPERS_PROFILE=ci pytest --nbmake notebooks/`` (``make test``),
+which fails on any error output; the ``smoke`` runs are in test_smoke.py.
+"""
 
 from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -43,7 +49,7 @@ def test_parameters_cell_is_literal_and_covers_every_profile(path):
 
     seen = {p.name for p in PythonTranslator.inspect({"source": src})}
     assert seen == set(defaults), f"{path.name}: papermill does not parse {sorted(set(defaults) - seen)}"
-    for profile in ("ci", "paper"):
+    for profile in ("ci", "smoke", "paper"):
         file = profiles.repo_root() / "params" / profile / f"{path.stem}.yaml"
         if file.exists():
             overrides = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
@@ -53,14 +59,24 @@ def test_parameters_cell_is_literal_and_covers_every_profile(path):
 
 @pytest.mark.notebook
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_runs_with_the_ci_profile(path, tmp_path):
-    papermill = pytest.importorskip("papermill")
-    out = tmp_path / path.name
-    papermill.execute_notebook(
-        str(path), str(out), kernel_name="python3", cwd=str(profiles.repo_root()), progress_bar=False,
-        parameters={"profile": "ci", "runs_dir": str(tmp_path / "runs")},
-    )  # fmt: skip
+def test_papermill_values_win_even_when_equal_to_the_defaults(tmp_path):
+    """``-p profile paper -y 'widths: <companion default>'`` runs those widths, not the paper YAML's
+    [64, 128, 256]; ``-p workers 2`` likewise beats the YAML's 1. A dry run prints what it resolved."""
+    widths = profiles.notebook_defaults("regimes")["widths"]
+    assert widths != profiles.load_profile("regimes", "paper")["widths"]
+    out = tmp_path / "regimes.ipynb"
+    cmd = [sys.executable, "-m", "papermill", str(profiles.notebook_path("regimes")), str(out),
+           "-k", "python3", "--cwd", str(tmp_path), "--no-progress-bar", "-p", "profile", "paper",
+           "-p", "dry_run", "True",
+           "-y", f"train_seeds: [0, 1]\nwidths: {widths}", "-p", "workers", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     nb = json.loads(out.read_text(encoding="utf-8"))
-    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
+    text = "".join(
+        "".join(o.get("text", ""))
+        for c in nb["cells"]
+        for o in c.get("outputs", [])
+        if o.get("name") == "stdout"
+    )
+    assert f"widths {widths}, training seeds [0, 1]" in text, text
+    assert "profile: paper; injected: dry_run, train_seeds, widths, workers" in text, text

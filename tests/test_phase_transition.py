@@ -104,8 +104,13 @@ def test_train_restarts_keeps_the_lowest_training_loss_not_the_best_recovery(mon
     nets = [truth, LowRankDenoiser(2, 2, 4, 3, generator=1), LowRankDenoiser(2, 2, 4, 3, generator=2)]
     fake = iter([0.5, 0.1, 0.9])  # the truth (restart 0) is given a worse loss than restart 1
     monkeypatch.setattr(cells, "training_loss", lambda *a, **k: next(fake))
-    train = cells.train_config("lowrank", "edm", {}, {"total_steps": 1, "lr": 1e-9, "lr_rampup_kimg": 0,
-                                                      "ema_beta": 0.0, "loss": "ve"}, batch_size=4)  # fmt: skip
+    train = cells.train_config(
+        "lowrank",
+        "edm",
+        {},
+        {"total_steps": 1, "lr": 1e-9, "lr_rampup_kimg": 0, "ema_beta": 0.0, "loss": "ve"},
+        batch_size=4,
+    )
     trained, kept, facts = cells.train_restarts(train, x, nets, torch.device("cpu"))
     assert kept == 1 and [f["loss"] for f in facts] == [0.5, 0.1, 0.9]
     dists = [subspace_distance(n.orthonormal_bases(), mix.bases)[1] for n in trained]
@@ -124,8 +129,14 @@ def test_training_loss_uses_common_random_numbers():
 
 
 def test_lowrank_cell_trains_restarts_and_keeps_the_lowest_loss(tmp_path):
-    params = {**ci_params(), "lowrank_resolutions": [4], "lowrank_dims": [2], "lowrank_ratios": [4],
-              "trials": 2, "restarts": 3}  # fmt: skip
+    params = {
+        **ci_params(),
+        "lowrank_resolutions": [4],
+        "lowrank_dims": [2],
+        "lowrank_ratios": [4],
+        "trials": 2,
+        "restarts": 3,
+    }
     params["lowrank_train"] = {**params["lowrank_train"], "total_steps": 200}
     (config,) = pt.lowrank_configs(params)
     assert (
@@ -155,10 +166,22 @@ def _fake_table(success: dict[float, list[bool]], n: int = 48, d: int = 2) -> pd
     rows = []
     for ratio, s in success.items():
         for trial, ok in enumerate(s):
-            rows.append({"n": n, "d": d, "per_class": max(1, round(ratio * d)), "ratio": ratio, "trial": trial,
-                         "distance": 0.01 if ok else 0.5, "loss": 1.0 if ok else (0.5 if ratio == 1 else 2.0),
-                         "truth_loss": 1.0, "oracle_distance": 0.01 if ok else 0.5, "success": ok,
-                         "solver_distance": 0.0, "solver_success": ratio >= 1})  # fmt: skip
+            rows.append(
+                {
+                    "n": n,
+                    "d": d,
+                    "per_class": max(1, round(ratio * d)),
+                    "ratio": ratio,
+                    "trial": trial,
+                    "distance": 0.01 if ok else 0.5,
+                    "loss": 1.0 if ok else (0.5 if ratio == 1 else 2.0),
+                    "truth_loss": 1.0,
+                    "oracle_distance": 0.01 if ok else 0.5,
+                    "success": ok,
+                    "solver_distance": 0.0,
+                    "solver_success": ratio >= 1,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -205,8 +228,18 @@ def _unet_table(star: dict[int, float], seeds=(0, 1)) -> pd.DataFrame:
         for ratio in (0.5, 1, 2, 4, 8):
             nk = ratio * d
             gl = float(np.clip(0.5 + 0.5 * np.log2(nk / s), 0, 1))
-            rows += [{"d": d, "per_class": nk, "ratio": ratio, "seed": sd, "gl": gl, "gl_se": 0.02, "gl_fresh": 1.0}
-                     for sd in seeds]  # fmt: skip
+            rows += [
+                {
+                    "d": d,
+                    "per_class": nk,
+                    "ratio": ratio,
+                    "seed": sd,
+                    "gl": gl,
+                    "gl_se": 0.02,
+                    "gl_fresh": 1.0,
+                }
+                for sd in seeds
+            ]
     return pd.DataFrame(rows)
 
 
@@ -269,8 +302,14 @@ def test_paper_profile_is_consistent():
 
 @pytest.mark.slow
 def test_unet_cell_calibration_table_and_plots(tmp_path):
-    params = {**ci_params(), "unet_ratios": [1, 2], "unet_dims": [3], "train_seeds": [0], "eval_seeds": "0-7",
-              "unet_train": {"total_steps": 3, "batch_size": 4, "lr": 0.002, "lr_rampup_kimg": 0, "ema_beta": 0.9}}  # fmt: skip
+    params = {
+        **ci_params(),
+        "unet_ratios": [1, 2],
+        "unet_dims": [3],
+        "train_seeds": [0],
+        "eval_seeds": "0-7",
+        "unet_train": {"total_steps": 3, "batch_size": 4, "lr": 0.002, "lr_rampup_kimg": 0, "ema_beta": 0.9},
+    }
     cells_ = []
     for c in pt.unet_configs(params):
         result, arrays = pt.run_unet_cell(c, tmp_path)
@@ -314,5 +353,9 @@ def test_unet_transitions_with_a_seed_that_never_crosses():
 def test_loss_weight_share():
     assert pt.loss_weight_share("ve", 0.01, draws=10_000) == 0.0  # VE draws sigma >= 0.02
     ve = pt.loss_weight_share("ve", 0.05, draws=200_000)
-    assert ve == pytest.approx((0.02**-2 - 0.05**-2) / (0.02**-2 - 100.0**-2), abs=0.02)  # log-uniform, 1/sigma^2
-    assert pt.loss_weight_share("vp", 0.01, draws=10_000) > pt.loss_weight_share("edm", 0.01, draws=10_000) > 0
+    assert ve == pytest.approx(
+        (0.02**-2 - 0.05**-2) / (0.02**-2 - 100.0**-2), abs=0.02
+    )  # log-uniform, 1/sigma^2
+    assert (
+        pt.loss_weight_share("vp", 0.01, draws=10_000) > pt.loss_weight_share("edm", 0.01, draws=10_000) > 0
+    )

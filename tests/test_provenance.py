@@ -257,9 +257,8 @@ def test_provenance_line_names_profile_versions_commit_device_and_wall_time(monk
     cell = {"wall_seconds": 3600, "device": "cuda:0 (NVIDIA H200)", "commit": "abc"}
     provenance.note_cells({"runs/a": cell, "runs/b": None})
     provenance.note_cells({"runs/a": cell})  # loaded again: counted once
-    assert text + ". Grid cells: 2, 1 h 0 min of compute on cuda:0 (NVIDIA H200), commit abc, 1 without provenance" == (
-        provenance.line("companion", time.time() - 125, info)
-    )  # fmt: skip
+    cells = ". Grid cells: 2, 1 h 0 min of compute on cuda:0 (NVIDIA H200), commit abc, 1 without provenance"
+    assert text + cells == provenance.line("companion", time.time() - 125, info)
     assert "commit unknown" in provenance.line("ci", None, {**info, "commit": None})
     assert 0 < provenance.process_seconds() < 1e6
 

@@ -22,17 +22,48 @@ from nbhelpers.experiments import regimes as R  # noqa: E402
 from nbhelpers.runs import RunStore  # noqa: E402
 
 TOY = dict(
-    dataset="molrg", molrg_classes=2, molrg_dim=8, resolution=4, channels=3, data_seed=0, pool_size=64,
-    dataset_path="", dataset_sizes=[4, 16], widths=[4, 8], width_key="model_channels", train_seeds=[0, 1],
-    arch="ddpmpp", precond="edm",
+    dataset="molrg",
+    molrg_classes=2,
+    molrg_dim=8,
+    resolution=4,
+    channels=3,
+    data_seed=0,
+    pool_size=64,
+    dataset_path="",
+    dataset_sizes=[4, 16],
+    widths=[4, 8],
+    width_key="model_channels",
+    train_seeds=[0, 1],
+    arch="ddpmpp",
+    precond="edm",
     network={"channel_mult": [1], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0, "augment_dim": 0},
-    train={"total_steps": 4, "lr": 2e-3, "lr_rampup_kimg": 0, "ema_beta": 0.9}, batch_size=8, batch_at_most_n=True,
-    history_sizes=[], history_steps=[], history_seeds="100000-100003", molrg_panel={},
-    num_steps=4, sigma_min=0.002, sigma_max=80.0, rho=7.0, sampler_order=2, eval_seeds="100000-100015",
-    sample_batch=16, backend="relative", copy_threshold=0.0, same_threshold=0.0, sscd="", sscd_resize=320,
-    calibration_samples=400, copy_noise=0.03, max_false_copy=0.01, min_true_copy=0.99, max_false_same=0.01,
-    min_true_same=0.99, optimal_chunk=32,
-)  # fmt: skip
+    train={"total_steps": 4, "lr": 2e-3, "lr_rampup_kimg": 0, "ema_beta": 0.9},
+    batch_size=8,
+    batch_at_most_n=True,
+    history_sizes=[],
+    history_steps=[],
+    history_seeds="100000-100003",
+    molrg_panel={},
+    num_steps=4,
+    sigma_min=0.002,
+    sigma_max=80.0,
+    rho=7.0,
+    sampler_order=2,
+    eval_seeds="100000-100015",
+    sample_batch=16,
+    backend="relative",
+    copy_threshold=0.0,
+    same_threshold=0.0,
+    sscd="",
+    sscd_resize=320,
+    calibration_samples=400,
+    copy_noise=0.03,
+    max_false_copy=0.01,
+    min_true_copy=0.99,
+    max_false_same=0.01,
+    min_true_same=0.99,
+    optimal_chunk=32,
+)
 
 
 def test_pool_is_nested_fixed_and_fresh_samples_are_new():
@@ -57,8 +88,9 @@ def test_image_sources_use_the_pool_and_the_images_after_it(tmp_path):
 
     images = np.random.default_rng(0).integers(0, 256, (20, 3, 8, 8), dtype=np.uint8)
     path = write_dataset(images, tmp_path / "set.zip")
-    spec = R.data_spec({**TOY, "dataset": "images", "dataset_path": str(path), "pool_size": 12,
-                        "dataset_sizes": [4, 12]})  # fmt: skip
+    spec = R.data_spec(
+        {**TOY, "dataset": "images", "dataset_path": str(path), "pool_size": 12, "dataset_sizes": [4, 12]}
+    )
     assert spec == {"source": "images", "path": str(path), "pool_size": 12}
     np.testing.assert_array_equal(cells.training_set(spec, 4).numpy(), images[:4])
     np.testing.assert_array_equal(cells.fresh_samples(spec, 5).numpy(), images[12:17])
@@ -68,8 +100,18 @@ def test_image_sources_use_the_pool_and_the_images_after_it(tmp_path):
 
 def test_panels_main_and_molrg():
     main = {**TOY, "dataset": "fashion_mnist", "resolution": 8, "channels": 1}
-    ps = R.panels({**main, "molrg_panel": {"dataset": "molrg", "resolution": 4, "channels": 3, "molrg_classes": 8,
-                                           "molrg_dim": 4}})  # fmt: skip
+    ps = R.panels(
+        {
+            **main,
+            "molrg_panel": {
+                "dataset": "molrg",
+                "resolution": 4,
+                "channels": 3,
+                "molrg_classes": 8,
+                "molrg_dim": 4,
+            },
+        }
+    )
     assert list(ps) == ["Fashion-MNIST 8x8", "MoLRG n=48, K=8, d=4"]
     assert ps["MoLRG n=48, K=8, d=4"]["widths"] == TOY["widths"]  # the rest comes from the main panel
     assert list(R.panels(TOY)) == ["MoLRG n=48, K=2, d=8"]
@@ -140,8 +182,13 @@ def test_tables_on_synthetic_cells():
     copies = train[rng.integers(0, 8, 10)] * 1.01  # memorized: near-exact copies
     novel = rng.standard_normal((10, 3, 2, 2)).astype(np.float32) * 3  # far from every training point
     copy, same = S.Criterion("copy", "relative", 0.05), S.Criterion("same", "relative", 0.2)
-    cl = [_cell(8, 4, 0, copies, train), _cell(8, 8, 1, copies, train), _cell(64, 4, 0, novel, train),
-          _cell(64, 8, 1, novel + 0.01, train), _cell(64, 8, 0, -novel, train)]  # fmt: skip
+    cl = [
+        _cell(8, 4, 0, copies, train),
+        _cell(8, 8, 1, copies, train),
+        _cell(64, 4, 0, novel, train),
+        _cell(64, 8, 1, novel + 0.01, train),
+        _cell(64, 8, 0, -novel, train),
+    ]
     gl = R.gl_table(cl, copy)
     assert gl.groupby("n")["gl"].mean().to_dict() == {8: 0.0, 64: 1.0}
     rp = R.rp_table(cl, same)  # cross-seed pairs only
@@ -159,8 +206,15 @@ def test_tables_on_synthetic_cells():
 
 
 def test_n_half_and_mean_se():
-    t = pd.DataFrame({"n": [8, 16, 32] * 2, "width": [4] * 3 + [8] * 3, "seed": 0, "samples": 100,
-                      "gl": [0, 0.25, 0.75, 0, 0, 1.0]})  # fmt: skip
+    t = pd.DataFrame(
+        {
+            "n": [8, 16, 32] * 2,
+            "width": [4] * 3 + [8] * 3,
+            "seed": 0,
+            "samples": 100,
+            "gl": [0, 0.25, 0.75, 0, 0, 1.0],
+        }
+    )
     h = R.n_half(t).set_index("width")["n_half"]
     assert h[4] == pytest.approx(2 ** (4 + 0.5)) and h[8] == pytest.approx(2 ** (4 + 0.5))
     assert math.isnan(R.n_half(t.assign(gl=0.0))["n_half"].iloc[0])
@@ -169,28 +223,52 @@ def test_n_half_and_mean_se():
 
 
 def _checks_input(gl_values, rp_values, sizes=(8, 32, 128)):
-    gl = pd.DataFrame([{"n": n, "width": w, "seed": s, "gl": v + 0.01 * s, "samples": 500} for w, off in ((4, 0), (8, 1))
-                       for s in (0, 1) for n, v in zip(sizes[off:] + sizes[:off], gl_values)])  # fmt: skip
-    rp = pd.DataFrame([{"n": n, "pair": "4 vs 8", "seed_a": 0, "seed_b": 1, "rp": v, "seeds": 500}
-                       for n, v in zip(sizes, rp_values)])  # fmt: skip
+    gl = pd.DataFrame(
+        [
+            {"n": n, "width": w, "seed": s, "gl": v + 0.01 * s, "samples": 500}
+            for w, off in ((4, 0), (8, 1))
+            for s in (0, 1)
+            for n, v in zip(sizes[off:] + sizes[:off], gl_values)
+        ]
+    )
+    rp = pd.DataFrame(
+        [
+            {"n": n, "pair": "4 vs 8", "seed_a": 0, "seed_b": 1, "rp": v, "seeds": 500}
+            for n, v in zip(sizes, rp_values)
+        ]
+    )
     return gl.sort_values(["width", "n"]), rp
 
 
 def test_phenomenon_checks_pass_on_the_paper_shape_and_fail_otherwise():
-    gl = pd.DataFrame([{"n": n, "width": w, "seed": s, "gl": v, "samples": 500}
-                       for w, vs in ((4, [0.02, 0.7, 0.97]), (8, [0.01, 0.3, 0.95])) for s in (0, 1)
-                       for n, v in zip([8, 32, 128], vs)])  # fmt: skip
-    rp = pd.DataFrame([{"n": n, "pair": "4 vs 8", "rp": v, "seeds": 500} for n, v in zip([8, 32, 128], [0.7, 0.3, 0.8])])
+    gl = pd.DataFrame(
+        [
+            {"n": n, "width": w, "seed": s, "gl": v, "samples": 500}
+            for w, vs in ((4, [0.02, 0.7, 0.97]), (8, [0.01, 0.3, 0.95]))
+            for s in (0, 1)
+            for n, v in zip([8, 32, 128], vs)
+        ]
+    )
+    rp = pd.DataFrame(
+        [{"n": n, "pair": "4 vs 8", "rp": v, "seeds": 500} for n, v in zip([8, 32, 128], [0.7, 0.3, 0.8])]
+    )
     rows = R.regime_checks(gl, rp, "toy")
     assert all(r["passed"] and r["kind"] == "phenomenon" for r in rows) and len(rows) == 4 + 3 + 1
     assert all(r["margin"] is None or r["margin"] > 0 for r in rows)
     bad = R.regime_checks(gl.assign(gl=0.5), rp.assign(rp=0.7), "toy")
     failed = {r["quantity"] for r in bad if not r["passed"]}
-    assert failed == {"GL, smallest N (memorization)", "GL, largest N (generalization)",
-                      "pairwise RP dip: lower end minus transition minimum",
-                      "larger models need more data: log2 N(GL=0.5), wider minus narrower"}  # fmt: skip
-    ro = pd.DataFrame([{"n": n, "width": 4, "seed": 0, "order": 1, "rp": v, "seeds": 500}
-                       for n, v in zip([8, 32, 128], [0.5, 0.2, 0.0])])  # fmt: skip
+    assert failed == {
+        "GL, smallest N (memorization)",
+        "GL, largest N (generalization)",
+        "pairwise RP dip: lower end minus transition minimum",
+        "larger models need more data: log2 N(GL=0.5), wider minus narrower",
+    }
+    ro = pd.DataFrame(
+        [
+            {"n": n, "width": 4, "seed": 0, "order": 1, "rp": v, "seeds": 500}
+            for n, v in zip([8, 32, 128], [0.5, 0.2, 0.0])
+        ]
+    )
     og = pd.DataFrame([{"n": n, "order": 1, "gl": 0.0, "samples": 500} for n in [8, 32, 128]])
     opt_rows = R.optimal_checks(ro, og, "toy")
     assert all(r["passed"] for r in opt_rows) and {r["kind"] for r in opt_rows} == {"sanity", "phenomenon"}
@@ -206,7 +284,11 @@ def test_cells_run_in_a_store_and_resume(tmp_path):
     for c in cl:
         a = c["arrays"]
         assert a["samples"].shape == (16, 3, 4, 4) and a["samples"].dtype == np.float32
-        assert a["nn_rel"].shape == (16,) and a["off_subspace"].shape == (16,) and a["nearest_class"].shape == (16,)
+        assert (
+            a["nn_rel"].shape == (16,)
+            and a["off_subspace"].shape == (16,)
+            and a["nearest_class"].shape == (16,)
+        )
         assert c["steps"] == 4 and (tmp_path / "runs" / c["dir"].split("/")[-1] / "network.nbh").exists()
     assert cl[0]["arrays"]["history_copy"].shape == (1, 4) or cl[1]["arrays"]["history_copy"].shape == (1, 4)
     again = store.run_grid(configs, R.run_train_cell, workers=1, progress=False)  # loaded, not re-run
@@ -250,8 +332,11 @@ def test_both_notebooks_share_the_sweep_parameters():
             if profile != "companion"
             else profiles.notebook_defaults("regimes")
         )
-        b = (_profile_params("optimal_denoiser", profile) if profile != "companion"
-             else profiles.notebook_defaults("optimal_denoiser"))  # fmt: skip
+        b = (
+            _profile_params("optimal_denoiser", profile)
+            if profile != "companion"
+            else profiles.notebook_defaults("optimal_denoiser")
+        )
         shared = set(a) & set(b)
         assert shared >= {"dataset_sizes", "widths", "train", "runs_dir", "eval_seeds", "molrg_panel"}
         assert {k: a[k] for k in shared if k != "results_json"} == {
@@ -271,8 +356,10 @@ def test_plotting_helpers():
         assert (mem, gen) == (8.0, 32.0)
         plotting.shade_regimes(ax, mem, gen)
         labels = [tx.get_text() for tx in ax.texts]  # full names, or short ones in narrow bands
-        assert len(labels) == 3 and all(t.rstrip(".") and t.rstrip(".") in n for t, n in
-                                        zip(labels, ["memorization", "generalization", "transition"]))  # fmt: skip
+        assert len(labels) == 3 and all(
+            t.rstrip(".") and t.rstrip(".") in n
+            for t, n in zip(labels, ["memorization", "generalization", "transition"])
+        )
         badge = plotting.profile_badge(fig, "ci")
         assert badge.get_text() == "profile: ci"
         ax2 = plotting.annotated_heatmap(np.array([[1, 0.5], [0.5, 1]]), ["a", "b"], triangle="upper")
@@ -284,7 +371,9 @@ def test_plotting_helpers():
         plt.close("all")
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian dataset-fashion-mnist absent")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian dataset-fashion-mnist absent"
+)
 def test_both_criteria_on_real_fashion_mnist():
     """On the real test split: held-out images are not copies, planted copies are; unrelated pairs are
     not the same image, near-identical pairs are; and the copy threshold is far stricter."""

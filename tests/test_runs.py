@@ -201,8 +201,8 @@ def test_racing_jobs_take_an_expired_claim_over_exactly_once(tmp_path):
     stale._stop.set()  # its holder stops renewing: the lease runs out before the race starts
     at = time.time() + 1.0
     root = str(Path(__file__).resolve().parent.parent)
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, root, str(tmp_path), str(at)], stdout=subprocess.PIPE, text=True)
-             for _ in range(4)]  # fmt: skip
+    argv = [sys.executable, "-c", RACE, root, str(tmp_path), str(at)]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(4)]
     said = sorted(p.communicate(timeout=30)[0].strip() for p in procs)
     assert said == ["lost", "lost", "lost", "won"]
     assert claims.Claims(tmp_path).generations("cell") == [0, 1]

@@ -200,6 +200,26 @@ def test_sampler_calls_and_trajectory():
         edm_sampler(net, lat, sigmas=[1.0, 2.0, 0.0])
 
 
+def test_sampler_callback_sees_each_step_and_leaves_the_samples_unchanged():
+    net = GaussianDenoiser(0.5)
+    noise = SeedNoise([3, 4])
+    lat = noise.randn((1, 2, 2))
+    kw = dict(num_steps=6, S_churn=20, S_min=0.5, S_max=100)
+    steps = []
+    x = edm_sampler(net, lat, noise=noise, callback=steps.append, **kw)
+    again = SeedNoise([3, 4])
+    ref, traj = edm_sampler(net, again.randn((1, 2, 2)), noise=again, return_trajectory=True, **kw)
+    assert torch.equal(x, ref)
+    assert [s["i"] for s in steps] == list(range(6))
+    assert set(steps[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
+    assert [s["sigma"] for s in steps] == edm_sigmas(6)[:-1].tolist()
+    assert steps[0]["sigma_hat"] > steps[0]["sigma"] and steps[-1]["sigma_hat"] == steps[-1]["sigma"]
+    for s, (sigma_hat, x_t, denoised) in zip(steps, traj):
+        assert (
+            s["sigma_hat"] == sigma_hat and torch.equal(s["x"], x_t) and torch.equal(s["denoised"], denoised)
+        )
+
+
 def test_churn_is_seeded_and_batch_invariant():
     net = GaussianDenoiser(0.5)
     kw = dict(num_steps=10, S_churn=40, S_min=0.05, S_max=50)

@@ -14,17 +14,43 @@ from nbhelpers.sampling import save_images
 
 def _params(**kw):
     p = {
-        "dataset": "molrg", "dataset_path": "", "molrg_classes": 2, "molrg_dim": 2, "resolution": 4, "channels": 3,
-        "data_seed": 0, "num_train": 64,
-        "models": [{"name": "MLP a", "arch": "mlp", "precond": "edm", "seed": 0},
-                   {"name": "MLP b", "arch": "mlp", "precond": "vp", "seed": 1}],
+        "dataset": "molrg",
+        "dataset_path": "",
+        "molrg_classes": 2,
+        "molrg_dim": 2,
+        "resolution": 4,
+        "channels": 3,
+        "data_seed": 0,
+        "num_train": 64,
+        "models": [
+            {"name": "MLP a", "arch": "mlp", "precond": "edm", "seed": 0},
+            {"name": "MLP b", "arch": "mlp", "precond": "vp", "seed": 1},
+        ],
         "arch_network": {"mlp": {"hidden_dim": 16, "num_layers": 1, "emb_dim": 8}},
-        "train": {"total_steps": 3, "batch_size": 16, "lr": 0.001, "lr_rampup_kimg": 0, "ema_halflife_kimg": 1},
-        "eval_seeds": "0-7", "sample_batch": 8, "num_steps": 18, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0,
-        "sampler_order": 2, "backend": "relative", "calibration_pairs": 400, "near_noise": 0.03,
-        "max_false_rate": 0.01, "rp_threshold": None, "mae_threshold": None, "diagnostic_count": 8,
-        "reference": True, "molrg_panel": {},
-    }  # fmt: skip
+        "train": {
+            "total_steps": 3,
+            "batch_size": 16,
+            "lr": 0.001,
+            "lr_rampup_kimg": 0,
+            "ema_halflife_kimg": 1,
+        },
+        "eval_seeds": "0-7",
+        "sample_batch": 8,
+        "num_steps": 18,
+        "sigma_min": 0.002,
+        "sigma_max": 80.0,
+        "rho": 7.0,
+        "sampler_order": 2,
+        "backend": "relative",
+        "calibration_pairs": 400,
+        "near_noise": 0.03,
+        "max_false_rate": 0.01,
+        "rp_threshold": None,
+        "mae_threshold": None,
+        "diagnostic_count": 8,
+        "reference": True,
+        "molrg_panel": {},
+    }
     p.update(kw)
     return p
 
@@ -193,11 +219,15 @@ def test_matrices_pair_by_seed_with_bootstrap_errors(tmp_path):
     assert rp.loc["x", "y"] == 1.0 and rp.loc["y", "x"] == 1.0 and rp.loc["x", "z"] == 0.0
     assert rp.loc["x", "h"] == 0.5 and 0.03 < se.loc["x", "h"] < 0.12 and se.loc["x", "y"] == 0.0
     np.testing.assert_array_equal(np.diag(rp.to_numpy()), 1.0)
-    mae, _ = sim.score_matrix({k: sim.sorted_samples(s) for k, s in sources.items()},
-                              scores.Criterion("same", "mae", 0.02), boot=10)  # fmt: skip
+    mae, _ = sim.score_matrix(
+        {k: sim.sorted_samples(s) for k, s in sources.items()}, scores.Criterion("same", "mae", 0.02), boot=10
+    )
     assert mae.loc["x", "y"] == 1.0 and mae.loc["x", "z"] == 0.0
-    cos, _ = sim.score_matrix({k: sim.source_features(s, "pixel", tmp_path) for k, s in sources.items()},
-                              scores.Criterion("same", "cosine", 0.6), boot=10)  # fmt: skip
+    cos, _ = sim.score_matrix(
+        {k: sim.source_features(s, "pixel", tmp_path) for k, s in sources.items()},
+        scores.Criterion("same", "cosine", 0.6),
+        boot=10,
+    )
     assert cos.loc["x", "y"] == 1.0 and cos.loc["z", "x"] == 0.0
     table = sim.summary_table(rp, mae, ["x", "y", "z"])
     assert table.loc["RP", "max"] == 1.0 and table.loc["RP", "paper min"] == 0.70
@@ -233,8 +263,9 @@ def test_in_house_and_outside_models_in_one_matrix(tmp_path):
     rp, _ = sim.score_matrix(feats, scores.Criterion("same", "relative", 0.1), boot=10)
     assert rp.shape == (4, 4)
     assert rp.loc["outside", sim.REFERENCE_NAME] == 1.0  # quantisation alone keeps them the same
-    mae, _ = sim.score_matrix({n: sim.sorted_samples(s) for n, s in sources.items()},
-                              scores.Criterion("same", "mae", 0.05), boot=10)  # fmt: skip
+    mae, _ = sim.score_matrix(
+        {n: sim.sorted_samples(s) for n, s in sources.items()}, scores.Criterion("same", "mae", 0.05), boot=10
+    )
     assert mae.loc["outside", sim.REFERENCE_NAME] == 1.0
     assert sim.diagnostics_table(dict(zip(configs, cells))).shape == (2, len(sim.DIAGNOSTIC_SIGMAS))
     assert set(sim.cells_table(dict(zip(configs, cells))).columns) >= {"params", "sigma_first", "sigma_last"}
@@ -253,8 +284,11 @@ def test_copy_quality_sees_support_and_copies():
     train = sim.training_data(spec)
     fresh = cells.fresh_samples(spec, 40)
     noise = torch.randn(40, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    sources = {"copies": _source("copies", train[:40], range(40)), "fresh": _source("fresh", fresh, range(40)),
-               "noise": _source("noise", noise, range(40))}  # fmt: skip
+    sources = {
+        "copies": _source("copies", train[:40], range(40)),
+        "fresh": _source("fresh", fresh, range(40)),
+        "noise": _source("noise", noise, range(40)),
+    }
     q = sim.copy_quality(sources, spec, scores.Criterion("copy", "relative", 0.05))
     assert q.loc["copies", "nearest training point (rel.)"] == 0.0 and q.loc["copies", "GL"] == 0.0
     assert q.loc["fresh", "nearest training point (rel.)"] > 0.1 and q.loc["fresh", "GL"] >= 0.95

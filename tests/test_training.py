@@ -21,7 +21,11 @@ from nbhelpers.networks import EDMPrecond
 from nbhelpers.training import (
     TrainConfig,
     TrainingDivergedError,
+    _batch_layout,
     _EpochOrder,
+    _saves_due,
+    _setup_model,
+    _update_ema,
     edm_ema_beta,
     find_latest_state,
     learning_rate,
@@ -288,6 +292,46 @@ def test_epoch_order_visits_every_image_once_per_epoch():
     assert torch.equal(again.indices(12, 25), stream[12:37])  # any window, batch larger than N
 
 
+def test_batch_layout_covers_the_global_batch_once():
+    cfg = base_config(batch_size=24, batch_gpu=4)
+    layouts = [_batch_layout(cfg, rank, 3) for rank in range(3)]
+    assert [(lay.batch_local, lay.batch_gpu, lay.rounds) for lay in layouts] == [(8, 4, 2)] * 3
+    covered = [i for lay in layouts for r in range(lay.rounds) for i in range(24)[lay.round_slice(r)]]
+    assert covered == list(range(24))
+    with pytest.raises(ValueError, match="not divisible by the world size"):
+        _batch_layout(cfg, 0, 5)
+    with pytest.raises(ValueError, match="not a multiple of batch_gpu"):
+        _batch_layout(base_config(batch_size=24, batch_gpu=5), 0, 1)
+
+
+def test_saves_fall_due_by_steps_by_kimg_and_at_the_end():
+    by_steps = base_config(batch_size=8, snapshot_steps=3, state_dump_steps=2)
+    due = [_saves_due(by_steps, s, False) for s in (1, 2, 3, 6)]
+    assert due == [(False, False), (False, True), (True, False), (True, True)]
+    by_kimg = base_config(batch_size=8, snapshot_kimg=0.02)  # one snapshot per 20 images: steps 3, 5, 8
+    assert [s for s in range(1, 9) if _saves_due(by_kimg, s, False)[0]] == [3, 5, 8]
+    assert _saves_due(by_kimg, 9, True) == (True, False)  # no dumps unless enabled
+    assert _saves_due(base_config(state_dump_steps=100), 9, True) == (True, True)
+
+
+def test_ema_update_is_a_lerp_of_parameters_and_a_copy_of_buffers():
+    net, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+        ema.weight.fill_(1.0)
+        net.running_mean.fill_(5.0)
+    _update_ema(ema, net, beta=0.75)
+    assert torch.equal(ema.weight, torch.full((3,), 1.25)) and torch.equal(ema.running_mean, net.running_mean)
+
+
+def test_setup_model_checks_the_data_against_a_given_net():
+    cfg = base_config(img_resolution=8, img_channels=3, label_dim=0)
+    m = _setup_model(cfg, TinyDenoiser(resolution=8), torch.device("cpu"))
+    assert m.net.training and not m.ema.training and m.scaler is None and m.augment_pipe is None
+    with pytest.raises(ValueError, match="net.img_resolution=4 does not match the data"):
+        _setup_model(cfg, TinyDenoiser(resolution=4), torch.device("cpu"))
+
+
 def test_gradient_accumulation_equals_big_batch():
     data = clusters(32)
     runs = []
@@ -377,7 +421,8 @@ def test_exact_resume_and_outdir(tmp_path):
     out = tmp_path / "full"
     names = sorted(p.name for p in out.iterdir())
     assert names == [
-        "network-snapshot-000000.nbh", "stats.jsonl", "training-state-000000003.pt",
+        "network-snapshot-0000000032.nbh", "network-snapshot-0000000056.nbh", "stats.jsonl",
+        "training-state-000000003.pt",
         "training-state-000000006.pt", "training-state-000000007.pt", "training_options.json",
     ]  # fmt: skip
     opts = TrainConfig.from_dict(json.loads((out / "training_options.json").read_text()))
@@ -393,7 +438,7 @@ def test_exact_resume_and_outdir(tmp_path):
 
     from nbhelpers.checkpoints import load_network
 
-    snap = load_network(out / "network-snapshot-000000.nbh", device="cpu")
+    snap = load_network(out / "network-snapshot-0000000056.nbh", device="cpu")
     assert_same(snap, full.ema)
     with pytest.raises(FileNotFoundError):
         run(base_config(**kw), data, outdir=tmp_path / "empty", resume="latest")
@@ -431,8 +476,10 @@ def test_ddp_two_processes_match_single_process(tmp_path):
             sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
             torch.set_num_threads(1)
             from test_training import base_config, clusters, run
-            r = run(base_config(batch_size=8, batch_gpu=2, total_steps=3), clusters(32), outdir={str(tmp_path / "out")!r})
-            torch.save({{k: v for k, v in r.net.state_dict().items()}}, {str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.pt")
+            cfg = base_config(batch_size=8, batch_gpu=2, total_steps=3)
+            r = run(cfg, clusters(32), outdir={str(tmp_path / "out")!r})
+            weights = {{k: v for k, v in r.net.state_dict().items()}}
+            torch.save(weights, {str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.pt")
             torch.save([h["loss"] for h in r.history], {str(tmp_path)!r} + f"/loss{{dist.get_rank()}}.pt")
             dist.destroy_process_group()
             """

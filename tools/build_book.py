@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILES = ("ci", "companion", "paper")
+PROFILES = ("ci", "smoke", "companion", "paper")  # = nbhelpers.profiles.PROFILES
 SUMMARY = "summary"
 KERNEL = "python3"
 MATHJAX_SPEC = "mathjax@3"
@@ -61,7 +61,8 @@ def find_notebooks(root: Path, names: list[str] | None = None, with_summary: boo
         unknown = [s for s in stems if s not in available]
         if unknown:
             raise BuildError(
-                f"no such notebook in {folder}: {', '.join(unknown)} (available: {', '.join(available) or 'none'})"
+                f"no such notebook in {folder}: {', '.join(unknown)} (available: "
+                f"{', '.join(available) or 'none'})"
             )
     else:
         stems = list(available)
@@ -91,6 +92,11 @@ def load_profile_params(root: Path, profile: str, stem: str) -> dict:
         raise BuildError(
             f"{path}: expected a mapping of parameter names to values, got {type(data).__name__}"
         )
+    if profile == "smoke":  # its inputs live in the asset folder, which nbhelpers.smoke fills
+        from nbhelpers import profiles, smoke
+
+        smoke.ensure_assets()
+        data = profiles.expand_smoke_assets(data)
     return data
 
 
@@ -173,8 +179,12 @@ def record_provenance(nb, profile: str, seconds: float):
             record = out.get("metadata", {}).get("nbhelpers_provenance", record)
     if record is None:
         record = _tool_provenance()
-    nb.metadata["nbhelpers"] = {**nb.metadata.get("nbhelpers", {}), "profile": profile,
-                                "wall_seconds": round(seconds, 1), "provenance": record}  # fmt: skip
+    nb.metadata["nbhelpers"] = {
+        **nb.metadata.get("nbhelpers", {}),
+        "profile": profile,
+        "wall_seconds": round(seconds, 1),
+        "provenance": record,
+    }
     return nb
 
 
@@ -226,7 +236,6 @@ def _locate_failure(path: Path) -> str:
     return ""
 
 
-# fmt: off
 def execute_notebook(
     nb: Path,                   # source notebook, notebooks/<name>.ipynb
     out: Path,                  # folder that receives <name>.ipynb
@@ -234,8 +243,7 @@ def execute_notebook(
     profile: str,               # recorded in the notebook's metadata
     timeout: float | None,      # per-cell limit in seconds, None for no limit
     log_output: bool = False,   # echo the notebook's output while it runs
-) -> Path:
-# fmt: on
+) -> Path:  # fmt: skip
     """Execute one notebook into ``out/<name>.ipynb`` atomically; raise BuildError naming the cell."""
     import nbformat
     import papermill
@@ -264,7 +272,8 @@ def execute_notebook(
             os.replace(tmp, failed)
             first = next((ln for ln in exc.source.splitlines() if ln.strip()), "")
             raise BuildError(
-                f"{nb.name} failed in cell {exc.cell_index} (In [{exc.exec_count}], starts with {first[:80]!r}): "
+                f"{nb.name} failed in cell {exc.cell_index} (In "
+                f"[{exc.exec_count}], starts with {first[:80]!r}): "
                 f"{exc.ename}: {exc.evalue}\n    the partly executed notebook is {failed}"
             ) from None
         except Exception as exc:
@@ -303,7 +312,6 @@ def _execute_job(args: tuple) -> tuple[str, float, str | None]:
     return nb.stem, time.monotonic() - start, None
 
 
-# fmt: off
 def execute_all(
     root: Path,                     # repository root
     profile: str,                   # ci | companion | paper
@@ -313,13 +321,15 @@ def execute_all(
     timeout: float | None = None,   # per-cell limit in seconds
     with_summary: bool = True,      # also re-run the summary notebook
     log_output: bool = False,       # echo notebook output
-) -> list[Path]:
-# fmt: on
+) -> list[Path]:  # fmt: skip
     """Execute the selected notebooks (figure notebooks in parallel, then the summary)."""
     notebooks = find_notebooks(root, names, with_summary)
     if not notebooks:
         raise BuildError(f"no notebooks to execute in {root / 'notebooks'}")
-    jobs = [(nb, out, notebook_parameters(root, nb, profile, out), profile, timeout, log_output) for nb in notebooks]
+    jobs = [
+        (nb, out, notebook_parameters(root, nb, profile, out), profile, timeout, log_output)
+        for nb in notebooks
+    ]
     figure_jobs = [j for j in jobs if j[0].stem != SUMMARY]
     summary_jobs = [j for j in jobs if j[0].stem == SUMMARY]
     failures: list[str] = []
@@ -379,7 +389,9 @@ def toc_entries(toc: dict) -> list[str]:
 def document_exists(root: Path, entry: str) -> bool:
     """True when a toc entry resolves to a source file (with or without its extension)."""
     path = root / entry
-    return path.is_file() or any(path.with_name(path.name + ext).is_file() for ext in (".md", ".ipynb", ".rst"))
+    return path.is_file() or any(
+        path.with_name(path.name + ext).is_file() for ext in (".md", ".ipynb", ".rst")
+    )
 
 
 def prune_toc(toc: dict, missing: set[str]) -> dict:
@@ -410,7 +422,8 @@ def _npm_fetch_mathjax(cache: Path) -> Path:
     if npm is None:
         raise BuildError(
             "MathJax is not cached and npm is not installed: install npm (apt-get install -y npm), "
-            f"or pass --mathjax with a MathJax 3 package folder or mathjax-3.*.tgz, or unpack one into {cache}/package"
+            "or pass --mathjax with a MathJax 3 package folder or "
+            f"mathjax-3.*.tgz, or unpack one into {cache}/package"
         )
     proc = subprocess.run(
         [npm, "pack", MATHJAX_SPEC, "--pack-destination", str(cache), "--silent"],
@@ -420,7 +433,9 @@ def _npm_fetch_mathjax(cache: Path) -> Path:
     )
     tarballs = sorted(cache.glob("mathjax-3*.tgz"))
     if proc.returncode != 0 or not tarballs:
-        raise BuildError(f"`npm pack {MATHJAX_SPEC}` failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+        raise BuildError(
+            f"`npm pack {MATHJAX_SPEC}` failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
+        )
     return tarballs[-1]
 
 
@@ -462,14 +477,18 @@ def vendor_mathjax(root: Path, source: Path | None = None) -> Path:
         package = cache / "package"
         if not (package / MATHJAX_SCRIPT).is_file():
             cache.mkdir(parents=True, exist_ok=True)
-            (root / ".cache" / ".gitignore").write_text("# generated by tools/build_book.py\n*\n", encoding="utf-8")
+            (root / ".cache" / ".gitignore").write_text(
+                "# generated by tools/build_book.py\n*\n", encoding="utf-8"
+            )
             print(f"fetching {MATHJAX_SPEC} with npm into {cache}", flush=True)
             tarball = _npm_fetch_mathjax(cache)
             shutil.rmtree(package, ignore_errors=True)
             _extract_package(tarball, cache)
     script, fonts = package / MATHJAX_SCRIPT, package / MATHJAX_FONTS
     if not script.is_file() or not fonts.is_dir():
-        raise BuildError(f"{package}: not a MathJax 3 package (expected {MATHJAX_SCRIPT} and {MATHJAX_FONTS})")
+        raise BuildError(
+            f"{package}: not a MathJax 3 package (expected {MATHJAX_SCRIPT} and {MATHJAX_FONTS})"
+        )
     dest = root / "book" / "_static" / "mathjax"
     shutil.rmtree(dest, ignore_errors=True)
     (dest / "output" / "chtml" / "fonts").mkdir(parents=True)
@@ -490,18 +509,18 @@ def _check_mathjax_config(root: Path) -> None:
     sphinx_config = (config.get("sphinx") or {}).get("config") or {}
     expected = "mathjax/" + Path(MATHJAX_SCRIPT).name
     if sphinx_config.get("mathjax_path") != expected:
-        raise BuildError(f"{root / '_config.yml'}: sphinx.config.mathjax_path must be {expected!r} (vendored MathJax)")
+        raise BuildError(
+            f"{root / '_config.yml'}: sphinx.config.mathjax_path must be {expected!r} (vendored MathJax)"
+        )
 
 
-# fmt: off
 def build_html(
     root: Path,                     # repository root (holds _config.yml and _toc.yml)
     allow_missing: bool = False,    # build with the chapters that exist instead of failing
     mathjax: Path | None = None,    # MathJax package folder or tarball instead of the npm cache
     path_output: Path | None = None,  # folder that receives _build/ (default: the root)
     quiet: bool = False,            # pass -q to Jupyter Book
-) -> Path:
-# fmt: on
+) -> Path:  # fmt: skip
     """Build the HTML book from stored executed notebooks; return the ``index.html`` path."""
     import yaml
 
@@ -527,15 +546,25 @@ def build_html(
     build_dir = output_root / "_build"
     build_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
-        "build", str(root), "--path-output", str(output_root), "-W", "--keep-going", "--all",
-    ]  # fmt: skip
+        sys.executable,
+        "-c",
+        "from jupyter_book.cli.main import main; main()",
+        "build",
+        str(root),
+        "--path-output",
+        str(output_root),
+        "-W",
+        "--keep-going",
+        "--all",
+    ]
     if missing:
         # A partial book: a toc without the missing chapters, and a config that tolerates the
         # cross-references other pages make to them (every other warning is still an error).
         print("building without missing chapters: " + ", ".join(missing), flush=True)
         partial_toc = build_dir / "toc-available.yml"
-        partial_toc.write_text(yaml.safe_dump(prune_toc(toc, set(missing)), sort_keys=False), encoding="utf-8")
+        partial_toc.write_text(
+            yaml.safe_dump(prune_toc(toc, set(missing)), sort_keys=False), encoding="utf-8"
+        )
         config = yaml.safe_load((root / "_config.yml").read_text(encoding="utf-8")) or {}
         sphinx_config = config.setdefault("sphinx", {}).setdefault("config", {}) or {}
         config["sphinx"]["config"] = sphinx_config
@@ -548,7 +577,9 @@ def build_html(
     proc = subprocess.run(command, cwd=root)
     html = build_dir / "html"
     if proc.returncode != 0:
-        raise BuildError(f"jupyter-book build failed (exit {proc.returncode}); the warnings above are errors (-W)")
+        raise BuildError(
+            f"jupyter-book build failed (exit {proc.returncode}); the warnings above are errors (-W)"
+        )
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from check_book import scan_static
 
@@ -580,21 +611,34 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_execute_options(p: argparse.ArgumentParser, out_required: bool = False) -> None:
-        p.add_argument("--profile", choices=PROFILES, default="companion", help="parameter profile (default: companion)")
-        p.add_argument("--notebooks", default="", help="comma-separated notebook names (default: all in notebooks/)")
         p.add_argument(
-            "--out", type=Path, required=out_required, default=None if out_required else ROOT / "book",
+            "--profile", choices=PROFILES, default="companion", help="parameter profile (default: companion)"
+        )
+        p.add_argument(
+            "--notebooks", default="", help="comma-separated notebook names (default: all in notebooks/)"
+        )
+        p.add_argument(
+            "--out",
+            type=Path,
+            required=out_required,
+            default=None if out_required else ROOT / "book",
             help="folder for the executed notebooks (default: book/)",
-        )  # fmt: skip
+        )
         p.add_argument("--workers", type=int, default=1, help="notebooks executed in parallel (default: 1)")
-        p.add_argument("--timeout", type=float, default=None, help="per-cell time limit in seconds (default: none)")
+        p.add_argument(
+            "--timeout", type=float, default=None, help="per-cell time limit in seconds (default: none)"
+        )
         p.add_argument("--no-summary", action="store_true", help="do not re-run the summary notebook")
         p.add_argument("--log-output", action="store_true", help="echo each notebook's output while it runs")
 
     def add_html_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--allow-missing", action="store_true", help="build without chapters not executed yet")
-        p.add_argument("--mathjax", type=Path, default=None, help="MathJax 3 package folder or .tgz (default: npm)")
-        p.add_argument("--path-output", type=Path, default=None, help="folder that receives _build/ (default: root)")
+        p.add_argument(
+            "--mathjax", type=Path, default=None, help="MathJax 3 package folder or .tgz (default: npm)"
+        )
+        p.add_argument(
+            "--path-output", type=Path, default=None, help="folder that receives _build/ (default: root)"
+        )
         p.add_argument("--quiet", action="store_true", help="less Sphinx output")
 
     add_execute_options(sub.add_parser("execute", help="execute notebooks into book/ (or --out)"))
@@ -613,10 +657,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.workers < 1:
                 raise BuildError("--workers must be at least 1")
             if args.command == "batch" and args.out.resolve() == (ROOT / "book").resolve():
-                raise BuildError("batch writes into another folder than book/; use `execute` to update the book")
+                raise BuildError(
+                    "batch writes into another folder than book/; use `execute` to update the book"
+                )
             names = [n for n in args.notebooks.split(",") if n.strip()] or None
             execute_all(
-                ROOT, args.profile, args.out, names, args.workers, args.timeout, not args.no_summary, args.log_output
+                ROOT,
+                args.profile,
+                args.out,
+                names,
+                args.workers,
+                args.timeout,
+                not args.no_summary,
+                args.log_output,
             )
         if args.command in ("html", "all"):
             build_html(ROOT, args.allow_missing, args.mathjax, args.path_output, args.quiet)

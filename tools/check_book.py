@@ -5,10 +5,14 @@
 
 For each page it checks that the maths was typeset by the vendored MathJax (one ``mjx-container``
 per maths element, no TeX errors), that every ``<img>`` points at a non-empty file of the book, that
-no asset the page loads is missing, and that the page neither references nor requests anything
-outside this machine (Chromium's network log, with every host name made unresolvable). It installs
-nothing: Chromium comes from the system (``apt-get install -y chromium``). Exits 1 with a list of
-failures, 2 when Chromium or the book is missing.
+no asset the page loads is missing, that the page neither references nor requests anything
+outside this machine (Chromium's network log, with every host name made unresolvable), and that
+nothing overflows the content column horizontally at the window width (1280 px): no element of the
+article reaches past its edges and none needs a horizontal scroll bar or clips its content (the
+server adds a small script to each page that measures the laid-out page and writes what it found
+into the DOM, which Chromium dumps). It installs nothing: Chromium comes from the system
+(``apt-get install -y chromium``). Exits 1 with a list of failures, 2 when Chromium or the book is
+missing.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import argparse
 import contextlib
 import fnmatch
 import functools
+import html as html_lib
 import http.server
+import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -58,9 +65,68 @@ FETCHING = {
     "input": ("src",),
 }
 FETCHING_LINK_RELS = {
-    "stylesheet", "preload", "modulepreload", "prefetch", "preconnect", "dns-prefetch",
-    "icon", "shortcut", "apple-touch-icon", "manifest",
-}  # fmt: skip
+    "stylesheet",
+    "preload",
+    "modulepreload",
+    "prefetch",
+    "preconnect",
+    "dns-prefetch",
+    "icon",
+    "shortcut",
+    "apple-touch-icon",
+    "manifest",
+}
+
+
+# Measures the laid-out article after the page (and MathJax) settled; the outermost offenders only.
+LAYOUT_ID = "nbh-layout-check"
+LAYOUT_SCRIPT = """<script>(function () {
+  function name(el) {
+    var s = el.tagName.toLowerCase() + (el.id ? "#" + el.id : "");
+    var c = (el.getAttribute("class") || "").trim().split(/\\s+/).slice(0, 2).join(".");
+    var text = (el.textContent || "").trim().replace(/\\s+/g, " ").slice(0, 40);
+    return s + (c ? "." + c : "") + (text ? " '" + text + "'" : "");
+  }
+  function check() {
+    var col = document.querySelector("article.bd-article") || document.querySelector("main") || document.body;
+    var box = col.getBoundingClientRect(), found = [], outer = null, all = col.querySelectorAll("*");
+    for (var i = 0; i < all.length && found.length < 20; i++) {
+      var el = all[i];
+      if (outer && outer.contains(el)) continue;
+      var st = getComputedStyle(el), r = el.getBoundingClientRect();
+      if (st.display === "none" || st.visibility === "hidden" || st.position === "fixed" || r.width === 0)
+        continue;
+      var block = st.display.indexOf("inline") < 0;  // inline maths may overhang its box by a glyph
+      var clipped = block && el.clientWidth > 0 && el.scrollWidth > el.clientWidth + 1
+                    && st.overflowX !== "visible";
+      var past = r.right > box.right + 1 || r.left < box.left - 1;
+      if (clipped || past) {
+        outer = el;
+        found.push(name(el) + (clipped ? " needs " + el.scrollWidth + " px, shows " + el.clientWidth
+                                       : " spans x = " + Math.round(r.left) + ".." + Math.round(r.right)));
+      }
+    }
+    var out = document.getElementById("__ID__") || document.createElement("script");
+    out.type = "application/json"; out.id = "__ID__";
+    var column = [Math.round(box.left), Math.round(box.right)];
+    out.textContent = JSON.stringify({width: window.innerWidth, column: column, overflow: found});
+    document.body.appendChild(out);
+  }
+  window.addEventListener("load", function () { check(); setTimeout(check, 2500); setTimeout(check, 6000); });
+})();</script>""".replace("__ID__", LAYOUT_ID)
+
+
+def layout_report(dom: str) -> dict | None:
+    """What ``LAYOUT_SCRIPT`` wrote into a dumped DOM: width, column edges, overflowing elements."""
+    marker = f'id="{LAYOUT_ID}"'
+    start = dom.find(marker)
+    if start < 0:
+        return None
+    start = dom.find(">", start) + 1
+    end = dom.find("</script>", start)
+    with contextlib.suppress(json.JSONDecodeError):
+        return json.loads(html_lib.unescape(dom[start:end]))
+    return None
 
 
 def is_remote(url: str) -> bool:
@@ -147,11 +213,30 @@ def scan_static(html_dir: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def serve(html_dir: Path) -> Iterator[tuple[str, list[tuple[str, int]]]]:
-    """Serve ``html_dir`` on a loopback port; yield (base URL, log of (path, status) requests)."""
+def serve(html_dir: Path, inject_layout: bool = True) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    """Serve ``html_dir`` on a loopback port; yield (base URL, log of (path, status) requests).
+
+    With ``inject_layout`` every HTML page gets ``LAYOUT_SCRIPT`` before ``</body>``."""
     log: list[tuple[str, int]] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
+        def send_head(self):  # pages get the layout script; everything else is served as it is
+            path = self.translate_path(self.path)
+            if os.path.isdir(path):
+                path = os.path.join(path, "index.html")
+            if not path.endswith(".html") or not os.path.isfile(path) or not inject_layout:
+                return super().send_head()
+            body = Path(path).read_bytes()
+            at = body.rfind(b"</body>")
+            body = (
+                body[:at] + LAYOUT_SCRIPT.encode() + body[at:] if at >= 0 else body + LAYOUT_SCRIPT.encode()
+            )
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return io.BytesIO(body)
+
         def log_request(self, code="-", size="-") -> None:  # noqa: ARG002 - signature of the base class
             log.append((unquote(urlsplit(self.path).path), int(code) if str(code).isdigit() else 0))
 
@@ -218,7 +303,6 @@ def _local_file(html_dir: Path, page: Path, src: str, base: str) -> Path | None:
     return (page.parent / unquote(parts.path)).resolve()
 
 
-# fmt: off
 def check_page(
     browser: str,           # Chromium executable
     html_dir: Path,         # root of the built HTML
@@ -229,8 +313,8 @@ def check_page(
     budget_ms: int,         # Chromium's --virtual-time-budget
     width: int = 1280,      # window size in pixels
     height: int = 2000,
-) -> list[str]:
-# fmt: on
+    layout: bool = True,    # check horizontal overflow (needs the served page's LAYOUT_SCRIPT)
+) -> list[str]:  # fmt: skip
     """Load one page in headless Chromium; return its failures (empty when it is fine)."""
     rel = page.relative_to(html_dir).as_posix()
     failures = []
@@ -238,10 +322,16 @@ def check_page(
     with tempfile.TemporaryDirectory(prefix="check-book-") as tmp:
         netlog = Path(tmp) / "netlog.json"
         command = [
-            browser, *CHROMIUM_FLAGS, f"--user-data-dir={Path(tmp) / 'profile'}",
-            f"--window-size={width},{height}", f"--screenshot={screenshot}", "--dump-dom",
-            f"--virtual-time-budget={budget_ms}", f"--log-net-log={netlog}", url,
-        ]  # fmt: skip
+            browser,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={Path(tmp) / 'profile'}",
+            f"--window-size={width},{height}",
+            f"--screenshot={screenshot}",
+            "--dump-dom",
+            f"--virtual-time-budget={budget_ms}",
+            f"--log-net-log={netlog}",
+            url,
+        ]
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=180)
         except subprocess.TimeoutExpired:
@@ -272,20 +362,29 @@ def check_page(
             failures.append(f"{rel}: image {src} is an empty file")
     if not screenshot.is_file() or screenshot.stat().st_size == 0:
         failures.append(f"{rel}: no screenshot was written to {screenshot}")
+    if layout:
+        report = layout_report(proc.stdout)
+        if report is None:
+            failures.append(f"{rel}: the layout check did not run (no #{LAYOUT_ID} in the DOM)")
+        else:
+            edges = report.get("column", [0, 0])
+            for item in report.get("overflow", []):
+                failures.append(
+                    f"{rel}: overflows the content column (x = {edges[0]}..{edges[1]} at "
+                    f"{report.get('width')} px): {item}"
+                )
     return failures
 
 
-# fmt: off
 def check_book(
     html_dir: Path,                 # built HTML (…/_build/html)
     screenshots: Path,              # folder for one PNG per page
     browser: str,                   # Chromium executable
-    serve_mode: str = "http",       # http: a loopback server; file: file:// URLs
+    serve_mode: str = "http",       # http: a loopback server (with the layout check); file: file:// URLs
     budget_ms: int = 10000,         # virtual time each page gets to finish scripts (MathJax)
     patterns: list[str] | None = None,  # glob filters on page paths relative to html_dir
     height: int = 2000,             # screenshot height in pixels (width 1280)
-) -> tuple[list[Path], list[str]]:
-# fmt: on
+) -> tuple[list[Path], list[str]]:  # fmt: skip
     """Check every page; return (pages checked, failures)."""
     pages = list_pages(html_dir, patterns)
     failures = list(scan_static(html_dir))
@@ -300,7 +399,17 @@ def check_book(
             rel = page.relative_to(html_dir).as_posix()
             shot = screenshots / (rel.replace("/", "__").removesuffix(".html") + ".png")
             start = len(log)
-            page_failures = check_page(browser, html_dir, page, base + rel, base, shot, budget_ms, height=height)
+            page_failures = check_page(
+                browser,
+                html_dir,
+                page,
+                base + rel,
+                base,
+                shot,
+                budget_ms,
+                height=height,
+                layout=serve_mode == "http",
+            )
             missing = sorted({p for p, status in log[start:] if status >= 400 and p != "/favicon.ico"})
             page_failures += [f"{rel}: {p} is missing from the book (HTTP 404)" for p in missing]
             print(f"{'FAIL' if page_failures else 'ok  '} {rel}", flush=True)
@@ -314,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Screenshot and check every page of the built book in headless Chromium.",
     )
     parser.add_argument("--html", type=Path, default=ROOT / "_build" / "html", help="built HTML folder")
-    parser.add_argument("--screenshots", type=Path, default=ROOT / "_build" / "screenshots", help="PNG folder")
+    parser.add_argument(
+        "--screenshots", type=Path, default=ROOT / "_build" / "screenshots", help="PNG folder"
+    )
     parser.add_argument("--browser", default=None, help="Chromium executable (default: chromium on PATH)")
     parser.add_argument("--serve", choices=("http", "file"), default="http", help="how pages are opened")
     parser.add_argument("--budget-ms", type=int, default=10000, help="virtual time budget per page")
@@ -327,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: Chromium not found; install it with `apt-get install -y chromium`", file=sys.stderr)
         return 2
     if not (args.html / "index.html").is_file():
-        print(f"error: {args.html} holds no built book; run `python tools/build_book.py html`", file=sys.stderr)
+        print(
+            f"error: {args.html} holds no built book; run `python tools/build_book.py html`", file=sys.stderr
+        )
         return 2
     patterns = [p.strip() for p in args.pages.split(",") if p.strip()] or None
     pages, failures = check_book(

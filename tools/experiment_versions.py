@@ -47,7 +47,8 @@ def problems(recorded: dict, current: dict[str, tuple[int, str]], folder: Path) 
         known = [int(v) for v in versions]
         if known and version < max(known):
             out.append(
-                f"{rel(module)}: VERSION {version} is below the recorded VERSION {max(known)}; versions only go up"
+                f"{rel(module)}: VERSION {version} is below the "
+                f"recorded VERSION {max(known)}; versions only go up"
             )
         elif str(version) not in versions:
             out.append(

@@ -46,31 +46,51 @@ class Calibration:
     def threshold(self) -> float:
         return self.criterion.threshold
 
+    @classmethod
+    def given(cls, criterion: scores.Criterion) -> Calibration:
+        """A criterion whose threshold was given, not calibrated (no evidence tables)."""
+        return cls(criterion, pd.DataFrame(), pd.DataFrame(columns=["n", "kind", "score"]), 0.0, 0.0)
+
     def sanity_rows(self, setting: str) -> list[dict[str, Any]]:
         """Result rows: the null's flag rate (<= max_false by construction) and the control's (power)."""
         from ..results import check
 
+        if self.table.empty:
+            return []
         q = self.criterion.question
         null, control = _KINDS[q]
         worst_null = float(self.table["null_rate"].max())
         worst_control = float(self.table["control_rate"].min())
         where = f"{setting}, {self.criterion}"
         return [
-            check(f"{q} criterion: {null} flagged", where, worst_null, "<=", self.max_false, kind="sanity",
-                  note="the threshold is set from these (worst setting)"),
-            check(f"{q} criterion: {control} flagged", where, worst_control, ">=", self.min_true, kind="sanity",
-                  note="the criterion's power (worst setting)"),
-        ]  # fmt: skip
+            check(
+                f"{q} criterion: {null} flagged",
+                where,
+                worst_null,
+                "<=",
+                self.max_false,
+                kind="sanity",
+                note="the threshold is set from these (worst setting)",
+            ),
+            check(
+                f"{q} criterion: {control} flagged",
+                where,
+                worst_control,
+                ">=",
+                self.min_true,
+                kind="sanity",
+                note="the criterion's power (worst setting)",
+            ),
+        ]
 
 
 _KINDS = {"copy": ("held-out samples", "planted copies"), "same": ("unrelated pairs", "near-identical pairs")}
 
 
 def _model_space(x: Any) -> torch.Tensor:
-    from ..data import to_model
+    from ..data import model_space
 
-    t = torch.as_tensor(x)
-    return to_model(t).double() if t.dtype == torch.uint8 else t.double()
+    return model_space(x, dtype=torch.float64)
 
 
 def _like_data(x: torch.Tensor, spec: Mapping[str, Any]) -> torch.Tensor:
@@ -103,7 +123,9 @@ def same_scores(a: Any, b: Any, statistic: str) -> np.ndarray:
         return scores.relative_distance(a, b).numpy()
     if statistic == "mae":
         return scores.mean_abs_difference(a, b).numpy()
-    return torch.nn.functional.cosine_similarity(torch.as_tensor(a).double(), torch.as_tensor(b).double()).numpy()
+    return torch.nn.functional.cosine_similarity(
+        torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    ).numpy()
 
 
 def _embed(statistic: str, features: FeatureFn) -> Callable[[Any], Any]:
@@ -176,23 +198,35 @@ def _noisy(x: Any, noise: float, g: torch.Generator) -> torch.Tensor:
     return y + noise * y.norm(dim=1, keepdim=True) * e / y.shape[1] ** 0.5
 
 
-def _calibration(crit: scores.Criterion, per_setting: list, max_false: float, min_true: float,
-                 key: str | None) -> Calibration:  # fmt: skip
+def _calibration(
+    crit: scores.Criterion, per_setting: list, max_false: float, min_true: float, key: str | None
+) -> Calibration:
     null_kind, control_kind = _KINDS[crit.question]
     rows, long = [], []
     for n, null, control in per_setting:
         q_null = float(np.quantile(null, max_false if crit.flag == "below" else 1 - max_false))
         q_ctrl = float(np.quantile(control, min_true if crit.flag == "below" else 1 - min_true))
-        row = {"null_rate": float(crit.flags(null).mean()), "control_rate": float(crit.flags(control).mean()),
-               "null_quantile": q_null, "control_quantile": q_ctrl, "threshold": crit.threshold}  # fmt: skip
+        row = {
+            "null_rate": float(crit.flags(null).mean()),
+            "control_rate": float(crit.flags(control).mean()),
+            "null_quantile": q_null,
+            "control_quantile": q_ctrl,
+            "threshold": crit.threshold,
+        }
         rows.append({key: n, **row} if key else row)
-        long += [pd.DataFrame({"n": n, "kind": null_kind, "score": null}),
-                 pd.DataFrame({"n": n, "kind": control_kind, "score": control})]  # fmt: skip
+        long += [
+            pd.DataFrame({"n": n, "kind": null_kind, "score": null}),
+            pd.DataFrame({"n": n, "kind": control_kind, "score": control}),
+        ]
     return Calibration(crit, pd.DataFrame(rows), pd.concat(long, ignore_index=True), max_false, min_true)
 
 
-def plot_calibration(cals: Mapping[str, Calibration], profile: str, extra: Mapping[str, np.ndarray] | None = None,
-                     sizes: Sequence[int] | None = None):  # fmt: skip
+def plot_calibration(
+    cals: Mapping[str, Calibration],
+    profile: str,
+    extra: Mapping[str, np.ndarray] | None = None,
+    sizes: Sequence[int] | None = None,
+):
     """Histograms of each calibration's null and control scores with its threshold, one panel per
     (calibration, size); ``extra`` adds named score sets (e.g. a model's samples) to the first panel."""
     import matplotlib.pyplot as plt
@@ -201,9 +235,13 @@ def plot_calibration(cals: Mapping[str, Calibration], profile: str, extra: Mappi
 
     panels = []
     for name, cal in cals.items():
+        if cal.scores.empty:
+            continue
         ns = sorted(cal.scores["n"].unique())
         ns = [n for n in ns if sizes is None or n in sizes or n == 0]
         panels += [(name, cal, n) for n in ns]
+    if not panels:
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 2.9), squeeze=False)
     for i, (ax, (name, cal, n)) in enumerate(zip(axes[0], panels)):
         sub = cal.scores[cal.scores["n"] == n]
@@ -213,8 +251,15 @@ def plot_calibration(cals: Mapping[str, Calibration], profile: str, extra: Mappi
         for (kind, g), color in zip(sub.groupby("kind", sort=False), plotting.colors(3)):
             ax.hist(g["score"], bins=bins, alpha=0.55, color=color, label=kind, density=True)
         for j, (label, values) in enumerate((extra or {}).items() if i == 0 else []):
-            ax.hist(values, bins=bins, histtype="step", lw=1.4, color=plotting.colors(4 + j)[3 + j], density=True,
-                    label=label)  # fmt: skip
+            ax.hist(
+                values,
+                bins=bins,
+                histtype="step",
+                lw=1.4,
+                color=plotting.colors(4 + j)[3 + j],
+                density=True,
+                label=label,
+            )
         ax.axvline(cal.threshold, color="k", ls="--", lw=1, label=f"threshold {cal.threshold:g}")
         ax.set_title(name + (f", N = {n}" if n else ""), fontsize=9)
         ax.set_xlabel("||x - y|| / ||y||" if cal.criterion.statistic == "relative" else "cosine")

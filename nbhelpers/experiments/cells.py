@@ -37,6 +37,34 @@ def device() -> torch.device:
 
 
 # ----------------------------------------------------------------------------
+# Panels: a chapter's main data set and its controlled MoLRG counterpart.
+
+
+def panels(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A notebook's panels, name -> parameters: the main panel and, when ``molrg_panel`` is set, the
+    MoLRG panel (the main parameters with those overrides, dataset 'molrg', backend 'relative')."""
+    main = dict(params)
+    out = {panel_name(main): main}
+    if params.get("molrg_panel"):
+        molrg = {**main, "dataset": "molrg", **dict(params["molrg_panel"])}
+        if molrg["backend"] != "relative":
+            raise ValueError("molrg_panel: MoLRG points are vectors, not images; give it backend 'relative'")
+        out[panel_name(molrg)] = molrg
+    return out
+
+
+def panel_name(params: Mapping[str, Any]) -> str:
+    """Display name of a panel, e.g. 'Fashion-MNIST 8x8' or 'MoLRG n=48, K=8, d=4'."""
+    kind, r = params["dataset"], int(params["resolution"])
+    if kind == "fashion_mnist":
+        return f"Fashion-MNIST {r}x{r}"
+    if kind == "molrg":
+        n = int(params["channels"]) * r * r
+        return f"MoLRG n={n}, K={int(params['molrg_classes'])}, d={int(params['molrg_dim'])}"
+    return f"images ({Path(str(params['dataset_path'])).name})"
+
+
+# ----------------------------------------------------------------------------
 # Data specs.
 
 
@@ -80,6 +108,32 @@ def fashion_mnist_spec(
 def images_spec(path: str, pool_size: int) -> dict[str, Any]:
     """Spec of an EDM image folder/zip whose first ``pool_size`` images are the pool."""
     return {"source": "images", "path": str(path), "pool_size": int(pool_size)}
+
+
+def data_spec(params: Mapping[str, Any], pool_size: int) -> dict[str, Any]:
+    """The spec of a panel's data from notebook parameters: ``dataset`` 'molrg' (``molrg_classes``,
+    ``molrg_dim``, ``resolution``, ``channels``, ``data_seed``), 'fashion_mnist' (IDX folder
+    ``dataset_path``, default the Debian package's) or 'images' (EDM zip/folder ``dataset_path``)."""
+    from ..data import FASHION_MNIST_ROOT
+
+    kind = params["dataset"]
+    if kind == "molrg":
+        return molrg_spec(
+            params["molrg_classes"],
+            params["molrg_dim"],
+            params["resolution"],
+            params["channels"],
+            params["data_seed"],
+            pool_size=pool_size,
+        )
+    if kind == "fashion_mnist":
+        path = params.get("dataset_path") or FASHION_MNIST_ROOT
+        return fashion_mnist_spec(path, params["resolution"], params["channels"], pool_size=pool_size)
+    if kind == "images":
+        if not params.get("dataset_path"):
+            raise ValueError("dataset='images' needs dataset_path (an EDM zip or folder of images)")
+        return images_spec(params["dataset_path"], pool_size)
+    raise ValueError(f"unknown dataset {kind!r}; expected 'molrg', 'fashion_mnist' or 'images'")
 
 
 def data_shape(spec: Mapping[str, Any]) -> tuple[int, int]:
@@ -290,12 +344,12 @@ def training_loss(
     The draws come from ``seed`` alone, so every model evaluated with the same seed sees the same
     noise (common random numbers): differences between models are not sampling noise.
     """
+    from ..data import model_space
     from ..losses import make_loss
 
     fn = make_loss(loss)
-    x = torch.as_tensor(data)
-    x = x.to(torch.float32) / 127.5 - 1 if x.dtype == torch.uint8 else x.to(torch.float32)
-    x = x.to(device).repeat(int(draws), *([1] * (x.ndim - 1)))
+    x = model_space(data, device)
+    x = x.repeat(int(draws), *([1] * (x.ndim - 1)))
     g = torch.Generator(device=device).manual_seed(int(seed))
     total, count = 0.0, 0
     was_training = getattr(net, "training", False)

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data import model_space
 from ..jacobian import AUTHORS_SNR_GRID, effective_rank
 from . import cells
 
@@ -35,24 +36,43 @@ VERSION = 1
 # experiments/paper.py.
 
 PAPER_REAL = {  # P2 Fig. 3, real data (CIFAR-10, CelebA, FFHQ, AFHQ): SNR -> (low, high) over the data sets
-    500.0: (0.95, 0.95), 50.0: (0.5, 0.5), 10.0: (0.2, 0.27), 1.67: (0.08, 0.1), 0.3: (0.02, 0.02),
+    500.0: (0.95, 0.95),
+    50.0: (0.5, 0.5),
+    10.0: (0.2, 0.27),
+    1.67: (0.08, 0.1),
+    0.3: (0.02, 0.02),
     0.04: (0.004, 0.006),
-}  # fmt: skip
+}
 PAPER_REAL_N = 3 * 32 * 32  # n of CIFAR-10, used to turn the paper's ratios into directions (64x64 sets: 4x)
 PAPER_MOLRG_UNET = {  # P2 Fig. 3, MoLRG (n = 48, K = 2): the U-Net, SNR -> rank ratio
-    500.0: 0.98, 125.0: 0.96, 50.0: 0.94, 10.0: 0.22, 1.67: 0.125, 0.91: 0.19, 0.3: 0.48, 0.12: 0.667,
-    0.08: 0.667, 0.04: 0.667, 0.02: 0.667, 0.01: 0.667,
-}  # fmt: skip
+    500.0: 0.98,
+    125.0: 0.96,
+    50.0: 0.94,
+    10.0: 0.22,
+    1.67: 0.125,
+    0.91: 0.19,
+    0.3: 0.48,
+    0.12: 0.667,
+    0.08: 0.667,
+    0.04: 0.667,
+    0.02: 0.667,
+    0.01: 0.667,
+}
 PAPER_MOLRG_LOWRANK = {"high_snr": 0.125, "low_snr": 0.25}  # d/n for SNR >= 1.67, Kd/n for SNR <= 0.3
 PAPER_MOLRG_N, PAPER_MOLRG_K, PAPER_MOLRG_D = 48, 2, 6  # d/n = 0.125 and Kd/n = 0.25 as plotted
 
 
 def paper_rank_table() -> pd.DataFrame:
-    """The authors' rank ratios: columns ``panel`` ('real', 'molrg'), ``model``, ``snr``, ``low``, ``high``."""
-    rows = [{"panel": "real", "model": "paper (real data)", "snr": s, "low": lo, "high": hi}
-            for s, (lo, hi) in PAPER_REAL.items()]  # fmt: skip
-    rows += [{"panel": "molrg", "model": "paper U-Net", "snr": s, "low": v, "high": v}
-             for s, v in PAPER_MOLRG_UNET.items()]  # fmt: skip
+    """The authors' rank ratios: columns ``panel`` ('real', 'molrg'), ``model``, ``snr``, ``low``,
+    ``high``."""
+    rows = [
+        {"panel": "real", "model": "paper (real data)", "snr": s, "low": lo, "high": hi}
+        for s, (lo, hi) in PAPER_REAL.items()
+    ]
+    rows += [
+        {"panel": "molrg", "model": "paper U-Net", "snr": s, "low": v, "high": v}
+        for s, v in PAPER_MOLRG_UNET.items()
+    ]
     for s in AUTHORS_SNR_GRID:
         if s >= 1.67 or s <= 0.3:
             v = PAPER_MOLRG_LOWRANK["high_snr" if s >= 1.67 else "low_snr"]
@@ -94,7 +114,8 @@ def optimal_rank_profile(
     train: torch.Tensor, seeds: Sequence[int], rule: str, ratio: float, device: torch.device
 ) -> pd.DataFrame:
     """Rank profile of D* of ``train`` (N, C, R, R) along its own 18-step Heun trajectories from ``seeds``,
-    columns as :func:`nbhelpers.jacobian.rank_profile` (point, seed, step, sigma, snr, rank, rank_ratio, n)."""
+    columns as :func:`nbhelpers.jacobian.rank_profile` (point, seed, step, sigma, snr, rank, rank_ratio,
+    n)."""
     from ..optimal import OptimalDenoiser
     from ..sampling import SeedNoise, edm_sampler
 
@@ -102,7 +123,7 @@ def optimal_rank_profile(
     latents = SeedNoise(list(seeds), device=device).randn(list(train.shape[1:]), dtype=torch.float32)
     with torch.no_grad():
         _, traj = edm_sampler(net, latents, return_trajectory=True)
-    y = train.double() / 127.5 - 1 if train.dtype == torch.uint8 else train.double()
+    y = model_space(train, dtype=torch.float64)
     n = int(np.prod(train.shape[1:]))
     rows = []
     for step, (sigma, x_t, _) in enumerate(traj):
@@ -110,8 +131,20 @@ def optimal_rank_profile(
             continue
         ev = torch.linalg.eigvalsh(optimal_jacobian(y, x_t, sigma)).clamp_min(0).flip(-1)
         for i, r in enumerate(effective_rank(ev, ratio=ratio, rule=rule).tolist()):
-            rows.append({"point": i, "seed": int(seeds[i]), "step": step, "sigma": float(sigma), "snr": 1 / float(sigma),
-                         "rank": int(r), "rank_ratio": r / n, "n": n, "rule": rule, "ratio": float(ratio)})  # fmt: skip
+            rows.append(
+                {
+                    "point": i,
+                    "seed": int(seeds[i]),
+                    "step": step,
+                    "sigma": float(sigma),
+                    "snr": 1 / float(sigma),
+                    "rank": int(r),
+                    "rank_ratio": r / n,
+                    "n": n,
+                    "rule": rule,
+                    "ratio": float(ratio),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -133,8 +166,13 @@ def rank_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
     from ``rank_seeds``) or 'grid' (held-out clean points plus noise at sigma = 1/SNR, ``snr_grid`` or
     the authors' grid).
     """
-    points = {"mode": str(params["points"]), "seeds": [int(s) for s in params["rank_seeds"]],
-              "snr_grid": _snr_grid(params), "rule": str(params["rank_rule"]), "ratio": float(params["rank_ratio"])}  # fmt: skip
+    points = {
+        "mode": str(params["points"]),
+        "seeds": [int(s) for s in params["rank_seeds"]],
+        "snr_grid": _snr_grid(params),
+        "rule": str(params["rank_rule"]),
+        "ratio": float(params["rank_ratio"]),
+    }
     if points["mode"] not in ("trajectory", "grid"):
         raise ValueError(f"points must be 'trajectory' or 'grid', got {points['mode']!r}")
     base = {"kind": KIND_RANK, "version": VERSION, "points": points}
@@ -152,14 +190,34 @@ def rank_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
         train = cells.train_config(
             "ddpmpp", params["image_precond"], params["image_network"], params["image_train"]
         )
-        configs.append({**base, "panel": "real", "model": "unet", "data": spec, "train": train,
-                        "label": f"U-Net, Fashion-MNIST {r}x{r}"})  # fmt: skip
+        configs.append(
+            {
+                **base,
+                "panel": "real",
+                "model": "unet",
+                "data": spec,
+                "train": train,
+                "label": f"U-Net, Fashion-MNIST {r}x{r}",
+            }
+        )
         if params["optimal_reference"]:
-            configs.append({**base, "panel": "real", "model": "optimal", "data": spec,
-                            "label": f"D*, Fashion-MNIST {r}x{r}"})  # fmt: skip
-    mspec = cells.molrg_spec(params["molrg_classes"], params["molrg_dim"], params["molrg_resolution"],
-                             params["molrg_channels"], params["data_seed"],
-                             pool_size=params["molrg_classes"] * params["molrg_per_class"])  # fmt: skip
+            configs.append(
+                {
+                    **base,
+                    "panel": "real",
+                    "model": "optimal",
+                    "data": spec,
+                    "label": f"D*, Fashion-MNIST {r}x{r}",
+                }
+            )
+    mspec = cells.molrg_spec(
+        params["molrg_classes"],
+        params["molrg_dim"],
+        params["molrg_resolution"],
+        params["molrg_channels"],
+        params["data_seed"],
+        pool_size=params["molrg_classes"] * params["molrg_per_class"],
+    )
     labels = {"closed_form": "closed-form", "lowrank": "low-rank model", "unet": "U-Net"}
     for model in params["molrg_models"]:
         if model not in labels:
@@ -204,7 +262,7 @@ def training_data(config: Mapping[str, Any]) -> torch.Tensor:
 
 def _held_out(config: Mapping[str, Any], count: int) -> torch.Tensor:
     x = cells.fresh_samples(config["data"], count)
-    return x.double() / 127.5 - 1 if x.dtype == torch.uint8 else x.double()
+    return model_space(x, dtype=torch.float64)
 
 
 def _train_lowrank(config: Mapping[str, Any], x: torch.Tensor, device: torch.device) -> tuple[Any, dict]:
@@ -215,14 +273,19 @@ def _train_lowrank(config: Mapping[str, Any], x: torch.Tensor, device: torch.dev
     spec = config["data"]
     K, d = spec["num_classes"], spec["intrinsic_dim"]
     seed = int(config["train"].get("seed", 0))
-    nets = [LowRankDenoiser(K, d, spec["resolution"], spec["channels"], generator=seed + r)
-            for r in range(config["restarts"])]  # fmt: skip
+    nets = [
+        LowRankDenoiser(K, d, spec["resolution"], spec["channels"], generator=seed + r)
+        for r in range(config["restarts"])
+    ]
     t0 = time.perf_counter()
     trained, kept, facts = cells.train_restarts(config["train"], x, nets, device)
     truth = cells.make_molrg(spec).bases
-    info = {"train_seconds": time.perf_counter() - t0, "kept_restart": kept,
-            "restart_losses": [f["loss"] for f in facts],
-            "restart_distances": [subspace_distance(n.orthonormal_bases(), truth)[1] for n in trained]}  # fmt: skip
+    info = {
+        "train_seconds": time.perf_counter() - t0,
+        "kept_restart": kept,
+        "restart_losses": [f["loss"] for f in facts],
+        "restart_distances": [subspace_distance(n.orthonormal_bases(), truth)[1] for n in trained],
+    }
     info["subspace_distance"] = info["restart_distances"][kept]
     return trained[kept], info
 
@@ -328,8 +391,17 @@ def rank_table(cells_: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     frames = []
     for c in cells_:
         a = c["arrays"]
-        frames.append(pd.DataFrame({"panel": c["panel"], "model": c["model"], "label": c["label"], "n": c["n"],
-                                    **{k: a[k] for k in ("point", "sigma", "snr", "rank", "rank_ratio")}}))  # fmt: skip
+        frames.append(
+            pd.DataFrame(
+                {
+                    "panel": c["panel"],
+                    "model": c["model"],
+                    "label": c["label"],
+                    "n": c["n"],
+                    **{k: a[k] for k in ("point", "sigma", "snr", "rank", "rank_ratio")},
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -341,8 +413,16 @@ def rank_history(cells_: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     for c in cells_:
         a = c.get("arrays", {})
         if "history_train_steps" in a:
-            frames.append(pd.DataFrame({"panel": c["panel"], "label": c["label"], "n": c["n"],
-                                        **{k: a[f"history_{k}"] for k in cols}}))  # fmt: skip
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "panel": c["panel"],
+                        "label": c["label"],
+                        "n": c["n"],
+                        **{k: a[f"history_{k}"] for k in cols},
+                    }
+                )
+            )
     if not frames:
         return pd.DataFrame(columns=["panel", "label", "n", *cols])
     out = pd.concat(frames, ignore_index=True)
@@ -363,8 +443,16 @@ def rank_generalization(cells_: Sequence[Mapping[str, Any]], cal: Any) -> pd.Dat
         for s, g in t.groupby("train_steps"):
             gl = 1.0 - float(cal.criterion.flags(g.rel.to_numpy()).mean())
             se = math.sqrt(max(gl * (1 - gl), 0.25 / len(g)) / len(g))
-            rows.append({"label": c["label"], "train_steps": int(s), "gl": gl, "gl_se": se, "samples": len(g),
-                         "threshold": cal.threshold})  # fmt: skip
+            rows.append(
+                {
+                    "label": c["label"],
+                    "train_steps": int(s),
+                    "gl": gl,
+                    "gl_se": se,
+                    "samples": len(g),
+                    "threshold": cal.threshold,
+                }
+            )
     return pd.DataFrame(rows, columns=["label", "train_steps", "gl", "gl_se", "samples", "threshold"])
 
 
@@ -378,8 +466,16 @@ def rank_floor(table: pd.DataFrame, lo: float = 0.5, hi: float = 4.0) -> pd.Data
     band = table[(table.snr >= lo) & (table.snr <= hi)]
     if band.empty:
         raise ValueError(f"no rank ratios with SNR in [{lo}, {hi}]")
-    g = band.groupby([*keys, "snr"]).agg(floor=("rank_ratio", "mean"), floor_rank=("rank", "mean"),
-                                         sd=("rank", "std"), count=("rank", "size")).reset_index()  # fmt: skip
+    g = (
+        band.groupby([*keys, "snr"])
+        .agg(
+            floor=("rank_ratio", "mean"),
+            floor_rank=("rank", "mean"),
+            sd=("rank", "std"),
+            count=("rank", "size"),
+        )
+        .reset_index()
+    )
     g["floor_se"] = g["sd"].fillna(0) / np.sqrt(g["count"])
     best = g.loc[g.groupby(keys)["floor"].idxmin()].rename(columns={"snr": "snr_at_floor"})
     return best[cols].sort_values(keys).reset_index(drop=True)
@@ -397,7 +493,8 @@ def rank_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def rank_comparison(table: pd.DataFrame) -> pd.DataFrame:
-    """Companion rank ratio (and rank) next to the paper's at each paper SNR (nearest measured SNR within x1.6)."""
+    """Companion rank ratio (and rank) next to the paper's at each paper SNR (nearest measured SNR
+    within x1.6)."""
     summ = rank_summary(table).dropna(subset=["paper_snr"])
     summ = summ.assign(gap=(np.log(summ["snr"]) - np.log(summ["paper_snr"])).abs())
     summ = summ.loc[summ.groupby(["label", "paper_snr"])["gap"].idxmin()]
@@ -417,10 +514,21 @@ def rank_comparison(table: pd.DataFrame) -> pd.DataFrame:
         if len(ref):
             lo, hi = float(ref["low"].iloc[0]), float(ref["high"].iloc[0])
             p = f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
-        rows.append({"panel": r["panel"], "model": r["label"], "paper_snr": r["paper_snr"], "snr": r["snr"],
-                     "companion": r["mean"], "companion_rank": r["rank"], "n": int(r["n"]), "paper": p})  # fmt: skip
-    return pd.DataFrame(rows).sort_values(["panel", "model", "paper_snr"], ascending=[True, True, False],
-                                          ignore_index=True)  # fmt: skip
+        rows.append(
+            {
+                "panel": r["panel"],
+                "model": r["label"],
+                "paper_snr": r["paper_snr"],
+                "snr": r["snr"],
+                "companion": r["mean"],
+                "companion_rank": r["rank"],
+                "n": int(r["n"]),
+                "paper": p,
+            }
+        )
+    return pd.DataFrame(rows).sort_values(
+        ["panel", "model", "paper_snr"], ascending=[True, True, False], ignore_index=True
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -462,39 +570,102 @@ def rank_checks(table: pd.DataFrame, n: int, K: int, d: int) -> list[dict[str, A
         for lo, hi, target, what in ((1.5, math.inf, d, "d"), (0, 0.35, K * d, "Kd")):
             s = _band(summ, label, lo, hi)
             dev = float((s["rank"] - target).abs().max())
-            out.append(check(f"{label}: largest |rank - {what}| over SNR {'>= 1.5' if lo else '<= 0.35'}", setting,
-                             dev, "<=", 1.0, kind="sanity", paper=f"{what} = {target}", note="directions"))  # fmt: skip
+            out.append(
+                check(
+                    f"{label}: largest |rank - {what}| over SNR {'>= 1.5' if lo else '<= 0.35'}",
+                    setting,
+                    dev,
+                    "<=",
+                    1.0,
+                    kind="sanity",
+                    paper=f"{what} = {target}",
+                    note="directions",
+                )
+            )
     for label in summ["label"].unique():
         r = summ[summ.label == label]
         top = r.loc[[r.snr.idxmax()]]
         if label.startswith("D*"):
-            out.append(check(f"{label}: rank at SNR {float(top.snr.iloc[0]):.0f}", r.panel.iloc[0],
-                             float(top["rank"].iloc[0]), "<=", 1.0, kind="sanity", paper="0 (memorization)",
-                             note="returns the nearest training point: Jacobian ~ 0"))  # fmt: skip
+            out.append(
+                check(
+                    f"{label}: rank at SNR {float(top.snr.iloc[0]):.0f}",
+                    r.panel.iloc[0],
+                    float(top["rank"].iloc[0]),
+                    "<=",
+                    1.0,
+                    kind="sanity",
+                    paper="0 (memorization)",
+                    note="returns the nearest training point: Jacobian ~ 0",
+                )
+            )
         elif label not in ("closed-form", "low-rank model"):
-            out.append(check(f"{label}: rank ratio at SNR {float(top.snr.iloc[0]):.0f}", r.panel.iloc[0],
-                             float(top["mean"].iloc[0]), ">=", 0.9, kind="sanity", paper=0.95,
-                             note="near the identity at small sigma (c_skip -> 1)"))  # fmt: skip
+            out.append(
+                check(
+                    f"{label}: rank ratio at SNR {float(top.snr.iloc[0]):.0f}",
+                    r.panel.iloc[0],
+                    float(top["mean"].iloc[0]),
+                    ">=",
+                    0.9,
+                    kind="sanity",
+                    paper=0.95,
+                    note="near the identity at small sigma (c_skip -> 1)",
+                )
+            )
     if "U-Net" in labels:
         band = _band(summ, "U-Net", 0.5, 4.0)
         low = band.loc[[band["mean"].idxmin()]]
         floor = float(low["rank"].iloc[0])
-        out.append(check("U-Net on MoLRG: floor of the rank over SNR 0.5-4 (directions)",
-                         f"{setting}, SNR {float(low.snr.iloc[0]):.2f}", floor, "<=", 1.5 * d - 1, se=_se(low),
-                         paper=f"d = {d} at SNR 1.67, 1.5 d at 0.91",
-                         note=f"= {floor / d:.2f} d; threshold 1.5 d minus one direction"))  # fmt: skip
+        out.append(
+            check(
+                "U-Net on MoLRG: floor of the rank over SNR 0.5-4 (directions)",
+                f"{setting}, SNR {float(low.snr.iloc[0]):.2f}",
+                floor,
+                "<=",
+                1.5 * d - 1,
+                se=_se(low),
+                paper=f"d = {d} at SNR 1.67, 1.5 d at 0.91",
+                note=f"= {floor / d:.2f} d; threshold 1.5 d minus one direction",
+            )
+        )
         u = summ[summ.label == "U-Net"]
         bottom = float(u.loc[u.snr.idxmin(), "mean"])
-        out.append(check("U-Net on MoLRG: rank at the lowest SNR / floor", setting, bottom / float(low["mean"].iloc[0]),
-                         ">", 1.5, paper=round(0.667 / 0.125, 2), note="the rise at low SNR"))  # fmt: skip
+        out.append(
+            check(
+                "U-Net on MoLRG: rank at the lowest SNR / floor",
+                setting,
+                bottom / float(low["mean"].iloc[0]),
+                ">",
+                1.5,
+                paper=round(0.667 / 0.125, 2),
+                note="the rise at low SNR",
+            )
+        )
     for label in summ[(summ.panel == "real") & ~summ.label.str.startswith("D*")]["label"].unique():
         r = summ[summ.label == label]
         low = r.loc[[r["mean"].idxmin()]]
-        out.append(check(f"{label}: minimum rank ratio over SNR", f"{int(low['n'].iloc[0])} pixels",
-                         float(low["mean"].iloc[0]), "<=", 0.1, se=_se(low) / float(low["n"].iloc[0]),
-                         paper="0.004-0.006", note="0.1: the paper's ratio at SNR 1.67"))  # fmt: skip
-        out.append(check(f"{label}: SNR of the minimum rank", "real images", float(low.snr.iloc[0]), "<=", 0.12,
-                         paper="~0.04", note="within x3 of the paper's"))  # fmt: skip
+        out.append(
+            check(
+                f"{label}: minimum rank ratio over SNR",
+                f"{int(low['n'].iloc[0])} pixels",
+                float(low["mean"].iloc[0]),
+                "<=",
+                0.1,
+                se=_se(low) / float(low["n"].iloc[0]),
+                paper="0.004-0.006",
+                note="0.1: the paper's ratio at SNR 1.67",
+            )
+        )
+        out.append(
+            check(
+                f"{label}: SNR of the minimum rank",
+                "real images",
+                float(low.snr.iloc[0]),
+                "<=",
+                0.12,
+                paper="~0.04",
+                note="within x3 of the paper's",
+            )
+        )
     return out
 
 
@@ -509,16 +680,31 @@ def rank_floor_rows(
     out = []
     for label, t in gl.groupby("label") if gl is not None else []:
         last = t.sort_values("train_steps").iloc[-1]
-        out.append(check(f"GL of the {label}'s samples after {int(last.train_steps)} steps", f"MoLRG n={n}, d={d}",
-                         float(last.gl), ">=", 0.9, se=float(last.gl_se), paper="~1 (generalizing)",
-                         note=f"{int(last.samples)} samples; copy threshold {float(last.threshold):.3f} (calibrated)"))  # fmt: skip
+        out.append(
+            check(
+                f"GL of the {label}'s samples after {int(last.train_steps)} steps",
+                f"MoLRG n={n}, d={d}",
+                float(last.gl),
+                ">=",
+                0.9,
+                se=float(last.gl_se),
+                paper="~1 (generalizing)",
+                note=f"{int(last.samples)} samples; copy threshold {float(last.threshold):.3f} (calibrated)",
+            )
+        )
     for label, t in floor.groupby("label"):
         t = t.sort_values("train_steps")
         if len(t) >= 2:
             first, last = t.iloc[0], t.iloc[-1]
-            out.append(row(f"{label} rank floor (min over SNR 0.5-4) after {int(first.train_steps)} and "
-                           f"{int(last.train_steps)} steps", f"MoLRG n={n}, d={d}",
-                           f"{first.floor_rank:.2f} -> {last.floor_rank:.2f} directions", f"d = {d}"))  # fmt: skip
+            out.append(
+                row(
+                    f"{label} rank floor (min over SNR 0.5-4) after {int(first.train_steps)} and "
+                    f"{int(last.train_steps)} steps",
+                    f"MoLRG n={n}, d={d}",
+                    f"{first.floor_rank:.2f} -> {last.floor_rank:.2f} directions",
+                    f"d = {d}",
+                )
+            )
     return out
 
 
@@ -550,17 +736,35 @@ def plot_rank(table: pd.DataFrame, profile: str, n: int, K: int, d: int):
                 y, err = (t["mean"], t["std"]) if what == "ratio" else (t["rank"], t["rank_sd"])
                 wide = label == "closed-form"  # drawn wide and pale: the low-rank model lies on top of it
                 ls = ":" if label.startswith("D*") else "-"
-                ax.errorbar(t["snr"], y.clip(lower=1e-3 if what == "ratio" else 0.1), yerr=err.fillna(0), marker="o",
-                            ms=6 if wide else 3.5, capsize=2, lw=4 if wide else 1.3, alpha=0.45 if wide else 1,
-                            color=cols[i], ls=ls, label=label, zorder=2 if wide else 3)  # fmt: skip
+                ax.errorbar(
+                    t["snr"],
+                    y.clip(lower=1e-3 if what == "ratio" else 0.1),
+                    yerr=err.fillna(0),
+                    marker="o",
+                    ms=6 if wide else 3.5,
+                    capsize=2,
+                    lw=4 if wide else 1.3,
+                    alpha=0.45 if wide else 1,
+                    color=cols[i],
+                    ls=ls,
+                    label=label,
+                    zorder=2 if wide else 3,
+                )
             ref = paper[paper.panel == panel]
             for j, (name, t) in enumerate(ref.groupby("model", sort=False)):
                 t = t.sort_values("snr")
                 scale = PAPER_REAL_N if what == "rank" else 1
                 if panel == "real":
                     lab = name + (f" x n = {PAPER_REAL_N}" if what == "rank" else "") + " +-10%"
-                    ax.fill_between(t["snr"], t["low"] * 0.9 * scale, t["high"] * 1.1 * scale, color="0.6",
-                                    alpha=0.3, lw=0, label=lab)  # fmt: skip
+                    ax.fill_between(
+                        t["snr"],
+                        t["low"] * 0.9 * scale,
+                        t["high"] * 1.1 * scale,
+                        color="0.6",
+                        alpha=0.3,
+                        lw=0,
+                        label=lab,
+                    )
                 else:
                     ax.plot(
                         t["snr"],
@@ -608,8 +812,16 @@ def plot_rank_floor(history: pd.DataFrame, profile: str, n: int, d: int, gl: pd.
         fig, ax = plt.subplots(figsize=(5.8, 3.6))
         for color, (label, t) in zip(colors(max(1, floor["label"].nunique())), floor.groupby("label")):
             t = t.sort_values("train_steps")
-            ax.errorbar(t["train_steps"], t["floor_rank"], yerr=t["floor_se"].fillna(0), marker="o", ms=4,
-                        capsize=2, color=color, label=f"{label} rank floor (+- se over points)")  # fmt: skip
+            ax.errorbar(
+                t["train_steps"],
+                t["floor_rank"],
+                yerr=t["floor_se"].fillna(0),
+                marker="o",
+                ms=4,
+                capsize=2,
+                color=color,
+                label=f"{label} rank floor (+- se over points)",
+            )
         ax.axhline(d, color="0.3", lw=0.8, ls=":", label=f"d = {d}")
         ax.axhline(1.5 * d - 1, color="0.5", lw=1, ls="--", label="check: 1.5 d - 1")
         steps = sorted(floor["train_steps"].unique())
@@ -625,8 +837,15 @@ def plot_rank_floor(history: pd.DataFrame, profile: str, n: int, d: int, gl: pd.
             ax2 = ax.twinx()
             for label, t in gl.groupby("label"):
                 t = t.sort_values("train_steps")
-                ax2.plot(t["train_steps"], t["gl"], color="0.35", ls="-.", marker="s", ms=3,
-                         label=f"GL of {label} samples (right axis)")  # fmt: skip
+                ax2.plot(
+                    t["train_steps"],
+                    t["gl"],
+                    color="0.35",
+                    ls="-.",
+                    marker="s",
+                    ms=3,
+                    label=f"GL of {label} samples (right axis)",
+                )
             ax2.set_ylim(0, 1.05)
             ax2.set_ylabel("GL (share of non-copies)")
             ax2.grid(False)

@@ -60,7 +60,8 @@ PAPER = {
         "value": (50.0, 60.0),
         "text": "N_k ~ 50-60 d",
         "source": "P2, U-Net on MoLRG (DDPM++, EDM preconditioning): memorization to generalization at "
-        "roughly N_k ~ 50-60 d_k (reference/PAPERS.md; read from the paper's text and phase-transition figure)",
+        "roughly N_k ~ 50-60 d_k (reference/PAPERS.md; read from the paper's text and "
+        "phase-transition figure)",
     },
     "unet_gl": {
         "value": (0.0, 1.0),
@@ -136,14 +137,14 @@ def _seeded_labels(x: torch.Tensor, K: int, d: int, g: torch.Generator) -> torch
 
 
 def subspace_clustering(
-    x: torch.Tensor,                   # Data (N, ...) flattened to (N, n).
-    num_classes: int,                  # K.
-    intrinsic_dim: int,                # d.
-    restarts: int = 10,                # Restarts; the lowest residual wins.
-    max_iter: int = 50,                # Alternations per restart (stops early when labels settle).
+    x: torch.Tensor,  # Data (N, ...) flattened to (N, n).
+    num_classes: int,  # K.
+    intrinsic_dim: int,  # d.
+    restarts: int = 10,  # Restarts; the lowest residual wins.
+    max_iter: int = 50,  # Alternations per restart (stops early when labels settle).
     generator: torch.Generator | None = None,
-    init: str = "seeded",              # 'seeded' (see _seeded_labels) or 'random' (random assignment).
-) -> tuple[torch.Tensor, torch.Tensor, float]:  # fmt: skip
+    init: str = "seeded",  # 'seeded' (see _seeded_labels) or 'random' (random assignment).
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Maximise sum_i max_k ||U_k^T x_i||^2 (K-subspaces): returns bases (K, n, d), labels (N,), residual.
 
     The residual is sum_i ||x_i||^2 - max_k ||U_k^T x_i||^2 (float64). Each restart starts from an
@@ -201,11 +202,22 @@ def _lowrank_config(
     params, res: int, d: int, ratio: float, changes: Mapping[str, Any], init: str, trials: int
 ):
     nk = max(1, int(round(ratio * d)))
-    return {"kind": KIND_LOWRANK, "version": VERSION, "num_classes": int(params["molrg_classes"]),
-            "channels": int(params["molrg_channels"]), "resolution": res, "intrinsic_dim": d, "ratio": ratio,
-            "per_class": nk, "noise": float(params["lowrank_noise"]), "trials": trials,
-            "restarts": int(params["restarts"]), "init": init, "seed": int(params["data_seed"]),
-            "train": lowrank_train(params, nk, **changes)}  # fmt: skip
+    return {
+        "kind": KIND_LOWRANK,
+        "version": VERSION,
+        "num_classes": int(params["molrg_classes"]),
+        "channels": int(params["molrg_channels"]),
+        "resolution": res,
+        "intrinsic_dim": d,
+        "ratio": ratio,
+        "per_class": nk,
+        "noise": float(params["lowrank_noise"]),
+        "trials": trials,
+        "restarts": int(params["restarts"]),
+        "init": init,
+        "seed": int(params["data_seed"]),
+        "train": lowrank_train(params, nk, **changes),
+    }
 
 
 def variant_configs(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -269,8 +281,13 @@ def run_lowrank_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, A
         bases, _, _ = subspace_clustering(x, K, d, restarts=R, generator=torch.Generator().manual_seed(seed))
         solver.append(subspace_distance(bases, mix.bases)[1])
     n = config["channels"] * config["resolution"] ** 2
-    info = {"n": n, "d": d, "per_class": config["per_class"], "ratio": config["ratio"],
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    info = {
+        "n": n,
+        "d": d,
+        "per_class": config["per_class"],
+        "ratio": config["ratio"],
+        "seconds": time.perf_counter() - t0,
+    }
     arrays = {k: np.asarray(v) for k, v in cols.items()}
     arrays.update(truth_loss=np.asarray(truth), solver_distance=np.asarray(solver))
     return info, arrays
@@ -295,9 +312,20 @@ def lowrank_table(cells_: Sequence[Mapping[str, Any]], threshold: float) -> pd.D
     kept = fits[fits.kept].drop(columns=["kept", "restart"])
     oracle = fits.groupby(["n", "d", "per_class", "trial"])["distance"].min().rename("oracle_distance")
     t = kept.merge(oracle.reset_index(), on=["n", "d", "per_class", "trial"])
-    solver = pd.concat([pd.DataFrame({"n": c["n"], "d": c["d"], "per_class": c["per_class"],
-                                      "trial": np.arange(len(c["arrays"]["solver_distance"])),
-                                      "solver_distance": c["arrays"]["solver_distance"]}) for c in cells_])  # fmt: skip
+    solver = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "n": c["n"],
+                    "d": c["d"],
+                    "per_class": c["per_class"],
+                    "trial": np.arange(len(c["arrays"]["solver_distance"])),
+                    "solver_distance": c["arrays"]["solver_distance"],
+                }
+            )
+            for c in cells_
+        ]
+    )
     t = t.merge(solver, on=["n", "d", "per_class", "trial"])
     t["success"] = t["distance"] < threshold
     t["solver_success"] = t["solver_distance"] < threshold
@@ -317,8 +345,12 @@ def success_table(table: pd.DataFrame) -> pd.DataFrame:
     """Per (n, d, ratio): trials, successes and rate of the trained model (kept by loss), its 95 %
     Wilson interval, and the solver's rate."""
     g = table.groupby(["n", "d", "per_class", "ratio"])
-    out = g.agg(trials=("success", "size"), successes=("success", "sum"), solver=("solver_success", "mean"),
-                single=("distance", "size")).reset_index()  # fmt: skip
+    out = g.agg(
+        trials=("success", "size"),
+        successes=("success", "sum"),
+        solver=("solver_success", "mean"),
+        single=("distance", "size"),
+    ).reset_index()
     out["rate"] = out.successes / out.trials
     out["low"], out["high"] = wilson_interval(out.successes.to_numpy(), out.trials.to_numpy())
     return out.drop(columns="single")
@@ -326,8 +358,13 @@ def success_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def single_fit_rates(fits: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Per (n, d, ratio): the share of single fits (every restart) that recover the subspaces."""
-    return (fits.assign(ok=fits.distance < threshold).groupby(["n", "d", "ratio"])["ok"].mean()
-            .rename("single_fit_rate").reset_index())  # fmt: skip
+    return (
+        fits.assign(ok=fits.distance < threshold)
+        .groupby(["n", "d", "ratio"])["ok"]
+        .mean()
+        .rename("single_fit_rate")
+        .reset_index()
+    )
 
 
 def failure_causes(table: pd.DataFrame) -> pd.DataFrame:
@@ -421,29 +458,66 @@ def lowrank_checks(table: pd.DataFrame, trans: pd.DataFrame) -> list[dict[str, A
         below = t[t.per_class < t.d]
         for col, who in (("success", "trained"), ("solver_success", "K-subspaces solver")):
             if len(below):
-                out.append(check(f"low-rank, {who}: success rate with N_k < d", f"n={n}", below[col].mean(), "<=", 0.0,
-                                 kind="sanity", paper=0.0, note=f"{len(below)} trials; fewer points than dimensions"))  # fmt: skip
+                out.append(
+                    check(
+                        f"low-rank, {who}: success rate with N_k < d",
+                        f"n={n}",
+                        below[col].mean(),
+                        "<=",
+                        0.0,
+                        kind="sanity",
+                        paper=0.0,
+                        note=f"{len(below)} trials; fewer points than dimensions",
+                    )
+                )
         for label, sel in (("N_k = d", t.per_class == t.d), ("N_k >= 2d", t.per_class >= 2 * t.d)):
             s = t[sel]
             if len(s):
                 p = float(s.success.mean())
                 se = math.sqrt(max(p * (1 - p), 0.25 / len(s)) / len(s))
-                out.append(check(f"low-rank, trained: success rate at {label}", f"n={n}, {len(s)} trials", p, ">=",
-                                 0.9, se=se, paper=paper, note="claim: succeeds once N_k >= d"))  # fmt: skip
+                out.append(
+                    check(
+                        f"low-rank, trained: success rate at {label}",
+                        f"n={n}, {len(s)} trials",
+                        p,
+                        ">=",
+                        0.9,
+                        se=se,
+                        paper=paper,
+                        note="claim: succeeds once N_k >= d",
+                    )
+                )
     tr = trans.dropna(subset=["ratio_star"])
     if tr["n"].nunique() >= 2:
         by_n = tr.groupby("n")["ratio_star"].apply(lambda v: float(np.exp(np.log(v).mean())))
         spread = float(by_n.max() / by_n.min())
-        out.append(check("low-rank, trained: N_k*/d at the largest n / at the smallest n (geometric means over d)",
-                         ", ".join(f"n={n}: {v:.2f}" for n, v in by_n.items()), spread, "<=", 1.5,
-                         paper="1 (independent of n)", note="1.5: one step of the N_k/d grid"))  # fmt: skip
+        out.append(
+            check(
+                "low-rank, trained: N_k*/d at the largest n / at the smallest n (geometric means over d)",
+                ", ".join(f"n={n}: {v:.2f}" for n, v in by_n.items()),
+                spread,
+                "<=",
+                1.5,
+                paper="1 (independent of n)",
+                note="1.5: one step of the N_k/d grid",
+            )
+        )
     for n, t in tr.groupby("n"):
         if len(t) >= 2:
             slope = float(
                 np.polyfit(np.log(t.d.to_numpy(float)), np.log((t.ratio_star * t.d).to_numpy(float)), 1)[0]
             )
-            out.append(check("low-rank, trained: |exponent of N_k* in d - 1|", f"n={n}, exponent {slope:.2f}", abs(slope - 1), "<=", 0.5,
-                             paper="1 (linear in d)", note="|exponent - 1| <= 0.5 tells linear from constant or quadratic"))  # fmt: skip
+            out.append(
+                check(
+                    "low-rank, trained: |exponent of N_k* in d - 1|",
+                    f"n={n}, exponent {slope:.2f}",
+                    abs(slope - 1),
+                    "<=",
+                    0.5,
+                    paper="1 (linear in d)",
+                    note="|exponent - 1| <= 0.5 tells linear from constant or quadratic",
+                )
+            )
     return out
 
 
@@ -467,19 +541,30 @@ def unet_spec(params: Mapping[str, Any], d: int) -> dict[str, Any]:
     points whose first K N_k are the training set of N_k (nested sets, as in the other chapters)."""
     K = int(params["molrg_classes"])
     pool = K * d * max(64, math.ceil(max(float(r) for r in params["unet_ratios"])))
-    return cells.molrg_spec(K, d, params["molrg_resolution"], params["molrg_channels"], params["data_seed"],
-                            pool_size=pool)  # fmt: skip
+    return cells.molrg_spec(
+        K, d, params["molrg_resolution"], params["molrg_channels"], params["data_seed"], pool_size=pool
+    )
 
 
 def unet_config(params: Mapping[str, Any], d: int, ratio: float, seed: int, train: Mapping[str, Any]) -> dict:
-    """The config of one U-Net cell: data spec, training-set size K N_k, validated train config, evaluation."""
+    """The config of one U-Net cell: data spec, training-set size K N_k, validated train config and
+    evaluation seeds."""
     spec = unet_spec(params, d)
     nk = max(1, int(round(ratio * d)))
     # The batch is not capped by the training-set size (a batch then holds each point several times with
     # different noise), so every cell sees the same number of noisy samples whatever its N_k.
     cfg = cells.train_config("ddpmpp", "edm", params["unet_network"], train, seed=seed)
-    return {"kind": KIND_UNET, "version": VERSION, "data": spec, "per_class": nk, "size": nk * spec["num_classes"],
-            "ratio": ratio, "seed": seed, "train": cfg, "eval_seeds": str(params["eval_seeds"])}  # fmt: skip
+    return {
+        "kind": KIND_UNET,
+        "version": VERSION,
+        "data": spec,
+        "per_class": nk,
+        "size": nk * spec["num_classes"],
+        "ratio": ratio,
+        "seed": seed,
+        "train": cfg,
+        "eval_seeds": str(params["eval_seeds"]),
+    }
 
 
 def run_unet_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -498,8 +583,14 @@ def run_unet_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any]
         "rel": copy_scores(samples, x, "relative"),
         "off_subspace": cells.make_molrg(spec).off_subspace(samples).numpy(),
     }
-    result = {"d": spec["intrinsic_dim"], "per_class": config["per_class"], "size": config["size"],
-              "ratio": config["ratio"], "seed": config["seed"], **info}  # fmt: skip
+    result = {
+        "d": spec["intrinsic_dim"],
+        "per_class": config["per_class"],
+        "size": config["size"],
+        "ratio": config["ratio"],
+        "seed": config["seed"],
+        **info,
+    }
     return result, arrays
 
 
@@ -515,8 +606,14 @@ def unet_calibrations(params: Mapping[str, Any], dims: Sequence[int] | None = No
         sizes = sorted(
             {spec["num_classes"] * max(1, int(round(float(r) * int(d)))) for r in params["unet_ratios"]}
         )
-        out[int(d)] = calibrate_copy(spec, sizes, count=int(params["fresh_samples"]), copy_noise=float(params["copy_noise"]),
-                                     max_false=float(params["max_false_copy"]), min_true=float(params["min_true_copy"]))  # fmt: skip
+        out[int(d)] = calibrate_copy(
+            spec,
+            sizes,
+            count=int(params["fresh_samples"]),
+            copy_noise=float(params["copy_noise"]),
+            max_false=float(params["max_false_copy"]),
+            min_true=float(params["min_true_copy"]),
+        )
     return out
 
 
@@ -531,10 +628,21 @@ def unet_table(cells_: Sequence[Mapping[str, Any]], cals: Mapping[int, Any]) -> 
         gl = 1.0 - float(cal.criterion.flags(a["rel"]).mean())
         size = int(c["size"])
         null = cal.table.set_index("n")["null_rate"]
-        rows.append({"d": c["d"], "per_class": c["per_class"], "ratio": c["ratio"], "seed": c["seed"], "gl": gl,
-                     "gl_se": math.sqrt(max(gl * (1 - gl), 0.25 / len(a["rel"])) / len(a["rel"])),
-                     "gl_fresh": 1.0 - float(null.get(size, math.nan)), "off_subspace": float(np.median(a["off_subspace"])),
-                     "samples": len(a["rel"]), "steps": c.get("steps"), "train_seconds": c.get("train_seconds")})  # fmt: skip
+        rows.append(
+            {
+                "d": c["d"],
+                "per_class": c["per_class"],
+                "ratio": c["ratio"],
+                "seed": c["seed"],
+                "gl": gl,
+                "gl_se": math.sqrt(max(gl * (1 - gl), 0.25 / len(a["rel"])) / len(a["rel"])),
+                "gl_fresh": 1.0 - float(null.get(size, math.nan)),
+                "off_subspace": float(np.median(a["off_subspace"])),
+                "samples": len(a["rel"]),
+                "steps": c.get("steps"),
+                "train_seconds": c.get("train_seconds"),
+            }
+        )
     return pd.DataFrame(rows).sort_values(["d", "per_class", "seed"], ignore_index=True)
 
 
@@ -546,8 +654,16 @@ def unet_transitions(table: pd.DataFrame, level: float = 0.5) -> pd.DataFrame:
         nk = transition_point(t, "per_class", "gl", level)
         per_seed = [transition_point(g, "per_class", "gl", level) for _, g in t.groupby("seed")]
         lo, hi = (min(per_seed), max(per_seed)) if not np.isnan(per_seed).any() else (np.nan, np.nan)
-        rows.append({"d": int(d), "nk_star": nk, "nk_star_over_d": nk / d, "nk_star_min": lo, "nk_star_max": hi,
-                     "seeds": len(per_seed)})  # fmt: skip
+        rows.append(
+            {
+                "d": int(d),
+                "nk_star": nk,
+                "nk_star_over_d": nk / d,
+                "nk_star_min": lo,
+                "nk_star_max": hi,
+                "seeds": len(per_seed),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -572,8 +688,15 @@ def unet_slopes(table: pd.DataFrame, level: float = 0.5, reps: int = 1000, seed:
         return tuple(np.percentile(b, [2.5, 97.5])) if len(b) else (math.nan, math.nan)
 
     (clo, chi), (elo, ehi) = ci(boot), ci(boot_e)
-    return {"slope": c, "slope_low": clo, "slope_high": chi, "exponent": e, "exponent_low": elo,
-            "exponent_high": ehi, "boot_finite": float(np.isfinite(boot).mean())}  # fmt: skip
+    return {
+        "slope": c,
+        "slope_low": clo,
+        "slope_high": chi,
+        "exponent": e,
+        "exponent_low": elo,
+        "exponent_high": ehi,
+        "boot_finite": float(np.isfinite(boot).mean()),
+    }
 
 
 def unet_checks(table: pd.DataFrame, slopes: Mapping[str, float]) -> list[dict[str, Any]]:
@@ -585,20 +708,47 @@ def unet_checks(table: pd.DataFrame, slopes: Mapping[str, float]) -> list[dict[s
     out = []
     for d, t in table.groupby("d"):
         small, large = t[t.per_class == t.per_class.min()], t[t.per_class == t.per_class.max()]
-        for sel, op, thr, what, paper in ((small, "<=", 0.1, "smallest", "~0 (memorization)"),
-                                          (large, ">=", 0.9, "largest", "~1 (generalization)")):  # fmt: skip
+        for sel, op, thr, what, paper in (
+            (small, "<=", 0.1, "smallest", "~0 (memorization)"),
+            (large, ">=", 0.9, "largest", "~1 (generalization)"),
+        ):
             gl = float(sel.gl.mean())
             se = float(np.sqrt((sel.gl_se**2).sum()) / len(sel))
-            out.append(check(f"U-Net GL at the {what} N_k", f"d={d}, N_k={int(sel.per_class.iloc[0])}, {len(sel)} seeds",
-                             gl, op, thr, se=se, paper=paper))  # fmt: skip
+            out.append(
+                check(
+                    f"U-Net GL at the {what} N_k",
+                    f"d={d}, N_k={int(sel.per_class.iloc[0])}, {len(sel)} seeds",
+                    gl,
+                    op,
+                    thr,
+                    se=se,
+                    paper=paper,
+                )
+            )
     e, lo, hi = slopes["exponent"], slopes["exponent_low"], slopes["exponent_high"]
     se = (hi - lo) / (2 * 1.96) if math.isfinite(hi - lo) else None
-    out.append(check("U-Net: |exponent of N_k* in d - 1|", f"exponent {e:.2f} (95 % bootstrap {lo:.2f}-{hi:.2f})",
-                     abs(e - 1), "<=", 0.5, se=se, paper="1 (linear in d)",
-                     note="|exponent - 1| <= 0.5 tells linear from constant or quadratic"))  # fmt: skip
+    out.append(
+        check(
+            "U-Net: |exponent of N_k* in d - 1|",
+            f"exponent {e:.2f} (95 % bootstrap {lo:.2f}-{hi:.2f})",
+            abs(e - 1),
+            "<=",
+            0.5,
+            se=se,
+            paper="1 (linear in d)",
+            note="|exponent - 1| <= 0.5 tells linear from constant or quadratic",
+        )
+    )
     c, clo, chi = slopes["slope"], slopes["slope_low"], slopes["slope_high"]
-    out.append(row("U-Net: N_k*/d (slope of N_k* = c d)", f"95 % bootstrap {clo:.1f}-{chi:.1f}", round(c, 2),
-                   PAPER["unet_transition_over_d"]["text"], note="reported: depends on model size and training length"))  # fmt: skip
+    out.append(
+        row(
+            "U-Net: N_k*/d (slope of N_k* = c d)",
+            f"95 % bootstrap {clo:.1f}-{chi:.1f}",
+            round(c, 2),
+            PAPER["unet_transition_over_d"]["text"],
+            note="reported: depends on model size and training length",
+        )
+    )
     return out
 
 
@@ -633,8 +783,16 @@ def plot_lowrank(success: pd.DataFrame, profile: str, threshold: float):
             for i, (d, c) in enumerate(zip(ds, colors(len(ds)))):
                 t = s[s.d == d].sort_values("ratio")
                 x = t.ratio * (1 + 0.03 * (i - (len(ds) - 1) / 2))
-                ax.errorbar(x, t.rate, yerr=[t.rate - t.low, t.high - t.rate], marker="o", ms=4, capsize=2, color=c,
-                            label=f"trained, d = {d}")  # fmt: skip
+                ax.errorbar(
+                    x,
+                    t.rate,
+                    yerr=[t.rate - t.low, t.high - t.rate],
+                    marker="o",
+                    ms=4,
+                    capsize=2,
+                    color=c,
+                    label=f"trained, d = {d}",
+                )
                 ax.plot(
                     x,
                     t.solver,
@@ -673,8 +831,14 @@ def plot_landscape(fits: pd.DataFrame, profile: str, threshold: float):
                 y = t.loss / t.truth_loss
                 ax.scatter(t.distance.clip(lower=1e-3), y, s=8, alpha=0.6, color=c, label=f"N_k/d = {r:g}")
                 k = t[t.kept]
-                ax.scatter(k.distance.clip(lower=1e-3), k.loss / k.truth_loss, s=28, facecolors="none",
-                           edgecolors=c, lw=0.8)  # fmt: skip
+                ax.scatter(
+                    k.distance.clip(lower=1e-3),
+                    k.loss / k.truth_loss,
+                    s=28,
+                    facecolors="none",
+                    edgecolors=c,
+                    lw=0.8,
+                )
             ax.axhline(1, color="k", lw=0.8, ls="--")
             ax.axvline(threshold, color="0.4", lw=0.8, ls=":")
             ax.set_xscale("log")
@@ -688,8 +852,13 @@ def plot_landscape(fits: pd.DataFrame, profile: str, threshold: float):
     return fig
 
 
-def plot_unet(table: pd.DataFrame, trans: pd.DataFrame, slopes: Mapping[str, float], profile: str,
-              short: pd.DataFrame | None = None):  # fmt: skip
+def plot_unet(
+    table: pd.DataFrame,
+    trans: pd.DataFrame,
+    slopes: Mapping[str, float],
+    profile: str,
+    short: pd.DataFrame | None = None,
+):
     """(b) U-Net GL against N_k per d (mean +- binomial se over seeds; dotted: held-out samples) and N_k*
     against d with the fit N_k* = c d (bootstrap band) beside the paper's 50-60 d; the shorter-trained
     probe as open markers."""
@@ -713,8 +882,15 @@ def plot_unet(table: pd.DataFrame, trans: pd.DataFrame, slopes: Mapping[str, flo
             ax.plot(f.index, f.values, ls=":", color=c, lw=1)
         if short is not None and len(short):
             for d, t in short.groupby("d"):
-                ax.plot(t.per_class, t.gl, ls="--", marker="o", mfc="none", color="0.3",
-                        label=f"d = {d}, {int(short.steps.iloc[0])} steps")  # fmt: skip
+                ax.plot(
+                    t.per_class,
+                    t.gl,
+                    ls="--",
+                    marker="o",
+                    mfc="none",
+                    color="0.3",
+                    label=f"d = {d}, {int(short.steps.iloc[0])} steps",
+                )
         ax.axhspan(-0.05, 0.1, color="0.85", zorder=0)
         log2_axis(ax, table["per_class"].unique(), label="samples per class N_k")
         ax.set_ylim(-0.03, 1.03)
@@ -725,8 +901,15 @@ def plot_unet(table: pd.DataFrame, trans: pd.DataFrame, slopes: Mapping[str, flo
         tr = trans.dropna(subset=["nk_star"])
         if len(tr):
             err = np.stack([tr.nk_star - tr.nk_star_min, tr.nk_star_max - tr.nk_star]).clip(min=0)
-            ax.errorbar(tr.d, tr.nk_star, yerr=np.nan_to_num(err), marker="o", color="k", capsize=3,
-                        label=f"N_k* (GL = 0.5), range over {int(tr.seeds.max())} seeds")  # fmt: skip
+            ax.errorbar(
+                tr.d,
+                tr.nk_star,
+                yerr=np.nan_to_num(err),
+                marker="o",
+                color="k",
+                capsize=3,
+                label=f"N_k* (GL = 0.5), range over {int(tr.seeds.max())} seeds",
+            )
             dd = np.linspace(min(ds) * 0.8, max(ds) * 1.2, 20)
             c, lo, hi = slopes["slope"], slopes["slope_low"], slopes["slope_high"]
             ax.plot(dd, c * dd, color="k", ls="--", lw=1, label=f"N_k* = {c:.1f} d (95 %: {lo:.1f}-{hi:.1f})")
@@ -735,8 +918,15 @@ def plot_unet(table: pd.DataFrame, trans: pd.DataFrame, slopes: Mapping[str, flo
             p_lo, p_hi = PAPER["unet_transition_over_d"]["value"]
             ax.fill_between(dd, p_lo * dd, p_hi * dd, color="C3", alpha=0.25, lw=0, label="paper: 50-60 d")
         if short is not None and len(short) and "nk_star" in short:
-            ax.plot(short.d.iloc[:1], short.nk_star.iloc[:1], "o", mfc="none", color="0.3", ms=7,
-                    label=f"{int(short.steps.iloc[0])} steps")  # fmt: skip
+            ax.plot(
+                short.d.iloc[:1],
+                short.nk_star.iloc[:1],
+                "o",
+                mfc="none",
+                color="0.3",
+                ms=7,
+                label=f"{int(short.steps.iloc[0])} steps",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(ds, [str(d) for d in ds])

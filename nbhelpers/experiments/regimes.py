@@ -42,54 +42,20 @@ REF = p1_reference()  # relative L2 distance in model space, or SSCD descriptor 
 # Panels and data.
 
 
-def panels(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The notebook's panels, name -> parameters: the main panel and, when ``molrg_panel`` is set,
-    the MoLRG panel (the main parameters with those overrides, dataset 'molrg')."""
-    main = dict(params)
-    out = {panel_name(main): main}
-    if params.get("molrg_panel"):
-        molrg = {**main, "dataset": "molrg", **dict(params["molrg_panel"])}
-        if molrg["backend"] != "relative":
-            raise ValueError("molrg_panel: MoLRG points are vectors, not images; give it backend 'relative'")
-        out[panel_name(molrg)] = molrg
-    return out
-
-
-def panel_name(params: Mapping[str, Any]) -> str:
-    """Display name of a panel, e.g. 'Fashion-MNIST 8x8' or 'MoLRG n=48, K=8, d=4'."""
-    kind, r = params["dataset"], int(params["resolution"])
-    if kind == "fashion_mnist":
-        return f"Fashion-MNIST {r}x{r}"
-    if kind == "molrg":
-        n = int(params["channels"]) * r * r
-        return f"MoLRG n={n}, K={int(params['molrg_classes'])}, d={int(params['molrg_dim'])}"
-    return f"images ({Path(str(params['dataset_path'])).name})"
+panels, panel_name = cells.panels, cells.panel_name
 
 
 def data_spec(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The data spec of a panel: ``dataset`` 'molrg', 'fashion_mnist' (``dataset_path``, default the
-    Debian folder) or 'images' (EDM zip/folder ``dataset_path``); the pool holds ``pool_size`` points."""
-    from ..data import FASHION_MNIST_ROOT
-
-    kind, pool = params["dataset"], int(params["pool_size"])
+    """The data spec of a panel (:func:`cells.data_spec`) with a pool of ``pool_size`` points."""
+    pool = int(params["pool_size"])
     sizes = [int(n) for n in params["dataset_sizes"]]
     if sizes and max(sizes) > pool:
         raise ValueError(f"dataset_sizes go up to {max(sizes)} but pool_size is {pool}")
-    if kind == "molrg":
-        return cells.molrg_spec(params["molrg_classes"], params["molrg_dim"], params["resolution"],
-                                params["channels"], params["data_seed"], pool_size=pool)  # fmt: skip
-    if kind == "fashion_mnist":
-        path = params.get("dataset_path") or FASHION_MNIST_ROOT
-        return cells.fashion_mnist_spec(path, params["resolution"], params["channels"], pool_size=pool)
-    if kind == "images":
-        if not params.get("dataset_path"):
-            raise ValueError("dataset='images' needs dataset_path (an EDM zip or folder)")
-        return cells.images_spec(params["dataset_path"], pool)
-    raise ValueError(f"unknown dataset {kind!r}; expected 'molrg', 'fashion_mnist' or 'images'")
+    return cells.data_spec(params, pool)
 
 
 def prepare_teacher_dataset(params: Mapping[str, Any], batch_size: int = 256) -> Path:
-    """Write the teacher-generated data set (seeds 0..teacher_images-1) to ``dataset_path`` unless it exists."""
+    """Write the teacher's data set (seeds 0..teacher_images-1) to ``dataset_path`` unless it exists."""
     from ..checkpoints import load_network
     from ..data import synthetic_dataset
 
@@ -134,11 +100,22 @@ def train_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
         n, width, seed = int(n), int(width), int(seed)
         batch = min(int(params["batch_size"]), n) if params["batch_at_most_n"] else int(params["batch_size"])
         network = {**params["network"], params["width_key"]: width}
-        train = cells.train_config(params["arch"], params["precond"], network, params["train"],
-                                   batch_size=batch, seed=seed)  # fmt: skip
-        cfg = {"kind": KIND_TRAIN, "version": VERSION, "data": spec, "n": n, "width": width, "seed": seed,
-               "train": train, "sampler": sampler, "eval_seeds": str(params["eval_seeds"]),
-               "sample_batch": int(params["sample_batch"]), "features": features}  # fmt: skip
+        train = cells.train_config(
+            params["arch"], params["precond"], network, params["train"], batch_size=batch, seed=seed
+        )
+        cfg = {
+            "kind": KIND_TRAIN,
+            "version": VERSION,
+            "data": spec,
+            "n": n,
+            "width": width,
+            "seed": seed,
+            "train": train,
+            "sampler": sampler,
+            "eval_seeds": str(params["eval_seeds"]),
+            "sample_batch": int(params["sample_batch"]),
+            "features": features,
+        }
         history = _history_spec(params, n, cells.num_steps(train))
         if history:
             cfg["history"] = history
@@ -150,11 +127,21 @@ def train_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
 def optimal_configs(params: Mapping[str, Any], orders: Sequence[int] = (1,)) -> list[dict[str, Any]]:
     """One optimal-denoiser config per (N, sampler order) of a panel; order 1 is the authors' Euler."""
     spec, features = data_spec(params), _features(params)
-    return [{"kind": KIND_OPTIMAL, "version": VERSION, "data": spec, "n": int(n),
-             "sampler": cells.sampler_spec(params, order), "eval_seeds": str(params["eval_seeds"]),
-             "sample_batch": int(params["sample_batch"]), "chunk_size": int(params["optimal_chunk"]),
-             "features": features}
-            for n in params["dataset_sizes"] for order in orders]  # fmt: skip
+    return [
+        {
+            "kind": KIND_OPTIMAL,
+            "version": VERSION,
+            "data": spec,
+            "n": int(n),
+            "sampler": cells.sampler_spec(params, order),
+            "eval_seeds": str(params["eval_seeds"]),
+            "sample_batch": int(params["sample_batch"]),
+            "chunk_size": int(params["optimal_chunk"]),
+            "features": features,
+        }
+        for n in params["dataset_sizes"]
+        for order in orders
+    ]
 
 
 def plan(configs: Sequence[Mapping[str, Any]], shape: tuple[int, int] | None = None) -> pd.DataFrame:
@@ -175,8 +162,17 @@ def plan(configs: Sequence[Mapping[str, Any]], shape: tuple[int, int] | None = N
                 net = make_network(t["arch"], t["precond"], res, ch, **t["network"])
             counted[key] = sum(p.numel() for p in net.parameters())
         steps = cells.num_steps(t)
-        rows.append({"n": c["n"], "width": c["width"], "seed": c["seed"], "batch_size": t["batch_size"],
-                     "steps": steps, "kimg": steps * t["batch_size"] / 1000, "params": counted[key]})  # fmt: skip
+        rows.append(
+            {
+                "n": c["n"],
+                "width": c["width"],
+                "seed": c["seed"],
+                "batch_size": t["batch_size"],
+                "steps": steps,
+                "kimg": steps * t["batch_size"] / 1000,
+                "params": counted[key],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -184,7 +180,9 @@ def plan(configs: Sequence[Mapping[str, Any]], shape: tuple[int, int] | None = N
 # Cell functions (module level: they run in worker processes).
 
 
-def _statistics(samples: np.ndarray, config: Mapping[str, Any], device: torch.device) -> dict[str, np.ndarray]:
+def _statistics(
+    samples: np.ndarray, config: Mapping[str, Any], device: torch.device
+) -> dict[str, np.ndarray]:
     """Threshold-free per-sample statistics of a cell's samples against its training set: the
     relative NN distance (always), SSCD descriptors and max cosine (sscd backend), MoLRG subspaces."""
     train = cells.training_set(config["data"], config["n"])
@@ -223,7 +221,9 @@ def sscd_model(feature_spec: Mapping[str, Any], device: torch.device):
 
     key = (feature_spec["model"], str(device), int(feature_spec["resize"]))
     if key not in _SSCD_MODELS:
-        _SSCD_MODELS[key] = SSCD(feature_spec["model"], device=device, resize=key[2], batch_size=256, download=True)
+        _SSCD_MODELS[key] = SSCD(
+            feature_spec["model"], device=device, resize=key[2], batch_size=256, download=True
+        )
     return _SSCD_MODELS[key]
 
 
@@ -246,7 +246,7 @@ def _history(config: Mapping[str, Any], workdir: Path, device: torch.device) -> 
 
 
 def run_train_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Train one model on the first N points, sample it at the evaluation seeds, store samples and statistics."""
+    """Train on the first N points, sample at the evaluation seeds; store samples and statistics."""
     from ..checkpoints import save_network
 
     device = cells.device()
@@ -283,21 +283,27 @@ def run_optimal_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, A
     return out, {"samples": samples, **_statistics(samples, config, device)}
 
 
-def run_panels(store: Any, configs: Mapping[str, Sequence[dict]], fn: Any, workers: int = 1) -> dict[str, list]:
+def run_panels(
+    store: Any, configs: Mapping[str, Sequence[dict]], fn: Any, workers: int = 1
+) -> dict[str, list]:
     """Run (or load) every panel's cells in one pool of ``workers`` processes: panel -> stored cells."""
     grid = [c for cs in configs.values() for c in cs]
     done = iter(store.run_grid(grid, fn, workers=workers, threads_per_worker=1))
     return {name: [next(done) for _ in cs] for name, cs in configs.items()}
 
 
-def panel_tables(panels_: Mapping[str, Mapping[str, Any]], cells_: Mapping[str, list],
-                 cals: Mapping[str, tuple]) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:  # fmt: skip
+def panel_tables(
+    panels_: Mapping[str, Mapping[str, Any]], cells_: Mapping[str, list], cals: Mapping[str, tuple]
+) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
     """Per panel: the GL table and the cross-seed RP table (with subspace agreement on MoLRG)."""
     out = {}
     for name, p in panels_.items():
         copy, same = cals[name]
         k = int(p["molrg_classes"]) if p["dataset"] == "molrg" else None
-        out[name] = (gl_table(cells_[name], copy.criterion), rp_table(cells_[name], same.criterion, num_classes=k))
+        out[name] = (
+            gl_table(cells_[name], copy.criterion),
+            rp_table(cells_[name], same.criterion, num_classes=k),
+        )
     return out
 
 
@@ -305,8 +311,9 @@ def panel_tables(panels_: Mapping[str, Mapping[str, Any]], cells_: Mapping[str, 
 # Criteria of a panel, calibrated on its held-out data.
 
 
-def calibrate(params: Mapping[str, Any], device: torch.device | None = None
-              ) -> tuple[calibration.Calibration, calibration.Calibration]:  # fmt: skip
+def calibrate(
+    params: Mapping[str, Any], device: torch.device | None = None
+) -> tuple[calibration.Calibration, calibration.Calibration]:
     """The panel's copy and same-image criteria, each calibrated on held-out data (see
     :mod:`calibration`); a positive ``copy_threshold``/``same_threshold`` replaces the calibrated value."""
     spec, feats = data_spec(params), _features(params)
@@ -319,11 +326,25 @@ def calibrate(params: Mapping[str, Any], device: torch.device | None = None
             return sscd_features(np.asarray(torch.as_tensor(x)), feats, dev)
 
     count = int(params["calibration_samples"])
-    copy = calibration.calibrate_copy(spec, params["dataset_sizes"], count, float(params["copy_noise"]),
-                                      float(params["max_false_copy"]), float(params["min_true_copy"]),
-                                      statistic, embed)  # fmt: skip
-    same = calibration.calibrate_same(spec, count, float(params["copy_noise"]), float(params["max_false_same"]),
-                                      float(params["min_true_same"]), statistic, embed)  # fmt: skip
+    copy = calibration.calibrate_copy(
+        spec,
+        params["dataset_sizes"],
+        count,
+        float(params["copy_noise"]),
+        float(params["max_false_copy"]),
+        float(params["min_true_copy"]),
+        statistic,
+        embed,
+    )
+    same = calibration.calibrate_same(
+        spec,
+        count,
+        float(params["copy_noise"]),
+        float(params["max_false_same"]),
+        float(params["min_true_same"]),
+        statistic,
+        embed,
+    )
     for cal, key in ((copy, "copy_threshold"), (same, "same_threshold")):
         if params.get(key):
             cal.criterion = scores.Criterion(cal.criterion.question, statistic, float(params[key]))
@@ -335,7 +356,9 @@ def copy_scores(cell: Mapping[str, Any], crit: scores.Criterion) -> np.ndarray:
     return cell["arrays"]["nn_rel" if crit.statistic == "relative" else "max_cos"]
 
 
-def same_scores(a: Mapping[str, Any], b: Mapping[str, Any], crit: scores.Criterion, shift: int = 0) -> np.ndarray:
+def same_scores(
+    a: Mapping[str, Any], b: Mapping[str, Any], crit: scores.Criterion, shift: int = 0
+) -> np.ndarray:
     """Per-seed same-image statistic between two stored cells (b the reference); ``shift`` pairs seed
     j of a with seed j + shift of b (a seed-shuffled pairing: the chance level)."""
     key = "samples" if crit.statistic == "relative" else "features"
@@ -355,8 +378,13 @@ def gl_table(cells_: Sequence[Mapping[str, Any]], copy: scores.Criterion) -> pd.
     rows = []
     for c in cells_:
         flags = copy.flags(copy_scores(c, copy))
-        row = {"n": c["n"], "width": c["width"], "seed": c["seed"], "gl": 1.0 - float(flags.mean()),
-               "samples": len(flags)}  # fmt: skip
+        row = {
+            "n": c["n"],
+            "width": c["width"],
+            "seed": c["seed"],
+            "gl": 1.0 - float(flags.mean()),
+            "samples": len(flags),
+        }
         if "off_subspace" in c["arrays"]:
             row["off_subspace"] = float(np.median(c["arrays"]["off_subspace"]))
         rows.append(row)
@@ -385,26 +413,42 @@ def model_pairs(cells_: Sequence[Mapping[str, Any]], pairing: str = "cross-seed"
     return out
 
 
-def rp_table(cells_: Sequence[Mapping[str, Any]], same: scores.Criterion, pairing: str = "cross-seed",
-             num_classes: int | None = None) -> pd.DataFrame:  # fmt: skip
+def rp_table(
+    cells_: Sequence[Mapping[str, Any]],
+    same: scores.Criterion,
+    pairing: str = "cross-seed",
+    num_classes: int | None = None,
+) -> pd.DataFrame:
     """RP per model pair: n, pair, width_a, width_b, seed_a, seed_b, rp, chance (seed-shuffled pairing),
     seeds; MoLRG (``num_classes``): also subspace agreement, its chance 1/K, and RP within agreeing seeds."""
     rows = []
     for a, b in model_pairs(cells_, pairing):
         flags = same.flags(same_scores(a, b, same))
-        row = {"n": a["n"], "pair": pair_label(a["width"], b["width"]), "width_a": a["width"],
-               "width_b": b["width"], "seed_a": a["seed"], "seed_b": b["seed"], "rp": float(flags.mean()),
-               "chance": float(same.flags(same_scores(a, b, same, shift=1)).mean()), "seeds": len(flags)}  # fmt: skip
+        row = {
+            "n": a["n"],
+            "pair": pair_label(a["width"], b["width"]),
+            "width_a": a["width"],
+            "width_b": b["width"],
+            "seed_a": a["seed"],
+            "seed_b": b["seed"],
+            "rp": float(flags.mean()),
+            "chance": float(same.flags(same_scores(a, b, same, shift=1)).mean()),
+            "seeds": len(flags),
+        }
         if num_classes:
             agree = a["arrays"]["nearest_class"] == b["arrays"]["nearest_class"]
-            row.update(subspace_agreement=float(agree.mean()), subspace_chance=1 / num_classes,
-                       rp_within=float(flags[agree].mean()) if agree.any() else math.nan)  # fmt: skip
+            row.update(
+                subspace_agreement=float(agree.mean()),
+                subspace_chance=1 / num_classes,
+                rp_within=float(flags[agree].mean()) if agree.any() else math.nan,
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def rp_optimal_table(cells_: Sequence[Mapping[str, Any]], optimal: Sequence[Mapping[str, Any]],
-                     same: scores.Criterion) -> pd.DataFrame:  # fmt: skip
+def rp_optimal_table(
+    cells_: Sequence[Mapping[str, Any]], optimal: Sequence[Mapping[str, Any]], same: scores.Criterion
+) -> pd.DataFrame:
     """RP of each trained cell against D*'s samples (same N, same seeds), per sampler order:
     n, width, seed, order, rp, chance, seeds."""
     opt = {(o["n"], o["order"]): o for o in optimal}
@@ -413,9 +457,17 @@ def rp_optimal_table(cells_: Sequence[Mapping[str, Any]], optimal: Sequence[Mapp
         for (n, order), o in opt.items():
             if n == c["n"]:
                 flags = same.flags(same_scores(c, o, same))
-                rows.append({"n": n, "width": c["width"], "seed": c["seed"], "order": order, "rp": float(flags.mean()),
-                             "chance": float(same.flags(same_scores(c, o, same, shift=1)).mean()),
-                             "seeds": len(flags)})  # fmt: skip
+                rows.append(
+                    {
+                        "n": n,
+                        "width": c["width"],
+                        "seed": c["seed"],
+                        "order": order,
+                        "rp": float(flags.mean()),
+                        "chance": float(same.flags(same_scores(c, o, same, shift=1)).mean()),
+                        "seeds": len(flags),
+                    }
+                )
     return pd.DataFrame(rows).sort_values(["order", "width", "n", "seed"]).reset_index(drop=True)
 
 
@@ -424,7 +476,9 @@ def optimal_gl_table(optimal: Sequence[Mapping[str, Any]], copy: scores.Criterio
     rows = []
     for o in optimal:
         flags = copy.flags(copy_scores(o, copy))
-        rows.append({"n": o["n"], "order": o["order"], "gl": 1.0 - float(flags.mean()), "samples": len(flags)})
+        rows.append(
+            {"n": o["n"], "order": o["order"], "gl": 1.0 - float(flags.mean()), "samples": len(flags)}
+        )
     return pd.DataFrame(rows).sort_values(["order", "n"]).reset_index(drop=True)
 
 
@@ -437,23 +491,45 @@ def history_table(cells_: Sequence[Mapping[str, Any]], copy: scores.Criterion) -
         if "history_steps" not in a:
             continue
         for step, stat in zip(a["history_steps"], a["history_copy"]):
-            rows.append({"n": c["n"], "width": c["width"], "seed": c["seed"], "steps": int(step),
-                         "gl": 1 - float(copy.flags(stat).mean()), "samples": len(stat)})  # fmt: skip
+            rows.append(
+                {
+                    "n": c["n"],
+                    "width": c["width"],
+                    "seed": c["seed"],
+                    "steps": int(step),
+                    "gl": 1 - float(copy.flags(stat).mean()),
+                    "samples": len(stat),
+                }
+            )
         final = copy.flags(copy_scores(c, copy))
-        rows.append({"n": c["n"], "width": c["width"], "seed": c["seed"], "steps": int(c["steps"]),
-                     "gl": 1 - float(final.mean()), "samples": len(final)})  # fmt: skip
+        rows.append(
+            {
+                "n": c["n"],
+                "width": c["width"],
+                "seed": c["seed"],
+                "steps": int(c["steps"]),
+                "gl": 1 - float(final.mean()),
+                "samples": len(final),
+            }
+        )
     return pd.DataFrame(rows, columns=["n", "width", "seed", "steps", "gl", "samples"])
 
 
-def rp_curves(cells_: Sequence[Mapping[str, Any]], same: scores.Criterion, thresholds: Sequence[float],
-              pairing: str = "cross-seed") -> pd.DataFrame:  # fmt: skip
+def rp_curves(
+    cells_: Sequence[Mapping[str, Any]],
+    same: scores.Criterion,
+    thresholds: Sequence[float],
+    pairing: str = "cross-seed",
+) -> pd.DataFrame:
     """RP as a function of the threshold, per N and pair (mean over pairings): n, pair, threshold, rp."""
     rows = []
     for a, b in model_pairs(cells_, pairing):
         d = same_scores(a, b, same)
         rates = scores.flag_rates(d, thresholds, same.flag)
-        rows += [{"n": a["n"], "pair": pair_label(a["width"], b["width"]), "threshold": float(t), "rp": float(r)}
-                 for t, r in zip(thresholds, rates)]  # fmt: skip
+        rows += [
+            {"n": a["n"], "pair": pair_label(a["width"], b["width"]), "threshold": float(t), "rp": float(r)}
+            for t, r in zip(thresholds, rates)
+        ]
     return pd.DataFrame(rows).groupby(["n", "pair", "threshold"], as_index=False)["rp"].mean()
 
 
@@ -462,8 +538,14 @@ def summarize(table: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFram
     rows = []
     for key, g in table.groupby(list(by)):
         count = int(g["samples"].iloc[0]) if "samples" in g else int(g["seeds"].iloc[0])
-        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), value: float(g[value].mean()),
-                     "se": _se(g[value].to_numpy(), count), "repeats": len(g)})  # fmt: skip
+        rows.append(
+            {
+                **dict(zip(by, key if isinstance(key, tuple) else (key,))),
+                value: float(g[value].mean()),
+                "se": _se(g[value].to_numpy(), count),
+                "repeats": len(g),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -504,8 +586,9 @@ def _at(table: pd.DataFrame, value: str, **where: Any) -> tuple[float, float]:
     return float(sub[value].mean()), _se(sub[value].to_numpy(), count)
 
 
-def regime_checks(gl: pd.DataFrame, rp: pd.DataFrame, setting: str, low: float = 0.1, high: float = 0.9,
-                  rp_min: float = 0.6) -> list[dict[str, Any]]:  # fmt: skip
+def regime_checks(
+    gl: pd.DataFrame, rp: pd.DataFrame, setting: str, low: float = 0.1, high: float = 0.9, rp_min: float = 0.6
+) -> list[dict[str, Any]]:
     """P1 Fig. 2's claims on one panel. GL <= ``low`` at the smallest N and >= ``high`` at the largest
     (every width; paper ~0 up to 2^10, ~1 from 2^14); RP >= ``rp_min`` at both ends (every pair kind;
     the paper's lowest values there are 0.62 and 0.61) and lower in between (the dip); the GL = 0.5
@@ -516,26 +599,71 @@ def regime_checks(gl: pd.DataFrame, rp: pd.DataFrame, setting: str, low: float =
     n_lo, n_hi = int(gl["n"].min()), int(gl["n"].max())
     for w in sorted(gl["width"].unique()):
         m, se = _at(gl, "gl", width=w, n=n_lo)
-        rows.append(check("GL, smallest N (memorization)", f"{setting}, width {w}, N={n_lo}", m, "<=", low,
-                          se, paper=REF["gl_small"]))  # fmt: skip
+        rows.append(
+            check(
+                "GL, smallest N (memorization)",
+                f"{setting}, width {w}, N={n_lo}",
+                m,
+                "<=",
+                low,
+                se,
+                paper=REF["gl_small"],
+            )
+        )
         m, se = _at(gl, "gl", width=w, n=n_hi)
-        rows.append(check("GL, largest N (generalization)", f"{setting}, width {w}, N={n_hi}", m, ">=", high,
-                          se, paper=REF["gl_large"]))  # fmt: skip
+        rows.append(
+            check(
+                "GL, largest N (generalization)",
+                f"{setting}, width {w}, N={n_hi}",
+                m,
+                ">=",
+                high,
+                se,
+                paper=REF["gl_large"],
+            )
+        )
     for pair in rp["pair"].unique():
         sub = rp[rp["pair"] == pair]
         ns = sorted(sub["n"].unique())
         ends = [_at(sub, "rp", n=ns[0]), _at(sub, "rp", n=ns[-1])]
-        rows.append(check("pairwise RP, smallest N", f"{setting}, {pair}, N={ns[0]}", ends[0][0], ">=", rp_min,
-                          ends[0][1], paper=REF["rp_small"]))  # fmt: skip
-        rows.append(check("pairwise RP, largest N", f"{setting}, {pair}, N={ns[-1]}", ends[1][0], ">=", rp_min,
-                          ends[1][1], paper=REF["rp_large"]))  # fmt: skip
+        rows.append(
+            check(
+                "pairwise RP, smallest N",
+                f"{setting}, {pair}, N={ns[0]}",
+                ends[0][0],
+                ">=",
+                rp_min,
+                ends[0][1],
+                paper=REF["rp_small"],
+            )
+        )
+        rows.append(
+            check(
+                "pairwise RP, largest N",
+                f"{setting}, {pair}, N={ns[-1]}",
+                ends[1][0],
+                ">=",
+                rp_min,
+                ends[1][1],
+                paper=REF["rp_large"],
+            )
+        )
         inner = [(n, *_at(sub, "rp", n=n)) for n in ns[1:-1]]
         if inner:
             n_dip, dip, se_dip = min(inner, key=lambda t: t[1])
             top, se_top = min(ends)
-            rows.append(check("pairwise RP dip: lower end minus transition minimum", f"{setting}, {pair}, dip at N={n_dip}",
-                              top - dip, ">", 0.0, math.hypot(se_top, se_dip), paper=REF["rp_dip"],
-                              note=f"RP {dip:.2f} at N={n_dip}"))  # fmt: skip
+            rows.append(
+                check(
+                    "pairwise RP dip: lower end minus transition minimum",
+                    f"{setting}, {pair}, dip at N={n_dip}",
+                    top - dip,
+                    ">",
+                    0.0,
+                    math.hypot(se_top, se_dip),
+                    paper=REF["rp_dip"],
+                    note=f"RP {dip:.2f} at N={n_dip}",
+                )
+            )
     rows += _model_size_checks(gl, setting)
     return rows
 
@@ -552,15 +680,30 @@ def _model_size_checks(gl: pd.DataFrame, setting: str) -> list[dict[str, Any]]:
         lb = np.log2(half[half.width == b].sort_values("seed")["n_half"].to_numpy())
         diff = lb - la if len(la) == len(lb) else np.array([lb.mean() - la.mean()])
         se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None
-        rows.append(check("larger models need more data: log2 N(GL=0.5), wider minus narrower",
-                          f"{setting}, width {b} vs {a}", float(np.nanmean(diff)), ">", 0.0, se,
-                          paper=REF["n_half_step"] + " (UNet-64/128/256)",
-                          note="se over training seeds" if se is not None else "one training seed: no se"))  # fmt: skip
+        rows.append(
+            check(
+                "larger models need more data: log2 N(GL=0.5), wider minus narrower",
+                f"{setting}, width {b} vs {a}",
+                float(np.nanmean(diff)),
+                ">",
+                0.0,
+                se,
+                paper=REF["n_half_step"] + " (UNet-64/128/256)",
+                note="se over training seeds" if se is not None else "one training seed: no se",
+            )
+        )
     return rows
 
 
-def optimal_checks(rp_opt: pd.DataFrame, opt_gl: pd.DataFrame, setting: str, order: int = 1,
-                   first_min: float = 0.4, last_max: float = 0.05, gl_max: float = 0.05) -> list[dict[str, Any]]:  # fmt: skip
+def optimal_checks(
+    rp_opt: pd.DataFrame,
+    opt_gl: pd.DataFrame,
+    setting: str,
+    order: int = 1,
+    first_min: float = 0.4,
+    last_max: float = 0.05,
+    gl_max: float = 0.05,
+) -> list[dict[str, Any]]:
     """P1 Fig. 4 (left) on one panel. Phenomenon: RP against D* >= ``first_min`` at the smallest N
     (paper 0.47-0.51), <= ``last_max`` at the largest (paper ~0), falling in between. Sanity: D*'s
     own samples are copies (GL <= ``gl_max`` at every N)."""
@@ -571,18 +714,55 @@ def optimal_checks(rp_opt: pd.DataFrame, opt_gl: pd.DataFrame, setting: str, ord
     for w in sorted(sub["width"].unique()):
         ns = sorted(sub["n"].unique())
         (first, se_f), (last, se_l) = _at(sub, "rp", width=w, n=ns[0]), _at(sub, "rp", width=w, n=ns[-1])
-        rows.append(check("RP vs D*, smallest N", f"{setting}, width {w}, N={ns[0]}", first, ">=", first_min, se_f,
-                          paper=REF["rp_opt_small"]))  # fmt: skip
-        rows.append(check("RP vs D*, largest N", f"{setting}, width {w}, N={ns[-1]}", last, "<=", last_max, se_l,
-                          paper=REF["rp_opt_large"]))  # fmt: skip
-        rows.append(check("RP vs D* falls: smallest-N minus largest-N RP", f"{setting}, width {w}", first - last, ">",
-                          0.0, math.hypot(se_f, se_l), paper=REF["rp_opt_fall"]))  # fmt: skip
+        rows.append(
+            check(
+                "RP vs D*, smallest N",
+                f"{setting}, width {w}, N={ns[0]}",
+                first,
+                ">=",
+                first_min,
+                se_f,
+                paper=REF["rp_opt_small"],
+            )
+        )
+        rows.append(
+            check(
+                "RP vs D*, largest N",
+                f"{setting}, width {w}, N={ns[-1]}",
+                last,
+                "<=",
+                last_max,
+                se_l,
+                paper=REF["rp_opt_large"],
+            )
+        )
+        rows.append(
+            check(
+                "RP vs D* falls: smallest-N minus largest-N RP",
+                f"{setting}, width {w}",
+                first - last,
+                ">",
+                0.0,
+                math.hypot(se_f, se_l),
+                paper=REF["rp_opt_fall"],
+            )
+        )
     for o in sorted(opt_gl["order"].unique()):
         g = opt_gl[opt_gl["order"] == o]
         worst = g.loc[g["gl"].idxmax()]
-        rows.append(check("GL of D*'s own samples (max over N)", f"{setting}, {_ORDER_NAMES.get(o, o)}",
-                          float(worst.gl), "<=", gl_max, _se(np.array([worst.gl]), int(worst.samples)),
-                          kind="sanity", paper="~0", note=f"worst at N={int(worst.n)}"))  # fmt: skip
+        rows.append(
+            check(
+                "GL of D*'s own samples (max over N)",
+                f"{setting}, {_ORDER_NAMES.get(o, o)}",
+                float(worst.gl),
+                "<=",
+                gl_max,
+                _se(np.array([worst.gl]), int(worst.samples)),
+                kind="sanity",
+                paper="~0",
+                note=f"worst at N={int(worst.n)}",
+            )
+        )
     return rows
 
 
@@ -597,7 +777,9 @@ def _label_widths(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(model=table["width"].map(lambda w: f"width {w}"))
 
 
-def _regime_axes(ax_gl, ax_rp, gl: pd.DataFrame, rp: pd.DataFrame, title: str, low: float, high: float) -> None:
+def _regime_axes(
+    ax_gl, ax_rp, gl: pd.DataFrame, rp: pd.DataFrame, title: str, low: float, high: float
+) -> None:
     from .. import plotting
 
     g = summarize(_label_widths(gl), ["model", "n"], "gl")
@@ -618,8 +800,9 @@ def _regime_axes(ax_gl, ax_rp, gl: pd.DataFrame, rp: pd.DataFrame, title: str, l
         ax.legend(fontsize=7, loc="center right")
 
 
-def plot_regimes(tables: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]], profile: str, low: float = 0.1,
-                 high: float = 0.9):  # fmt: skip
+def plot_regimes(
+    tables: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]], profile: str, low: float = 0.1, high: float = 0.9
+):
     """P1 Fig. 2 at this profile's scale, one row per panel: GL vs N per width (mean +- se over
     training seeds) and cross-seed pairwise RP vs N per pair of widths, with the chance level."""
     import matplotlib.pyplot as plt
@@ -727,8 +910,13 @@ def plot_subspace_agreement(rp: pd.DataFrame, profile: str, title: str):
     return fig
 
 
-def plot_samples(cells_: Sequence[Mapping[str, Any]], sizes: Sequence[int], count: int, profile: str,
-                 optimal: Sequence[Mapping[str, Any]] = ()):  # fmt: skip
+def plot_samples(
+    cells_: Sequence[Mapping[str, Any]],
+    sizes: Sequence[int],
+    count: int,
+    profile: str,
+    optimal: Sequence[Mapping[str, Any]] = (),
+):
     """The first ``count`` evaluation seeds of every model (and D*, if given) at each size: one image
     row per sampler, one column per seed, so the same noise reads down a column."""
     import matplotlib.pyplot as plt
@@ -744,15 +932,24 @@ def plot_samples(cells_: Sequence[Mapping[str, Any]], sizes: Sequence[int], coun
         imgs = [x if x.dtype == np.uint8 else to_uint8(np.asarray(x)) for x in imgs]
         plotting.image_grid(np.concatenate(imgs), nrow=len(rows), ax=ax, title=f"N = {n}")
         labels = [f"w{c['width']} s{c['seed']}" if "width" in c else "D*" for c in rows]
-        ax.text(-0.02, 0.5, "\n".join(labels), transform=ax.transAxes, ha="right", va="center", fontsize=7,
-                linespacing=2.1)  # fmt: skip
+        ax.text(
+            -0.02,
+            0.5,
+            "\n".join(labels),
+            transform=ax.transAxes,
+            ha="right",
+            va="center",
+            fontsize=7,
+            linespacing=2.1,
+        )
     plotting.profile_badge(fig, profile)
     fig.tight_layout(rect=(0.03, 0, 1, 0.9))
     return fig
 
 
-def plot_rp_optimal(rp_opt: Mapping[str, pd.DataFrame], gl: Mapping[str, pd.DataFrame], profile: str,
-                    order: int = 1):  # fmt: skip
+def plot_rp_optimal(
+    rp_opt: Mapping[str, pd.DataFrame], gl: Mapping[str, pd.DataFrame], profile: str, order: int = 1
+):
     """P1 Fig. 4 (left): RP of each width against D* (mean +- se over training seeds, chance dotted),
     one panel per data panel, and the authors' curves."""
     import matplotlib.pyplot as plt
@@ -782,3 +979,52 @@ def plot_rp_optimal(rp_opt: Mapping[str, pd.DataFrame], gl: Mapping[str, pd.Data
     plotting.profile_badge(fig, profile)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     return fig
+
+
+# ----------------------------------------------------------------------------
+# Numbers the chapter's prose quotes (glued, never typed).
+
+
+def key_numbers(
+    tables: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]],
+    keys: Mapping[str, str],
+    hist: pd.DataFrame | None = None,
+    low: float = 0.1,
+) -> dict[str, Any]:
+    """Values for the prose, named by position so that they exist for any grid: per panel key
+    (``keys``: panel name -> 'main'/'molrg'), ``{k}_nmin``/``{k}_nmax``, the narrowest and widest
+    width (``{k}_w_narrow``/``_wide``), their GL at both ends (``{k}_gl_narrow_nmin``, ...), the
+    cross-width RP at both ends and its minimum in between (``{k}_rp_cross_nmin``, ``_nmax``,
+    ``_dip``, ``_dip_n``) with its chance level, and the GL = 0.5 crossings (``{k}_nhalf_narrow``,
+    ``_wide``); with ``hist``, the first training step at which every width's GL at the smallest N is
+    below ``low`` (``main_hist_steps_memorized``, NaN if never) and the final GL per width."""
+    out: dict[str, Any] = {}
+    for name, (gl, rp) in tables.items():
+        k = keys[name]
+        ns, widths = sorted(gl["n"].unique()), sorted(gl["width"].unique())
+        ends = {"nmin": ns[0], "nmax": ns[-1]}
+        named = {"narrow": widths[0], "wide": widths[-1]}
+        out.update({f"{k}_{e}": int(n) for e, n in ends.items()})
+        out.update({f"{k}_w_{w}": int(v) for w, v in named.items()})
+        for w, width in named.items():
+            for e, n in ends.items():
+                out[f"{k}_gl_{w}_{e}"] = float(gl[(gl.width == width) & (gl.n == n)]["gl"].mean())
+        cross = rp[rp["pair"] == pair_label(widths[0], widths[-1])]
+        by_n = cross.groupby("n")[["rp", "chance"]].mean()
+        for e, n in ends.items():
+            out[f"{k}_rp_cross_{e}"] = float(by_n.loc[n, "rp"])
+            out[f"{k}_chance_cross_{e}"] = float(by_n.loc[n, "chance"])
+        inner = by_n.loc[ns[1:-1], "rp"]
+        if len(inner):
+            out[f"{k}_rp_cross_dip"], out[f"{k}_rp_cross_dip_n"] = float(inner.min()), int(inner.idxmin())
+        half = n_half(gl).groupby("width")["n_half"].mean()
+        out.update({f"{k}_nhalf_{w}": float(half[v]) for w, v in named.items()})
+        if "subspace_agreement" in rp:
+            out[f"{k}_subspace_cross_nmax"] = float(cross[cross.n == ns[-1]]["subspace_agreement"].mean())
+            out[f"{k}_subspace_chance"] = float(rp["subspace_chance"].iloc[0])
+    if hist is not None and len(hist):
+        small = hist[hist["n"] == hist["n"].min()].groupby(["steps", "width"])["gl"].mean().unstack()
+        below = small.index[(small < low).all(axis=1)]
+        out["main_hist_steps_memorized"] = int(below[0]) if len(below) else math.nan
+        out.update({f"main_hist_gl_final_w{int(w)}": float(small[w].iloc[-1]) for w in small.columns})
+    return out

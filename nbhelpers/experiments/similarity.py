@@ -45,6 +45,7 @@ from . import calibration, cells
 from .paper import P1_SIMILARITY_MODELS as PAPER_MODELS  # noqa: F401  (re-exported for the notebook)
 from .paper import p1_similarity_mae as paper_mae_matrix
 from .paper import p1_similarity_rp as paper_rp_matrix
+from .paper import value_range
 
 KIND_MODEL = "similarity-model"
 KIND_REFERENCE = "similarity-reference"
@@ -65,42 +66,15 @@ def off_diagonal(matrix: pd.DataFrame, names: Sequence[str] | None = None) -> np
 # Panels and data.
 
 
-def panels(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The notebook's panels, name -> parameters: the main one and the MoLRG one (``molrg_panel``)."""
-    out = {panel_name(params): dict(params)}
-    if params.get("molrg_panel"):
-        molrg = {**params, "dataset": "molrg", **dict(params["molrg_panel"])}
-        if molrg["backend"] != "relative":
-            raise ValueError("molrg_panel: MoLRG points are vectors, not images; give it backend 'relative'")
-        out[panel_name(molrg)] = molrg
-    return out
-
-
-def panel_name(params: Mapping[str, Any]) -> str:
-    """Display name of a panel, e.g. 'Fashion-MNIST 8x8' or 'MoLRG n=48, K=2, d=4'."""
-    from .regimes import panel_name as name
-
-    return name(params)
+panels, panel_name = cells.panels, cells.panel_name
 
 
 def data_spec(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The data spec of a panel: the first ``num_train`` points of the source are the training set."""
-    from ..data import FASHION_MNIST_ROOT
-
-    kind, n = params["dataset"], int(params["num_train"])
+    """The data spec of a panel (:func:`cells.data_spec`): its first ``num_train`` points train."""
+    n = int(params["num_train"])
     if n < 1:
         raise ValueError(f"num_train must be positive, got {n}")
-    if kind == "molrg":
-        return cells.molrg_spec(params["molrg_classes"], params["molrg_dim"], params["resolution"],
-                                params["channels"], params["data_seed"], pool_size=n)  # fmt: skip
-    if kind == "fashion_mnist":
-        path = params.get("dataset_path") or FASHION_MNIST_ROOT
-        return cells.fashion_mnist_spec(path, params["resolution"], params["channels"], pool_size=n)
-    if kind == "images":
-        if not params.get("dataset_path"):
-            raise ValueError("dataset='images' needs dataset_path (an EDM zip or folder of training images)")
-        return cells.images_spec(params["dataset_path"], n)
-    raise ValueError(f"unknown dataset {kind!r}; expected 'molrg', 'fashion_mnist' or 'images'")
+    return cells.data_spec(params, n)
 
 
 def training_data(spec: Mapping[str, Any]) -> torch.Tensor:
@@ -134,17 +108,30 @@ def model_configs(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             train = cells.train_config(m["arch"], m["precond"], network, train_section, seed=int(m["seed"]))
         except ValueError as e:
             raise ValueError(f"model {name!r}: {e}") from None
-        out[name] = {"kind": KIND_MODEL, "version": VERSION, "data": spec, "train": train, "sampler": sampler,
-                     "eval_seeds": str(params["eval_seeds"]), "sample_batch": int(params["sample_batch"]),
-                     "diagnostic_count": int(params.get("diagnostic_count", 256))}  # fmt: skip
+        out[name] = {
+            "kind": KIND_MODEL,
+            "version": VERSION,
+            "data": spec,
+            "train": train,
+            "sampler": sampler,
+            "eval_seeds": str(params["eval_seeds"]),
+            "sample_batch": int(params["sample_batch"]),
+            "diagnostic_count": int(params.get("diagnostic_count", 256)),
+        }
     return out
 
 
 def reference_config(params: Mapping[str, Any]) -> dict[str, Any]:
     """Run config of the closed-form posterior-mean denoiser of the true distribution (MoLRG only)."""
-    return {"kind": KIND_REFERENCE, "version": VERSION, "data": data_spec(params),
-            "sampler": cells.sampler_spec(params), "eval_seeds": str(params["eval_seeds"]),
-            "sample_batch": int(params["sample_batch"]), "diagnostic_count": int(params.get("diagnostic_count", 256))}  # fmt: skip
+    return {
+        "kind": KIND_REFERENCE,
+        "version": VERSION,
+        "data": data_spec(params),
+        "sampler": cells.sampler_spec(params),
+        "eval_seeds": str(params["eval_seeds"]),
+        "sample_batch": int(params["sample_batch"]),
+        "diagnostic_count": int(params.get("diagnostic_count", 256)),
+    }
 
 
 def grid(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -170,9 +157,18 @@ def validate_configs(configs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
         with torch.device("meta"):
             net = make_network(t["arch"], t["precond"], res, ch, **t["network"])
         steps = cells.num_steps(t)
-        rows.append({"model": name, "arch": t["arch"], "precond": t["precond"], "seed": t["seed"],
-                     "params": sum(p.numel() for p in net.parameters()), "steps": steps,
-                     "kimg": steps * t["batch_size"] / 1000, **sigma_range(net, c["sampler"])})  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "arch": t["arch"],
+                "precond": t["precond"],
+                "seed": t["seed"],
+                "params": sum(p.numel() for p in net.parameters()),
+                "steps": steps,
+                "kimg": steps * t["batch_size"] / 1000,
+                **sigma_range(net, c["sampler"]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -189,20 +185,23 @@ def sigma_range(net: Any, sampler: Mapping[str, Any]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def denoising_error(net: Any, clean: torch.Tensor, sigmas: Sequence[float], device: torch.device,
-                    seed: int = 0) -> np.ndarray:  # fmt: skip
+def denoising_error(
+    net: Any, clean: torch.Tensor, sigmas: Sequence[float], device: torch.device, seed: int = 0
+) -> np.ndarray:
     """Relative denoising error on held-out points, ||D(x + sigma e; sigma) - x|| / ||x|| (median over
     points), per sigma (clamped to the net's range): where a model's denoiser fails, by noise level."""
-    from ..data import to_model
+    from ..data import model_space
 
-    x = (to_model(clean) if clean.dtype == torch.uint8 else clean.float()).to(device)
+    x = model_space(clean, device)
     g = torch.Generator().manual_seed(seed)
     out = []
     for s in sigmas:
         s = float(min(max(s, float(getattr(net, "sigma_min", 0))), float(getattr(net, "sigma_max", np.inf))))
         e = torch.randn(x.shape, generator=g).to(device)
         d = net(x + s * e, torch.full((len(x),), s, device=device))
-        err = (d.double() - x.double()).flatten(1).norm(dim=1) / x.double().flatten(1).norm(dim=1).clamp_min(1e-12)
+        err = (d.double() - x.double()).flatten(1).norm(dim=1) / x.double().flatten(1).norm(dim=1).clamp_min(
+            1e-12
+        )
         out.append(float(err.median()))
     return np.asarray(out)
 
@@ -215,10 +214,12 @@ def _sample_cell(net: Any, config: Mapping[str, Any], device: torch.device, info
     x = cells.sample(net, config["sampler"], config["eval_seeds"], config["sample_batch"], device)
     info.update(sample_seconds=time.perf_counter() - t0, **sigma_range(net, config["sampler"]))
     held_out = cells.fresh_samples(config["data"], config["diagnostic_count"])
-    arrays = {"samples": cells.store_samples(x, config["data"]),
-              "seeds": np.asarray(parse_seeds(config["eval_seeds"]), dtype=np.int64),
-              "diagnostic_sigma": np.asarray(DIAGNOSTIC_SIGMAS),
-              "diagnostic_error": denoising_error(net, held_out, DIAGNOSTIC_SIGMAS, device)}  # fmt: skip
+    arrays = {
+        "samples": cells.store_samples(x, config["data"]),
+        "seeds": np.asarray(parse_seeds(config["eval_seeds"]), dtype=np.int64),
+        "diagnostic_sigma": np.asarray(DIAGNOSTIC_SIGMAS),
+        "diagnostic_error": denoising_error(net, held_out, DIAGNOSTIC_SIGMAS, device),
+    }
     return info, arrays
 
 
@@ -235,7 +236,9 @@ def run_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dic
     net, info = cells.train_model(config["train"], training_data(config["data"]), device)
     save_network(net, Path(staging) / "network.nbh")
     t = config["train"]
-    return _sample_cell(net, config, device, {"arch": t["arch"], "precond": t["precond"], "seed": t["seed"], **info})
+    return _sample_cell(
+        net, config, device, {"arch": t["arch"], "precond": t["precond"], "seed": t["seed"], **info}
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -272,7 +275,7 @@ def cell_source(name: str, cell: Mapping[str, Any]) -> SampleSource:
 
 def load_sample_folder(name: str, path: str | os.PathLike) -> SampleSource:
     """Load a folder or zip of PNGs named by seed (``000123.png``, ``img000123.png``, ``seed123.png``,
-    in any subfolders) as uint8 images with their seeds; names that do not give distinct seeds are an error."""
+    in any subfolders) as uint8 images with their seeds; names without distinct seeds are an error."""
     from ..data import image_names, load_images
     from ..features import seeds_from_names
 
@@ -330,6 +333,37 @@ def check_same_seeds(sources: Sequence[SampleSource], expected: Sequence[int] | 
     return ref
 
 
+def panel_sources(
+    cells_: Mapping[str, Mapping[str, Any]],
+    outside: Mapping[str, str] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> dict[str, SampleSource]:
+    """A panel's sources: its stored cells and any ``outside`` folders/zips (name -> path), checked
+    to cover exactly ``seeds``."""
+    src = {n: cell_source(n, c) for n, c in cells_.items()}
+    src.update({n: load_sample_folder(n, path) for n, path in (outside or {}).items()})
+    check_same_seeds(list(src.values()), expected=seeds)
+    return src
+
+
+def regime_quality(
+    params: Mapping[str, Any], sources: Mapping[str, SampleSource]
+) -> tuple[calibration.Calibration | None, pd.DataFrame | None]:
+    """Are the sources in the generalization regime? The copy criterion of the panel's training set
+    (calibrated on held-out data as in the regimes chapter) and each source's :func:`copy_quality`;
+    (None, None) with a descriptor backend (the claim then rests on the paper's setting)."""
+    if params["backend"] != "relative":
+        return None, None
+    spec = data_spec(params)
+    count, noise, false = (
+        int(params["calibration_pairs"]),
+        float(params["near_noise"]),
+        float(params["max_false_rate"]),
+    )
+    cal = calibration.calibrate_copy(spec, [spec["pool_size"]], count, noise, false)
+    return cal, copy_quality(sources, spec, cal.criterion)
+
+
 # ----------------------------------------------------------------------------
 # Descriptors, cached per source.
 
@@ -349,7 +383,7 @@ def source_features(
     """The source's descriptors as a ``FeatureSet`` with seeds, sorted by seed; computed once, then
     read from the cache. 'relative': the samples themselves, flattened, in model space [-1, 1];
     'sscd': SSCD descriptors; 'pixel': unit pixel vectors (both compared by cosine)."""
-    from ..data import to_model, to_uint8
+    from ..data import model_space, to_uint8
     from ..features import FeatureSet, extract_features
 
     if backend not in BACKENDS:
@@ -363,13 +397,14 @@ def source_features(
             return fs
     if backend == "relative":
         t = torch.from_numpy(np.ascontiguousarray(x))
-        t = to_model(t).double() if t.dtype == torch.uint8 else t.double()
+        t = model_space(t, dtype=torch.float64)
         fs = FeatureSet(t.reshape(len(t), -1), seeds, meta={"backend": backend, "origin": source.origin})
     else:
         if x.dtype != np.uint8:
             x = to_uint8(np.asarray(x))
-        fs = extract_features(x, backend=backend, model=sscd_model if backend == "sscd" else None,
-                              seeds=seeds, device=device)  # fmt: skip
+        fs = extract_features(
+            x, backend=backend, model=sscd_model if backend == "sscd" else None, seeds=seeds, device=device
+        )
         fs.meta["origin"] = source.origin
     fs.save(path)
     return fs
@@ -379,17 +414,27 @@ def source_features(
 # Criteria and score matrices.
 
 
-def calibrate(params: Mapping[str, Any], features: Any = None) -> tuple[calibration.Calibration, calibration.Calibration]:
+def calibrate(
+    params: Mapping[str, Any], features: Any = None
+) -> tuple[calibration.Calibration, calibration.Calibration]:
     """The panel's RP criterion (same image) and MAE criterion, each calibrated on unrelated pairs of
-    held-out data; ``rp_threshold``/``mae_threshold`` (not None) replace the calibrated values."""
-    spec = data_spec(params)
+    held-out data; ``rp_threshold``/``mae_threshold`` (not None) replace the calibrated values, and
+    when both are given nothing is calibrated (the training set may then hold every image, as
+    CIFAR-10's 50,000 do in the paper profile)."""
     statistic = {"relative": "relative", "sscd": "cosine", "pixel": "cosine"}[params["backend"]]
-    count, noise, false = int(params["calibration_pairs"]), float(params["near_noise"]), float(params["max_false_rate"])
+    rp_t, mae_t = params.get("rp_threshold"), params.get("mae_threshold")
+    if rp_t is not None and mae_t is not None:
+        rp = scores.Criterion("same", statistic, float(rp_t))
+        return calibration.Calibration.given(rp), calibration.Calibration.given(
+            scores.Criterion("same", "mae", float(mae_t))
+        )
+    spec, count = data_spec(params), int(params["calibration_pairs"])
+    noise, false = float(params["near_noise"]), float(params["max_false_rate"])
     rp = calibration.calibrate_same(spec, count, noise, false, 0.99, statistic, features)
     mae = calibration.calibrate_same(spec, count, noise, false, 0.99, "mae")
-    for cal, key in ((rp, "rp_threshold"), (mae, "mae_threshold")):
-        if params.get(key) is not None:
-            cal.criterion = scores.Criterion("same", cal.criterion.statistic, float(params[key]))
+    for cal, value in ((rp, rp_t), (mae, mae_t)):
+        if value is not None:
+            cal.criterion = scores.Criterion("same", cal.criterion.statistic, float(value))
     return rp, mae
 
 
@@ -398,13 +443,16 @@ def _paired_flags(a: Any, b: Any, crit: scores.Criterion) -> np.ndarray:
     return crit.flags(calibration.same_scores(a, b, crit.statistic))
 
 
-def score_matrix(items: Mapping[str, Any], crit: scores.Criterion, boot: int = 200, seed: int = 0
-                 ) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+def score_matrix(
+    items: Mapping[str, Any], crit: scores.Criterion, boot: int = 200, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Share of seeds flagged by ``crit`` for every ordered pair of sources (row a, column b as the
     reference), and its bootstrap standard error over seeds (``boot`` resamples, the same for every
     entry). ``items``: name -> rows aligned by seed (FeatureSet features, or uint8/float samples)."""
     names = list(items)
-    data = {k: v.features if hasattr(v, "features") else torch.as_tensor(np.asarray(v)) for k, v in items.items()}
+    data = {
+        k: v.features if hasattr(v, "features") else torch.as_tensor(np.asarray(v)) for k, v in items.items()
+    }
     lengths = {len(v) for v in data.values()}
     if len(lengths) != 1:
         raise ValueError(f"sources have different numbers of seeds: {sorted(lengths)}")
@@ -423,12 +471,13 @@ def sorted_samples(source: SampleSource) -> np.ndarray:
     return source.samples[np.argsort(source.seeds, kind="stable")]
 
 
-def copy_quality(sources: Mapping[str, SampleSource], spec: Mapping[str, Any], copy: scores.Criterion
-                 ) -> pd.DataFrame:  # fmt: skip
+def copy_quality(
+    sources: Mapping[str, SampleSource], spec: Mapping[str, Any], copy: scores.Criterion
+) -> pd.DataFrame:
     """Per source: GL (share of samples that are not copies of a training point, with the calibrated
     copy criterion), median relative distance to the nearest training point, median sample norm and,
     for MoLRG, the median relative distance to the nearest true subspace (0: on the data's support)."""
-    from ..data import to_model
+    from ..data import model_space
 
     train = training_data(spec)
     mix = cells.make_molrg(spec) if spec["source"] == "molrg" else None
@@ -436,10 +485,15 @@ def copy_quality(sources: Mapping[str, SampleSource], spec: Mapping[str, Any], c
     for name, src in sources.items():
         t = torch.from_numpy(np.ascontiguousarray(src.samples))
         rel = calibration.copy_scores(t, train, copy.statistic) if copy.statistic == "relative" else None
-        x = (to_model(t) if t.dtype == torch.uint8 else t).double().reshape(len(t), -1)
+        x = model_space(t, dtype=torch.float64).reshape(len(t), -1)
         row = {"source": name, "median norm": float(x.norm(dim=1).median())}
         if rel is not None:
-            row.update({"GL": 1 - float(copy.flags(rel).mean()), "nearest training point (rel.)": float(np.median(rel))})
+            row.update(
+                {
+                    "GL": 1 - float(copy.flags(rel).mean()),
+                    "nearest training point (rel.)": float(np.median(rel)),
+                }
+            )
         if mix is not None:
             row["off-subspace (rel.)"] = float(mix.off_subspace(t).median())
         rows.append(row)
@@ -451,9 +505,17 @@ def summary_table(rp: pd.DataFrame, mae: pd.DataFrame, trained: Sequence[str]) -
     rows = []
     for label, ours, paper in [("RP", rp, paper_rp_matrix()), ("MAE score", mae, paper_mae_matrix())]:
         o, p = off_diagonal(ours, trained), off_diagonal(paper)
-        rows.append({"matrix": label, "min": o.min() if len(o) else np.nan, "mean": o.mean() if len(o) else np.nan,
-                     "max": o.max() if len(o) else np.nan, "paper min": p.min(), "paper mean": p.mean(),
-                     "paper max": p.max()})  # fmt: skip
+        rows.append(
+            {
+                "matrix": label,
+                "min": o.min() if len(o) else np.nan,
+                "mean": o.mean() if len(o) else np.nan,
+                "max": o.max() if len(o) else np.nan,
+                "paper min": p.min(),
+                "paper mean": p.mean(),
+                "paper max": p.max(),
+            }
+        )
     return pd.DataFrame(rows).set_index("matrix")
 
 
@@ -464,15 +526,29 @@ def reference_column(matrix: pd.DataFrame, reference: str = REFERENCE_NAME) -> p
 
 def cells_table(cells_: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """Per in-house model: arch, precond, seed, params, steps, final loss, seconds, sigma range."""
-    keys = ["arch", "precond", "seed", "params", "steps", "kimg", "final_loss", "train_seconds", "sample_seconds",
-            "sigma_first", "sigma_last"]  # fmt: skip
+    keys = [
+        "arch",
+        "precond",
+        "seed",
+        "params",
+        "steps",
+        "kimg",
+        "final_loss",
+        "train_seconds",
+        "sample_seconds",
+        "sigma_first",
+        "sigma_last",
+    ]
     rows = [{"model": n, **{k: c.get(k) for k in keys}} for n, c in cells_.items()]
     return pd.DataFrame(rows, columns=["model", *keys]).set_index("model")
 
 
 def diagnostics_table(cells_: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """Held-out relative denoising error per model (rows) and noise level sigma (columns)."""
-    rows = {n: dict(zip(c["arrays"]["diagnostic_sigma"], c["arrays"]["diagnostic_error"])) for n, c in cells_.items()}
+    rows = {
+        n: dict(zip(c["arrays"]["diagnostic_sigma"], c["arrays"]["diagnostic_error"]))
+        for n, c in cells_.items()
+    }
     table = pd.DataFrame(rows).T
     table.columns = [f"sigma {s:g}" for s in table.columns]
     return table
@@ -482,9 +558,16 @@ def diagnostics_table(cells_: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
 # Checks.
 
 
-def similarity_checks(rp: pd.DataFrame, rp_se: pd.DataFrame, trained: Sequence[str], setting: str,
-                      quality: pd.DataFrame, seeds: int, rp_min: float = 0.7, gl_min: float = 0.9
-                      ) -> list[dict[str, Any]]:  # fmt: skip
+def similarity_checks(
+    rp: pd.DataFrame,
+    rp_se: pd.DataFrame,
+    trained: Sequence[str],
+    setting: str,
+    quality: pd.DataFrame,
+    seeds: int,
+    rp_min: float = 0.7,
+    gl_min: float = 0.9,
+) -> list[dict[str, Any]]:
     """P1 Figs. 6/12 on one panel. Phenomenon: every off-diagonal RP among trained models >= ``rp_min``
     (the lowest entry of the authors' matrix, 0.70), each with its margin; sanity: every trained
     model generalizes (GL >= ``gl_min`` with the copy criterion), the condition of the claim. The
@@ -493,17 +576,36 @@ def similarity_checks(rp: pd.DataFrame, rp_se: pd.DataFrame, trained: Sequence[s
 
     rows = []
     names = list(trained)
+    paper_range = value_range(off_diagonal(paper_rp_matrix()).tolist())
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             v = 0.5 * (rp.loc[a, b] + rp.loc[b, a])
             se = max(0.5 * (rp_se.loc[a, b] + rp_se.loc[b, a]), scores.rate_se([v], seeds))
-            rows.append(check("RP between two models", f"{setting}: {a} | {b}", v, ">=", rp_min, se,
-                              paper=f"{off_diagonal(paper_rp_matrix()).min():.2f}-{off_diagonal(paper_rp_matrix()).max():.2f}"))  # fmt: skip
+            rows.append(
+                check(
+                    "RP between two models",
+                    f"{setting}: {a} | {b}",
+                    v,
+                    ">=",
+                    rp_min,
+                    se,
+                    paper=paper_range,
+                )
+            )
     if "GL" in quality:
         for name in names:
             gl = float(quality.loc[name, "GL"])
-            rows.append(check("the model generalizes (GL)", f"{setting}: {name}", gl, ">=", gl_min, kind="sanity",
-                              paper="~1 (generalization regime)"))  # fmt: skip
+            rows.append(
+                check(
+                    "the model generalizes (GL)",
+                    f"{setting}: {name}",
+                    gl,
+                    ">=",
+                    gl_min,
+                    kind="sanity",
+                    paper="~1 (generalization regime)",
+                )
+            )
     return rows
 
 
@@ -511,8 +613,11 @@ def similarity_checks(rp: pd.DataFrame, rp_se: pd.DataFrame, trained: Sequence[s
 # Figures.
 
 
-def plot_matrices(panels_: Mapping[str, tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]],
-                  labels: Mapping[str, tuple[str, str]], profile: str):  # fmt: skip
+def plot_matrices(
+    panels_: Mapping[str, tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]],
+    labels: Mapping[str, tuple[str, str]],
+    profile: str,
+):
     """RP and MAE-score heatmaps (entry ± bootstrap se) per panel, and the authors' matrices."""
     import matplotlib.pyplot as plt
 
@@ -520,16 +625,29 @@ def plot_matrices(panels_: Mapping[str, tuple[pd.DataFrame, pd.DataFrame, pd.Dat
 
     rows = len(panels_) + 1
     size = max(len(m[0]) for m in panels_.values())
-    fig, axes = plt.subplots(rows, 2, figsize=(2 * (1.6 + 0.95 * size), rows * (1.2 + 0.9 * size)), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, 2, figsize=(2 * (1.6 + 0.95 * size), rows * (1.2 + 0.9 * size)), squeeze=False
+    )
     for row, (name, (rp, rp_se, mae, mae_se)) in zip(axes, panels_.items()):
         rl, ml = labels[name]
         plotting.annotated_heatmap(rp, ax=row[0], errors=rp_se, title=f"{name}: RP ({rl})", cbar_label="RP")
-        plotting.annotated_heatmap(mae, ax=row[1], errors=mae_se, title=f"{name}: MAE score ({ml})",
-                                   cbar_label="MAE score")  # fmt: skip
-    plotting.annotated_heatmap(paper_rp_matrix(), ax=axes[-1][0], triangle="upper",
-                               title="RP, the authors (CIFAR-10, SSCD)", cbar_label="RP")  # fmt: skip
-    plotting.annotated_heatmap(paper_mae_matrix(), ax=axes[-1][1], triangle="upper",
-                               title="MAE score, the authors (CIFAR-10)", cbar_label="MAE score")  # fmt: skip
+        plotting.annotated_heatmap(
+            mae, ax=row[1], errors=mae_se, title=f"{name}: MAE score ({ml})", cbar_label="MAE score"
+        )
+    plotting.annotated_heatmap(
+        paper_rp_matrix(),
+        ax=axes[-1][0],
+        triangle="upper",
+        title="RP, the authors (CIFAR-10, SSCD)",
+        cbar_label="RP",
+    )
+    plotting.annotated_heatmap(
+        paper_mae_matrix(),
+        ax=axes[-1][1],
+        triangle="upper",
+        title="MAE score, the authors (CIFAR-10)",
+        cbar_label="MAE score",
+    )
     for ax in axes.flat:
         ax.grid(False)
         ax.title.set_fontsize(9)
@@ -538,8 +656,9 @@ def plot_matrices(panels_: Mapping[str, tuple[pd.DataFrame, pd.DataFrame, pd.Dat
     return fig
 
 
-def plot_pair_distances(sources: Mapping[str, SampleSource], anchor: str, cal: calibration.Calibration,
-                        profile: str, title: str):  # fmt: skip
+def plot_pair_distances(
+    sources: Mapping[str, SampleSource], anchor: str, cal: calibration.Calibration, profile: str, title: str
+):
     """Per-seed same-image statistic of every source against ``anchor``, over the unrelated pairs'
     distribution (grey) and the calibrated threshold (dashed)."""
     import matplotlib.pyplot as plt
@@ -552,10 +671,22 @@ def plot_pair_distances(sources: Mapping[str, SampleSource], anchor: str, cal: c
     ax.hist(np.clip(null, bins[0], None), bins=bins, density=True, color="0.75", label="unrelated pairs")
     others = [n for n in sources if n != anchor]
     for name, color in zip(others, plotting.colors(len(others))):
-        d = calibration.same_scores(sorted_samples(sources[name]), sorted_samples(sources[anchor]), "relative")
-        ax.hist(np.clip(d, bins[0], None), bins=bins, density=True, histtype="step", lw=1.4, color=color, label=name)
+        d = calibration.same_scores(
+            sorted_samples(sources[name]), sorted_samples(sources[anchor]), "relative"
+        )
+        ax.hist(
+            np.clip(d, bins[0], None),
+            bins=bins,
+            density=True,
+            histtype="step",
+            lw=1.4,
+            color=color,
+            label=name,
+        )
     ax.axvline(cal.threshold, ls="--", color="k", lw=1, label=f"threshold {cal.threshold:g}")
-    ax.set(xscale="log", xlabel=f"||x - x_ref|| / ||x_ref||, reference: {anchor}", ylabel="density", title=title)
+    ax.set(
+        xscale="log", xlabel=f"||x - x_ref|| / ||x_ref||, reference: {anchor}", ylabel="density", title=title
+    )
     ax.legend(fontsize=7, ncol=2)
     plotting.profile_badge(fig, profile)
     fig.tight_layout()
