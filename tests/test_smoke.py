@@ -46,9 +46,13 @@ def execute(notebook: str, tmp_path, **params) -> dict:
 
     out = tmp_path / f"{notebook}.ipynb"
     papermill.execute_notebook(
-        str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(out), kernel_name="python3", cwd=str(NOTEBOOK_DIR),
-        progress_bar=False, parameters={"profile": "smoke", **params},
-    )  # fmt: skip
+        str(NOTEBOOK_DIR / f"{notebook}.ipynb"),
+        str(out),
+        kernel_name="python3",
+        cwd=str(NOTEBOOK_DIR),
+        progress_bar=False,
+        parameters={"profile": "smoke", **params},
+    )
     nb = json.loads(out.read_text(encoding="utf-8"))
     outputs = [o for c in nb["cells"] for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
@@ -150,12 +154,12 @@ def test_model_similarity(tmp_path, assets):
 
 def test_jacobian_rank(tmp_path, assets):
     """The real-image panel from EDM snapshot pickles given by path, and the MoLRG panel."""
-    from nbhelpers.experiments import lowdim
+    from nbhelpers.experiments import jacobian_rank
 
     runs = str(tmp_path / "runs")
     nb = execute("jacobian_rank", tmp_path, runs_dir=runs, results_json=str(tmp_path / "rank.json"))
     P = smoke_params("jacobian_rank", runs_dir=runs)
-    cells = check_cells(runs, lowdim.rank_configs(P))
+    cells = check_cells(runs, jacobian_rank.rank_configs(P))
     real = [c for c, _ in cells if c["model"] == "checkpoint"]
     assert len(real) == len(P.checkpoints) == 2
     for _, c in cells:
@@ -167,11 +171,17 @@ def test_jacobian_rank(tmp_path, assets):
 
 
 def test_molrg_phase_transition(tmp_path, assets):
-    from nbhelpers.experiments import lowdim
+    from nbhelpers.experiments import phase_transition as pt
 
     runs = str(tmp_path / "runs")
     nb = execute("molrg_phase_transition", tmp_path, runs_dir=runs, results_json=str(tmp_path / "pt.json"))
     P = smoke_params("molrg_phase_transition", runs_dir=runs)
-    check_cells(runs, lowdim.subspace_configs(P) + lowdim.unet_configs(P))
+    grid = (
+        pt.lowrank_configs(P)
+        + list(pt.variant_configs(P).values())
+        + pt.unet_configs(P)
+        + pt.length_configs(P)
+    )
+    check_cells(runs, grid)
     assert nb["figures"] >= 1
     check_results(tmp_path / "pt.json", "molrg_phase_transition")

@@ -287,12 +287,14 @@ def train_model(
     data: torch.Tensor,
     device: torch.device,
     workdir: str | Path | None = None,
+    net: torch.nn.Module | None = None,
     **overrides: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """Train on ``data`` (uint8 images or float model space) with the config dict ``train``.
 
     With ``workdir`` the run keeps its snapshots and state dumps there and resumes from the newest
-    dump. Returns the EMA network and facts: steps, kimg, final_loss, train_seconds, params.
+    dump; ``net`` is a prebuilt trainable denoiser (e.g. ``molrg.LowRankDenoiser``) instead of the
+    config's network. Returns the EMA network and facts: steps, kimg, final_loss, train_seconds, params.
     """
     from ..training import TrainConfig
     from ..training import train as run_training
@@ -308,6 +310,7 @@ def train_model(
         device=device,
         progress=False,
         resume="auto" if workdir is not None else None,
+        net=net,
     )
     seconds = time.perf_counter() - t0
     if workdir is not None and result.history:  # steps done before a resume count too
@@ -326,6 +329,69 @@ def train_model(
     return result.ema, info
 
 
+def training_loss(
+    net: Any,
+    data: torch.Tensor,
+    loss: str,
+    device: torch.device,
+    draws: int = 64,
+    seed: int = 0,
+    batch_size: int = 4096,
+) -> float:
+    """The training objective of ``net`` on ``data``: the denoising loss ``loss`` ('edm', 've', 'vp')
+    averaged over ``draws`` noise draws (sigma and noise) per point, per element, float.
+
+    The draws come from ``seed`` alone, so every model evaluated with the same seed sees the same
+    noise (common random numbers): differences between models are not sampling noise.
+    """
+    from ..data import model_space
+    from ..losses import make_loss
+
+    fn = make_loss(loss)
+    x = model_space(data, device)
+    x = x.repeat(int(draws), *([1] * (x.ndim - 1)))
+    g = torch.Generator(device=device).manual_seed(int(seed))
+    total, count = 0.0, 0
+    was_training = getattr(net, "training", False)
+    if hasattr(net, "eval"):
+        net.eval()
+    with torch.no_grad():
+        for lo in range(0, len(x), int(batch_size)):
+            xb = x[lo : lo + int(batch_size)]
+            per = fn.evaluate(net, xb, None, fn.draw(xb.shape, g, device))
+            total, count = total + float(per.double().sum()), count + per.numel()
+    if was_training:
+        net.train()
+    return total / count
+
+
+def train_restarts(
+    train: Mapping[str, Any],
+    data: torch.Tensor,
+    nets: Sequence[torch.nn.Module],
+    device: torch.device,
+    loss_draws: int = 64,
+    loss_seed: int = 0,
+) -> tuple[list[Any], int, list[dict[str, Any]]]:
+    """Train each of ``nets`` (restart i with seed ``train['seed'] + i``) and keep the one with the lowest
+    training loss (:func:`training_loss`, the same draws for all); nothing else enters the choice.
+
+    Returns every restart's trained EMA network, the index of the kept one and one fact dict per
+    restart (``loss`` and train_model's facts).
+    """
+    if not nets:
+        raise ValueError("train_restarts needs at least one network")
+    loss = str(train.get("loss") or train.get("precond", "edm"))
+    trained, facts = [], []
+    for i, net in enumerate(nets):
+        ema, info = train_model({**dict(train), "seed": int(train.get("seed", 0)) + i}, data, device, net=net)
+        info["loss"] = training_loss(ema, data, loss, device, draws=loss_draws, seed=loss_seed)
+        trained.append(ema)
+        facts.append(info)
+    best = min(range(len(facts)), key=lambda i: facts[i]["loss"])
+    return trained, best, facts
+
+
 def num_steps(train: Mapping[str, Any]) -> int:
     """Optimizer steps of a training-config dict (``total_steps`` or ``duration_kimg`` / batch)."""
     if train.get("total_steps"):
@@ -335,6 +401,10 @@ def num_steps(train: Mapping[str, Any]) -> int:
 
 # ----------------------------------------------------------------------------
 # Sampling at the evaluation seeds.
+
+
+EDM_SAMPLER = {"num_steps": 18, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "order": 2}
+"""EDM's deterministic sampler: 18 Heun steps from sigma 80 to 0.002, rho 7 (a :func:`sample` spec)."""
 
 
 def sampler_spec(params: Mapping[str, Any], order: int | None = None) -> dict[str, Any]:
