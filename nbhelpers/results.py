@@ -41,6 +41,8 @@ def row(
     """One comparison: a ``measured`` value beside the ``paper``'s, with an optional check of ``kind``."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+    if passed is not None and kind is None:
+        raise ValueError(f"{quantity!r}: a checked row needs a kind ({' or '.join(KINDS)})")
     return {
         "quantity": quantity,
         "setting": setting,

@@ -165,9 +165,11 @@ def test_run_grid_parallel_matches_serial(tmp_path):
 
 def test_results_round_trip(tmp_path):
     rows = [
-        results.row("GL at N=8", "width 16", np.float64(0.05), 0.0, "<= 0.1", True),
+        results.row("GL at N=8", "width 16", np.float64(0.05), 0.0, "<= 0.1", True, kind="phenomenon"),
         results.row("RP", "16 vs 64", float("nan")),
     ]
+    with pytest.raises(ValueError, match="needs a kind"):  # a check is either sanity or phenomenon
+        results.row("GL at N=8", "width 16", 0.05, 0.0, "<= 0.1", True)
     path = results.write_results(tmp_path / "r" / "demo.json", "demo", "companion", rows)
     assert results.write_results("", "demo", "ci", rows) is None
     docs, problems = results.load_results(tmp_path / "r", ["demo", "absent"], profile="companion")
