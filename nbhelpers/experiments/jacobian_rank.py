@@ -24,42 +24,16 @@ import torch
 
 from ..data import model_space
 from ..jacobian import AUTHORS_SNR_GRID, effective_rank
-from . import cells
+from . import cells, paper
 
 KIND_RANK = "jacobian-rank"
 VERSION = 1
 
-# ----------------------------------------------------------------------------
-# The authors' numbers for this chapter (reference/PAPERS.md, "Jacobian rank (P2 Fig. 3)"): rank ratio
-# (rank / n) at the SNRs of the figure's axis (AUTHORS_SNR_GRID), read by eye from the log-scale plot
-# (about +-0.02; the ranges span the data sets). To be collected with the other chapters' in
-# experiments/paper.py.
-
-PAPER_REAL = {  # P2 Fig. 3, real data (CIFAR-10, CelebA, FFHQ, AFHQ): SNR -> (low, high) over the data sets
-    500.0: (0.95, 0.95),
-    50.0: (0.5, 0.5),
-    10.0: (0.2, 0.27),
-    1.67: (0.08, 0.1),
-    0.3: (0.02, 0.02),
-    0.04: (0.004, 0.006),
-}
-PAPER_REAL_N = 3 * 32 * 32  # n of CIFAR-10, used to turn the paper's ratios into directions (64x64 sets: 4x)
-PAPER_MOLRG_UNET = {  # P2 Fig. 3, MoLRG (n = 48, K = 2): the U-Net, SNR -> rank ratio
-    500.0: 0.98,
-    125.0: 0.96,
-    50.0: 0.94,
-    10.0: 0.22,
-    1.67: 0.125,
-    0.91: 0.19,
-    0.3: 0.48,
-    0.12: 0.667,
-    0.08: 0.667,
-    0.04: 0.667,
-    0.02: 0.667,
-    0.01: 0.667,
-}
-PAPER_MOLRG_LOWRANK = {"high_snr": 0.125, "low_snr": 0.25}  # d/n for SNR >= 1.67, Kd/n for SNR <= 0.3
-PAPER_MOLRG_N, PAPER_MOLRG_K, PAPER_MOLRG_D = 48, 2, 6  # d/n = 0.125 and Kd/n = 0.25 as plotted
+# The authors' numbers (P2 Fig. 3), kept in paper.py with every chapter's; named here for the notebook.
+PAPER_REAL, PAPER_REAL_N = paper.P2_RANK_REAL, paper.P2_RANK_REAL_N
+PAPER_MOLRG_UNET, PAPER_MOLRG_LOWRANK = paper.P2_RANK_MOLRG_UNET, paper.P2_RANK_MOLRG_LOWRANK
+PAPER_MOLRG_N, PAPER_MOLRG_K = paper.P2_RANK_MOLRG_N, paper.P2_RANK_MOLRG_K
+PAPER_MOLRG_D = paper.P2_RANK_MOLRG_D
 
 
 def paper_rank_table() -> pd.DataFrame:

@@ -127,3 +127,62 @@ def p1_reference() -> dict[str, str]:
         "rp_opt_large": f"{value_range([v[-1] for v in opt])} (2^15)",
         "rp_opt_fall": value_range([v[0] - v[-1] for v in opt]),
     }
+
+
+# ----------------------------------------------------------------------------
+# P2 Fig. 3 (jacobian_rank; reference/PAPERS.md, "Jacobian rank"): rank ratio (rank / n) at the SNRs
+# of the figure's axis (jacobian.AUTHORS_SNR_GRID), read by eye from the log-scale plot (about +-0.02;
+# the ranges span the data sets).
+
+P2_RANK_REAL = {  # P2 Fig. 3, real data (CIFAR-10, CelebA, FFHQ, AFHQ): SNR -> (low, high) over the data sets
+    500.0: (0.95, 0.95),
+    50.0: (0.5, 0.5),
+    10.0: (0.2, 0.27),
+    1.67: (0.08, 0.1),
+    0.3: (0.02, 0.02),
+    0.04: (0.004, 0.006),
+}
+P2_RANK_REAL_N = 3 * 32 * 32  # n of CIFAR-10: turns the paper's ratios into directions (64x64 sets: 4x)
+P2_RANK_MOLRG_UNET = {  # P2 Fig. 3, MoLRG (n = 48, K = 2): the U-Net, SNR -> rank ratio
+    500.0: 0.98,
+    125.0: 0.96,
+    50.0: 0.94,
+    10.0: 0.22,
+    1.67: 0.125,
+    0.91: 0.19,
+    0.3: 0.48,
+    0.12: 0.667,
+    0.08: 0.667,
+    0.04: 0.667,
+    0.02: 0.667,
+    0.01: 0.667,
+}
+P2_RANK_MOLRG_LOWRANK = {"high_snr": 0.125, "low_snr": 0.25}  # d/n for SNR >= 1.67, Kd/n for SNR <= 0.3
+P2_RANK_MOLRG_N, P2_RANK_MOLRG_K, P2_RANK_MOLRG_D = 48, 2, 6  # d/n = 0.125 and Kd/n = 0.25 as plotted
+
+
+# ----------------------------------------------------------------------------
+# P2 sample complexity (molrg_phase_transition; reference/PAPERS.md, "MoLRG (P2)"), one row each: the
+# value, and where and how it was read.
+
+P2_PHASE = {
+    "lowrank_threshold": {
+        "value": 1.0,
+        "text": "N_k >= d",
+        "source": "P2, sample-complexity theorem for the low-rank model (training = subspace clustering): "
+        "learning succeeds once N_k >= d, whatever n; the paper's phase-transition figure shows the boundary "
+        "near N_k = d (as summarised in reference/PAPERS.md)",
+    },
+    "unet_transition_over_d": {
+        "value": (50.0, 60.0),
+        "text": "N_k ~ 50-60 d",
+        "source": "P2, U-Net on MoLRG (DDPM++, EDM preconditioning): memorization to generalization at "
+        "roughly N_k ~ 50-60 d_k (reference/PAPERS.md; read from the paper's text and "
+        "phase-transition figure)",
+    },
+    "unet_gl": {
+        "value": (0.0, 1.0),
+        "text": "GL ~ 0 (memorization) below the transition, ~ 1 (generalization) above",
+        "source": "P2 phase-transition figure for the U-Net (generalization score), read by eye",
+    },
+}

@@ -39,36 +39,11 @@ import pandas as pd
 import torch
 
 from . import cells
+from .paper import P2_PHASE as PAPER  # the authors' numbers (re-exported: the notebook reads them here)
 
 KIND_LOWRANK = "phase-lowrank"
 KIND_UNET = "phase-unet"
 VERSION = 1
-
-# ----------------------------------------------------------------------------
-# The authors' numbers for this chapter (reference/PAPERS.md, "MoLRG (P2)"), one row each: the value,
-# and where and how it was read. To be collected with the other chapters' in experiments/paper.py.
-
-PAPER = {
-    "lowrank_threshold": {
-        "value": 1.0,
-        "text": "N_k >= d",
-        "source": "P2, sample-complexity theorem for the low-rank model (training = subspace clustering): "
-        "learning succeeds once N_k >= d, whatever n; the paper's phase-transition figure shows the boundary "
-        "near N_k = d (as summarised in reference/PAPERS.md)",
-    },
-    "unet_transition_over_d": {
-        "value": (50.0, 60.0),
-        "text": "N_k ~ 50-60 d",
-        "source": "P2, U-Net on MoLRG (DDPM++, EDM preconditioning): memorization to generalization at "
-        "roughly N_k ~ 50-60 d_k (reference/PAPERS.md; read from the paper's text and "
-        "phase-transition figure)",
-    },
-    "unet_gl": {
-        "value": (0.0, 1.0),
-        "text": "GL ~ 0 (memorization) below the transition, ~ 1 (generalization) above",
-        "source": "P2 phase-transition figure for the U-Net (generalization score), read by eye",
-    },
-}
 
 _NOISE_STREAM = 3  # seed stream of the off-subspace noise of (a) (cells: 1 pool, 2 fresh)
 
