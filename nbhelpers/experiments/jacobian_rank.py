@@ -610,7 +610,7 @@ def rank_checks(table: pd.DataFrame, n: int, K: int, d: int) -> list[dict[str, A
                 bottom / float(low["mean"].iloc[0]),
                 ">",
                 1.5,
-                paper=round(0.667 / 0.125, 2),
+                paper=round(PAPER_MOLRG_UNET[min(PAPER_MOLRG_UNET)] / PAPER_MOLRG_UNET[1.67], 2),
                 note="the rise at low SNR",
             )
         )
@@ -625,7 +625,7 @@ def rank_checks(table: pd.DataFrame, n: int, K: int, d: int) -> list[dict[str, A
                 "<=",
                 0.1,
                 se=_se(low) / float(low["n"].iloc[0]),
-                paper="0.004-0.006",
+                paper="{:g}-{:g}".format(*PAPER_REAL[min(PAPER_REAL)]),
                 note="0.1: the paper's ratio at SNR 1.67",
             )
         )
@@ -636,7 +636,7 @@ def rank_checks(table: pd.DataFrame, n: int, K: int, d: int) -> list[dict[str, A
                 float(low.snr.iloc[0]),
                 "<=",
                 0.12,
-                paper="~0.04",
+                paper=f"~{min(PAPER_REAL):g}",
                 note="within x3 of the paper's",
             )
         )
