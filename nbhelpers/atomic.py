@@ -2,7 +2,8 @@
 
 A reader never sees a half-written file, and after a power loss the file is either the old one or
 the complete new one (the file and its folder are fsynced). A crash leaves at most a stray
-``.tmp-<name>-@<host>@<pid>@*`` file; :func:`remove_stale_tmp` removes those whose process is gone.
+``.tmp-<name>-@<host>@<pid>@*`` file or staging folder (:func:`staging_dir`);
+:func:`remove_stale_tmp` removes those whose process is gone.
 OS errors name the destination.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 STALE_AFTER_S = 24 * 3600  # temporary files older than this are stale whoever made them
 _GRACE_S = 60  # a dead process's file must also be this old (a same-named host elsewhere may own it)
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:32] or "host"
-_TMP = re.compile(r"^\.tmp-.*-@(?P<host>[A-Za-z0-9.-]+)@(?P<pid>\d+)@[a-z0-9_]{8}(\.\w+)?$")
+_TMP = re.compile(r"^\.(tmp|old)-.*-@(?P<host>[A-Za-z0-9.-]+)@(?P<pid>\d+)@[a-z0-9_]{8}(\.\w+)?$")
 
 
 def _named(e: OSError, dest: Path) -> OSError:
@@ -123,10 +125,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def staging_dir(dest: str | os.PathLike, kind: str = "tmp") -> Path:
+    """A fresh folder beside ``dest`` named ``.<kind>-<name>-@<host>@<pid>@*`` (``kind`` 'tmp' for
+    what is being built, 'old' for what is being replaced), so that :func:`remove_stale_tmp` can tell
+    a dead writer's leftovers from a live one's."""
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return Path(
+            tempfile.mkdtemp(prefix=f".{kind}-{dest.name[:80]}-@{_HOST}@{os.getpid()}@", dir=dest.parent)
+        )
+    except OSError as e:
+        raise _named(e, dest) from None
+
+
 def remove_stale_tmp(folder: str | os.PathLike, older_than_s: float = STALE_AFTER_S) -> list[Path]:
-    """Delete temporary files that :func:`atomic_path` left in ``folder`` (not recursive): those of a
-    process on this host that no longer runs (and at least a minute old), and any older than
-    ``older_than_s``. Folders and other files are never touched. Returns the removed paths."""
+    """Delete the temporary files and staging folders that :func:`atomic_path` and :func:`staging_dir`
+    left in ``folder`` (not recursive): those of a process on this host that no longer runs (and at
+    least a minute old), and any older than ``older_than_s``. Nothing else is touched. Returns the
+    removed paths."""
     folder = Path(folder)
     removed: list[Path] = []
     now = time.time()
@@ -139,13 +156,17 @@ def remove_stale_tmp(folder: str | os.PathLike, older_than_s: float = STALE_AFTE
         if m is None:
             continue
         try:
-            if not entry.is_file(follow_symlinks=False):
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if not (is_dir or entry.is_file(follow_symlinks=False)):
                 continue
             age = now - entry.stat(follow_symlinks=False).st_mtime
             pid = int(m["pid"])
             dead = m["host"] == _HOST and pid != os.getpid() and age > _GRACE_S and not _alive(pid)
             if dead or age > older_than_s:
-                os.unlink(entry.path)
+                if is_dir:
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
                 removed.append(Path(entry.path))
         except OSError:
             continue

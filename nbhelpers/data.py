@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,7 +26,7 @@ import PIL.Image
 import torch
 
 from . import safeload
-from .atomic import atomic_path
+from .atomic import atomic_path, remove_stale_tmp, staging_dir
 from .download import resolve
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -430,14 +429,14 @@ def _dataset_members(
 
 def _write_folder(members: Iterable[tuple[str, bytes]], dest: Path) -> None:
     """Write the members into a fresh folder beside ``dest``, then put it in ``dest``'s place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    remove_stale_tmp(dest.parent)  # staging folders of writers that were killed
+    tmp_dir = staging_dir(dest)
     try:
         for name, data in members:
             (tmp_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_dir / name).write_bytes(data)
         if dest.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".old-{dest.name}-", dir=dest.parent))
+            trash = staging_dir(dest, "old")
             os.replace(dest, trash / dest.name)
             os.replace(tmp_dir, dest)
             shutil.rmtree(trash, ignore_errors=True)

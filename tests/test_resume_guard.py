@@ -181,6 +181,32 @@ def test_a_killed_snapshot_write_leaves_a_file_the_next_run_removes(tmp_path):
     assert not list(out.glob(".tmp-*"))
 
 
+def test_a_killed_dataset_write_leaves_a_staging_folder_the_next_write_removes(tmp_path):
+    """write_dataset builds a folder data set in a marked staging folder; a kill leaves it behind,
+    and the next write beside it removes it (a live writer's folder stays)."""
+    import numpy as np
+
+    from nbhelpers.data import write_dataset
+
+    dest = tmp_path / "images"
+    script = (
+        "import os\n"
+        "from nbhelpers.atomic import staging_dir\n"
+        f"d = staging_dir({str(dest)!r})\n"
+        "(d / '00000000.png').write_bytes(b'half')\n"
+        "os._exit(9)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(os.path.dirname(os.path.dirname(__file__))))
+    subprocess.run(["python", "-c", script], env=env, check=False)
+    (leftover,) = tmp_path.glob(".tmp-images-*")
+    past = time.time() - 600
+    os.utime(leftover, (past, past))
+    live = atomic.staging_dir(tmp_path / "other")  # this process's: not stale
+    write_dataset(np.zeros((2, 1, 4, 4), np.uint8), dest)
+    assert not leftover.exists() and live.exists()
+    assert len(list(dest.rglob("*.png"))) == 2 and (dest / "dataset.json").is_file()
+
+
 def test_atomic_path_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
     synced = []
     real = os.fsync
