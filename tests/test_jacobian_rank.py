@@ -113,7 +113,7 @@ def test_rank_cells_closed_form_optimal_and_checks(tmp_path):
     assert [c["kind"] for c in checks] == ["sanity"] * 3 and all(c["passed"] for c in checks)
     comparison = jr.rank_comparison(table)
     assert comparison[comparison.model == "closed-form"].paper.notna().sum() == 11
-    assert comparison.companion_rank.notna().all()
+    assert comparison.measured_rank.notna().all()
     fig = jr.plot_rank(table, "ci", 48, 2, 6)
     assert len(fig.axes) == 1
 

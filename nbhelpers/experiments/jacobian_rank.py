@@ -494,8 +494,8 @@ def rank_comparison(table: pd.DataFrame) -> pd.DataFrame:
                 "model": r["label"],
                 "paper_snr": r["paper_snr"],
                 "snr": r["snr"],
-                "companion": r["mean"],
-                "companion_rank": r["rank"],
+                "measured": r["mean"],
+                "measured_rank": r["rank"],
                 "n": int(r["n"]),
                 "paper": p,
             }
