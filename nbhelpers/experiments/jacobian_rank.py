@@ -532,12 +532,22 @@ def rank_checks(table: pd.DataFrame, n: int, K: int, d: int) -> list[dict[str, A
     real images: a minimum rank ratio <= 0.1 (the paper's value at SNR 1.67, above its minimum 0.005),
     reached at SNR <= 0.12 (within x3 of the paper's 0.04).
     """
+    summ = rank_summary(table)
+    setting = f"MoLRG n={n}, K={K}, d={d}"
+    return (
+        _exact_rank_rows(summ, setting, K, d)
+        + _identity_rows(summ)
+        + _unet_floor_rows(summ, setting, d)
+        + _real_minimum_rows(summ)
+    )
+
+
+def _exact_rank_rows(summ: pd.DataFrame, setting: str, K: int, d: int) -> list[dict[str, Any]]:
+    """Sanity: the closed form and the low-rank model at d (SNR >= 1.5) and Kd (SNR <= 0.35)."""
     from ..results import check
 
-    summ = rank_summary(table)
     labels = set(summ["label"])
     out = []
-    setting = f"MoLRG n={n}, K={K}, d={d}"
     for label in ("closed-form", "low-rank model"):
         if label not in labels:
             continue
@@ -556,6 +566,14 @@ def rank_checks(table: pd.DataFrame, n: int, K: int, d: int) -> list[dict[str, A
                     note="directions",
                 )
             )
+    return out
+
+
+def _identity_rows(summ: pd.DataFrame) -> list[dict[str, Any]]:
+    """Sanity: every trained network near the identity at its highest SNR; D* of rank <= 1 there."""
+    from ..results import check
+
+    out = []
     for label in summ["label"].unique():
         r = summ[summ.label == label]
         top = r.loc[[r.snr.idxmax()]]
@@ -585,7 +603,15 @@ def rank_checks(table: pd.DataFrame, n: int, K: int, d: int) -> list[dict[str, A
                     note="near the identity at small sigma (c_skip -> 1)",
                 )
             )
-    if "U-Net" in labels:
+    return out
+
+
+def _unet_floor_rows(summ: pd.DataFrame, setting: str, d: int) -> list[dict[str, Any]]:
+    """Phenomenon: the MoLRG U-Net's floor over SNR 0.5-4 (directions) and its rise at low SNR."""
+    from ..results import check
+
+    out = []
+    if "U-Net" in set(summ["label"]):
         band = _band(summ, "U-Net", 0.5, 4.0)
         low = band.loc[[band["mean"].idxmin()]]
         floor = float(low["rank"].iloc[0])
@@ -614,6 +640,14 @@ def rank_checks(table: pd.DataFrame, n: int, K: int, d: int) -> list[dict[str, A
                 note="the rise at low SNR",
             )
         )
+    return out
+
+
+def _real_minimum_rows(summ: pd.DataFrame) -> list[dict[str, Any]]:
+    """Phenomenon: the real-image models' minimum rank ratio and the SNR where it is reached."""
+    from ..results import check
+
+    out = []
     for label in summ[(summ.panel == "real") & ~summ.label.str.startswith("D*")]["label"].unique():
         r = summ[summ.label == label]
         low = r.loc[[r["mean"].idxmin()]]
