@@ -385,3 +385,21 @@ def test_both_criteria_on_real_fashion_mnist():
     assert (copy.table["null_rate"] <= 0.01).all() and (copy.table["control_rate"] >= 0.99).all()
     assert same.table["null_rate"].iloc[0] <= 0.01 and same.table["control_rate"].iloc[0] >= 0.99
     assert copy.threshold < same.threshold / 2
+
+
+def test_narrative_states_the_measured_shape_either_way():
+    """The generated prose follows the numbers: the paper's shape when it is there, 'not' when not."""
+    base = {"main_nmin": 16, "main_nmax": 256, "main_w_narrow": 16, "main_w_wide": 32,
+            "main_gl_narrow_nmin": 0.05, "main_gl_wide_nmin": 0.02, "main_gl_narrow_nmax": 0.97,
+            "main_gl_wide_nmax": 0.95, "main_nhalf_narrow": 32.0, "main_nhalf_wide": 48.0,
+            "main_rp_cross_nmin": 0.7, "main_rp_cross_nmax": 0.8, "main_chance_cross_nmin": 0.01,
+            "main_chance_cross_nmax": 0.0, "main_rp_cross_dip": 0.3, "main_rp_cross_dip_n": 64,
+            "main_hist_steps_memorized": 4000}  # fmt: skip
+    text = R.narrative(base, "main", "Fashion-MNIST")
+    assert "every width memorizes" in text and "every width generalizes" in text
+    assert "later, as in the paper" in text and "the paper's U-shape" in text and "from step 4000" in text
+    flat = {**base, "main_gl_wide_nmin": 0.4, "main_nhalf_wide": 20.0, "main_rp_cross_dip": 0.9,
+            "main_hist_steps_memorized": float("nan")}  # fmt: skip
+    text = R.narrative(flat, "main", "Fashion-MNIST")
+    assert "not every width memorizes" in text and "not later" in text and "no dip" in text
+    assert "At no sampled step" in text

@@ -1028,3 +1028,55 @@ def key_numbers(
         out["main_hist_steps_memorized"] = int(below[0]) if len(below) else math.nan
         out.update({f"main_hist_gl_final_w{int(w)}": float(small[w].iloc[-1]) for w in small.columns})
     return out
+
+
+def _fmt_n(n: float) -> str:
+    """A training-set size for prose: ``'2^5.3'`` (NaN: 'not reached')."""
+    return "not reached" if not math.isfinite(n) else f"2^{math.log2(n):.1f}"
+
+
+def narrative(num: Mapping[str, Any], key: str, title: str, low: float = 0.1, high: float = 0.9) -> str:
+    """'What the figure shows' for one panel, in markdown, from :func:`key_numbers` (``key``: 'main' or
+    'molrg'): each sentence states what was measured and whether it has the paper's shape."""
+
+    def g(name: str) -> Any:
+        return num[f"{key}_{name}"]
+
+    nmin, nmax, wn, ww = g("nmin"), g("nmax"), g("w_narrow"), g("w_wide")
+    small, large = (g("gl_narrow_nmin"), g("gl_wide_nmin")), (g("gl_narrow_nmax"), g("gl_wide_nmax"))
+    memo = "every width memorizes" if max(small) <= low else f"not every width memorizes (GL above {low:g})"
+    gen = "every width generalizes" if min(large) >= high else f"not every width generalizes (GL < {high:g})"
+    out = [
+        f"**{title}.** At N = {nmin} GL is {small[0]:.2f} (width {wn}) and {small[1]:.2f} (width {ww}): "
+        f"{memo}. At N = {nmax} it is {large[0]:.2f} and {large[1]:.2f}: {gen}."
+    ]
+    hn, hw = g("nhalf_narrow"), g("nhalf_wide")
+    if math.isfinite(hn) and math.isfinite(hw):
+        later = "later, as in the paper" if hw > hn else "not later (the paper's wider models need more data)"
+        out.append(
+            f"GL reaches 0.5 at N = {_fmt_n(hn)} for width {wn} and {_fmt_n(hw)} for width {ww}: "
+            f"the wider model {later}."
+        )
+    ends = (g("rp_cross_nmin"), g("rp_cross_nmax"))
+    chance = max(g("chance_cross_nmin"), g("chance_cross_nmax"))
+    text = (
+        "Models of different width and training seed, started from the same noise, make the same image "
+        f"for {ends[0]:.2f} of the seeds at N = {nmin} and {ends[1]:.2f} at N = {nmax} "
+        f"(chance: at most {chance:.2f})"
+    )
+    if f"{key}_rp_cross_dip" in num:
+        dip = g("rp_cross_dip")
+        shape = "the paper's U-shape" if dip < min(ends) else "no dip between the regimes (the paper has one)"
+        text += f"; in between the RP falls to {dip:.2f} at N = {g('rp_cross_dip_n')}: {shape}"
+    out.append(text + ".")
+    if f"{key}_subspace_cross_nmax" in num:
+        out.append(
+            f"At N = {nmax} the two samples lie on the same subspace for "
+            f"{g('subspace_cross_nmax'):.2f} of the seeds (chance {g('subspace_chance'):.2f})."
+        )
+    steps = num.get("main_hist_steps_memorized") if key == "main" else None
+    if steps is not None and math.isfinite(steps):
+        out.append(f"The smallest set is memorized by every width (GL below {low:g}) from step {steps} on.")
+    elif steps is not None:
+        out.append(f"At no sampled step is the smallest set memorized by every width (GL below {low:g}).")
+    return " ".join(out)
