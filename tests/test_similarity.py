@@ -293,3 +293,11 @@ def test_copy_quality_sees_support_and_copies():
     assert q.loc["copies", "nearest training point (rel.)"] == 0.0 and q.loc["copies", "GL"] == 0.0
     assert q.loc["fresh", "nearest training point (rel.)"] > 0.1 and q.loc["fresh", "GL"] >= 0.95
     assert q.loc["fresh", "off-subspace (rel.)"] < 1e-5 and q.loc["noise", "off-subspace (rel.)"] > 0.5
+
+
+def test_narrative_follows_the_numbers():
+    names = ["A", "B", "C"]
+    rp = pd.DataFrame(np.array([[1, 0.8, 0.9], [0.8, 1, 0.75], [0.9, 0.75, 1]]), index=names, columns=names)
+    text = sim.narrative(rp, names, "panel", rp_min=0.7)
+    assert "from 0.75 (B | C) to 0.90" in text and ": shown" in text
+    assert "not shown" in sim.narrative(rp, names, "panel", rp_min=0.8)

@@ -519,6 +519,28 @@ def summary_table(rp: pd.DataFrame, mae: pd.DataFrame, trained: Sequence[str]) -
     return pd.DataFrame(rows).set_index("matrix")
 
 
+def narrative(rp: pd.DataFrame, trained: Sequence[str], title: str, rp_min: float) -> str:
+    """'What it shows' for one panel, in markdown: the range of RP among the ``trained`` models, the
+    lowest pair, and whether every pair reaches ``rp_min``, beside the authors' range."""
+    names = list(trained)
+    pairs = [(0.5 * (rp.loc[a, b] + rp.loc[b, a]), a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    if not pairs:
+        return f"**{title}.** Fewer than two trained models: no pair to compare."
+    low, a, b = min(pairs)
+    values = [v for v, _, _ in pairs]
+    paper = off_diagonal(paper_rp_matrix())
+    verdict = (
+        f"every pair reaches {rp_min:.2f}, the authors' lowest entry: shown"
+        if low >= rp_min
+        else f"not every pair reaches {rp_min:.2f}, the authors' lowest entry: not shown at this scale"
+    )
+    return (
+        f"**{title}.** Over the {len(pairs)} pairs of the {len(names)} trained models, started from the same "
+        f"noise, RP runs from {low:.2f} ({a} | {b}) to {max(values):.2f} (mean {np.mean(values):.2f}); the "
+        f"authors' {len(paper) // 2} pairs: {paper.min():.2f}-{paper.max():.2f}. So {verdict}."
+    )
+
+
 def reference_column(matrix: pd.DataFrame, reference: str = REFERENCE_NAME) -> pd.Series:
     """Each source's score against the reference (the column of the matrix with the reference as b)."""
     return matrix[reference].drop(reference)
