@@ -718,7 +718,7 @@ def unet_checks(table: pd.DataFrame, slopes: Mapping[str, float]) -> list[dict[s
     out.append(
         row(
             "U-Net: N_k*/d (slope of N_k* = c d)",
-            f"95 % bootstrap {clo:.1f}-{chi:.1f}",
+            f"95 % bootstrap {clo:.2f}-{chi:.2f}",
             round(c, 2),
             PAPER["unet_transition_over_d"]["text"],
             note="reported: depends on model size and training length",
@@ -887,11 +887,13 @@ def plot_unet(
             )
             dd = np.linspace(min(ds) * 0.8, max(ds) * 1.2, 20)
             c, lo, hi = slopes["slope"], slopes["slope_low"], slopes["slope_high"]
-            ax.plot(dd, c * dd, color="k", ls="--", lw=1, label=f"N_k* = {c:.1f} d (95 %: {lo:.1f}-{hi:.1f})")
+            fit = f"N_k* = {c:.2f} d (95 %: {lo:.2f}-{hi:.2f}, seeds)"
+            ax.plot(dd, c * dd, color="k", ls="--", lw=1, label=fit)
             if np.isfinite([lo, hi]).all():
                 ax.fill_between(dd, lo * dd, hi * dd, color="0.7", alpha=0.4, lw=0)
             p_lo, p_hi = PAPER["unet_transition_over_d"]["value"]
-            ax.fill_between(dd, p_lo * dd, p_hi * dd, color="C3", alpha=0.25, lw=0, label="paper: 50-60 d")
+            band = f"paper: {p_lo:g}-{p_hi:g} d"
+            ax.fill_between(dd, p_lo * dd, p_hi * dd, color="C3", alpha=0.25, lw=0, label=band)
         if short is not None and len(short) and "nk_star" in short:
             ax.plot(
                 short.d.iloc[:1],
