@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -199,9 +199,26 @@ def cells_digest(records: Iterable[Mapping[str, Any]]) -> str:
         text += " on " + ", ".join(devices)
     if commits:
         text += ", " + (commits[0] if len(commits) == 1 else f"{len(commits)} commits")
+    span = _fill_span(known)
+    if span is not None:
+        text += f", filled in {duration(span)} of wall time (first cell's start to last cell's end)"
     if len(known) < len(records):
         text += f", {len(records) - len(known)} without provenance"
     return text
+
+
+def _fill_span(records: Sequence[Mapping[str, Any]]) -> float | None:
+    """Seconds from the first cell's start (``created`` minus its ``wall_seconds``) to the last cell's
+    end: the wall time a run took to fill the store from empty, when one run made every cell."""
+    ends, starts = [], []
+    for r in records:
+        try:
+            end = datetime.fromisoformat(str(r["created"])).timestamp()
+        except (KeyError, TypeError, ValueError):
+            return None
+        ends.append(end)
+        starts.append(end - float(r.get("wall_seconds") or 0))
+    return max(ends) - min(starts) if ends else None
 
 
 def show(profile: str, t0: float | None = None) -> None:

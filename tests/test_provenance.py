@@ -259,6 +259,15 @@ def test_provenance_line_names_profile_versions_commit_device_and_wall_time(monk
     provenance.note_cells({"runs/a": cell})  # loaded again: counted once
     cells = ". Grid cells: 2, 1 h 0 min of compute on cuda:0 (NVIDIA H200), commit abc, 1 without provenance"
     assert text + cells == provenance.line("companion", time.time() - 125, info)
+    monkeypatch.setattr(provenance, "_CELLS", {})  # a store filled by one run: every cell knows its time
+    provenance.note_cells(
+        {
+            "runs/c": {**cell, "created": "2026-12-01T10:00:00+00:00", "wall_seconds": 600},
+            "runs/d": {**cell, "created": "2026-12-01T10:30:00+00:00", "wall_seconds": 60},
+        }
+    )
+    line = provenance.line("companion", time.time() - 125, info)
+    assert "filled in 40 min 0 s of wall time" in line or "filled in 40 min of wall time" in line, line
     assert "commit unknown" in provenance.line("ci", None, {**info, "commit": None})
     assert 0 < provenance.process_seconds() < 1e6
 
