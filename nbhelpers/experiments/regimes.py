@@ -931,17 +931,10 @@ def plot_samples(
         imgs = [c["arrays"]["samples"][:count] for c in rows]
         imgs = [x if x.dtype == np.uint8 else to_uint8(np.asarray(x)) for x in imgs]
         plotting.image_grid(np.concatenate(imgs), nrow=len(rows), ax=ax, title=f"N = {n}")
-        labels = [f"w{c['width']} s{c['seed']}" if "width" in c else "D*" for c in rows]
-        ax.text(
-            -0.02,
-            0.5,
-            "\n".join(labels),
-            transform=ax.transAxes,
-            ha="right",
-            va="center",
-            fontsize=7,
-            linespacing=2.1,
-        )
+        h = imgs[0].shape[2]  # image height in pixels; image_grid puts 1 pixel between rows
+        for r, c in enumerate(rows):
+            label = f"w{c['width']} s{c['seed']}" if "width" in c else "D*"
+            ax.text(-1.5, 1 + r * (h + 1) + h / 2, label, ha="right", va="center", fontsize=7)
     plotting.profile_badge(fig, profile)
     fig.tight_layout(rect=(0.03, 0, 1, 0.9))
     return fig
