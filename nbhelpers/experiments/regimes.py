@@ -1045,7 +1045,11 @@ def narrative(num: Mapping[str, Any], key: str, title: str, low: float = 0.1, hi
     ]
     hn, hw = g("nhalf_narrow"), g("nhalf_wide")
     if math.isfinite(hn) and math.isfinite(hw):
-        later = "later, as in the paper" if hw > hn else "not later (the paper's wider models need more data)"
+        later = (
+            "gets there later, as in the paper"
+            if hw > hn
+            else "does not get there later (the paper's wider models need more data)"
+        )
         out.append(
             f"GL reaches 0.5 at N = {_fmt_n(hn)} for width {wn} and {_fmt_n(hw)} for width {ww}: "
             f"the wider model {later}."
