@@ -404,3 +404,13 @@ def test_narrative_states_the_measured_shape_either_way():
     text = R.narrative(flat, "main", "Fashion-MNIST")
     assert "not every width memorizes" in text and "does not get there later" in text and "no dip" in text
     assert "At no sampled step" in text
+
+
+def test_optimal_narrative_follows_the_numbers():
+    grid = {"width": [16, 16, 32, 32], "n": [16, 256, 16, 256]}
+    rp = pd.DataFrame({"order": 1, **grid, "rp": [0.6, 0.2, 0.6, 0.0]})
+    gl = pd.DataFrame({"width": [16, 16, 32, 32], "n": [16, 256, 16, 256], "gl": [0.05, 1.0, 0.04, 1.0]})
+    text = R.optimal_narrative(rp, gl, "panel")
+    assert "width 16: 0.60 at N = 16 (GL 0.05) and 0.20 at N = 256 (GL 1.00)" in text
+    assert "falls with N for every width" in text and "stays at up to 0.20" in text
+    assert "reaches about 0" in R.optimal_narrative(rp.assign(rp=[0.6, 0.0, 0.6, 0.01]), gl, "panel")

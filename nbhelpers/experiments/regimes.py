@@ -1077,3 +1077,31 @@ def narrative(num: Mapping[str, Any], key: str, title: str, low: float = 0.1, hi
     elif steps is not None:
         out.append(f"At no sampled step is the smallest set memorized by every width (GL below {low:g}).")
     return " ".join(out)
+
+
+def optimal_narrative(rp_opt: pd.DataFrame, gl: pd.DataFrame, title: str, order: int = 1) -> str:
+    """'What the figure shows' of the optimal-denoiser chapter for one panel, in markdown: RP against
+    D* at the smallest and largest N per width (sampler ``order``) beside the models' own GL there."""
+    t = rp_opt[rp_opt.order == order].groupby(["width", "n"])["rp"].mean()
+    g = gl.groupby(["width", "n"])["gl"].mean()
+    parts = []
+    for w in sorted(t.index.get_level_values(0).unique()):
+        r = t.loc[w]
+        nmin, nmax = int(r.index.min()), int(r.index.max())
+        parts.append(
+            f"width {w}: {r.loc[nmin]:.2f} at N = {nmin} (GL {g.loc[(w, nmin)]:.2f}) and {r.loc[nmax]:.2f} "
+            f"at N = {nmax} (GL {g.loc[(w, nmax)]:.2f})"
+        )
+    falls = all(t.loc[w].iloc[0] > t.loc[w].iloc[-1] for w in t.index.get_level_values(0).unique())
+    ends = max(t.xs(int(t.index.get_level_values(1).max()), level="n"))
+    verdict = "falls with N for every width" if falls else "does not fall with N for every width"
+    tail = (
+        "and reaches about 0 at the largest N, as in the paper"
+        if ends <= 0.05
+        else f"but stays at up to {ends:.2f} at the largest N (the paper: about 0)"
+    )
+    return (
+        f"**{title}.** RP against D* ({'Euler' if order == 1 else 'Heun'}): "
+        + "; ".join(parts)
+        + (f". It {verdict}, {tail}.")
+    )
