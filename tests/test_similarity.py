@@ -301,3 +301,14 @@ def test_narrative_follows_the_numbers():
     text = sim.narrative(rp, names, "panel", rp_min=0.7)
     assert "from 0.75 (B | C) to 0.90" in text and ": shown" in text
     assert "not shown" in sim.narrative(rp, names, "panel", rp_min=0.8)
+
+
+def test_outliers_text_names_the_model_that_fails_at_high_noise():
+    names = ["A", "B", "C"]
+    diag = pd.DataFrame({"sigma 1": [0.3, 0.3, 0.35], "sigma 80": [0.6, 0.65, 6.5]}, index=names)
+    rp = pd.DataFrame(np.array([[1, 0.8, 0.1], [0.8, 1, 0.2], [0.1, 0.2, 1]]), index=names, columns=names)
+    text = sim.outliers_text(diag, rp, names)
+    assert "**C**: denoising error 6.50 at sigma 80" in text and "mean RP to the other models is 0.15" in text
+    assert "A" not in text.split("**C**")[0].replace("Models that fail", "")
+    assert text.startswith("Models that fail")
+    assert "No model" in sim.outliers_text(diag.assign(**{"sigma 80": 0.6}), rp, names)

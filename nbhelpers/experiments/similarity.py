@@ -576,6 +576,26 @@ def diagnostics_table(cells_: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     return table
 
 
+def outliers_text(diag: pd.DataFrame, rp: pd.DataFrame, trained: Sequence[str], factor: float = 2.0) -> str:
+    """Markdown: the models whose held-out denoising error at the highest noise level is more than
+    ``factor`` times the median of the others', with their mean RP to the other trained models."""
+    top = diag.columns[-1]
+    names = [n for n in trained if n in diag.index]
+    lines = []
+    for n in names:
+        others = [o for o in names if o != n]
+        ref = float(diag.loc[others, top].median())
+        if float(diag.loc[n, top]) > factor * ref:
+            mean_rp = float(np.mean([0.5 * (rp.loc[n, o] + rp.loc[o, n]) for o in others]))
+            lines.append(
+                f"**{n}**: denoising error {diag.loc[n, top]:.2f} at {top}, the others' median {ref:.2f}; "
+                f"its mean RP to the other models is {mean_rp:.2f}."
+            )
+    if not lines:
+        return f"No model's error at {top} exceeds {factor:g} x the others' median."
+    return "Models that fail at high noise:\n\n" + "\n".join(f"- {line}" for line in lines)
+
+
 # ----------------------------------------------------------------------------
 # Checks.
 
