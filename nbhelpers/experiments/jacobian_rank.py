@@ -215,13 +215,6 @@ def rank_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
     return configs
 
 
-def run_order(configs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The configs with the trained U-Nets first, longest training first, so that parallel workers
-    start the long cells at once (the order of the others is kept)."""
-    steps = [cells.num_steps(c["train"]) if c["model"] == "unet" else 0 for c in configs]
-    return [dict(configs[i]) for i in sorted(range(len(configs)), key=lambda i: -steps[i])]
-
-
 # ----------------------------------------------------------------------------
 # Building the models and the rank cell.
 
