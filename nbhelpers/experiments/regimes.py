@@ -626,28 +626,20 @@ def regime_checks(
         sub = rp[rp["pair"] == pair]
         ns = sorted(sub["n"].unique())
         ends = [_at(sub, "rp", n=ns[0]), _at(sub, "rp", n=ns[-1])]
-        rows.append(
-            check(
-                "pairwise RP, smallest N",
-                f"{setting}, {pair}, N={ns[0]}",
-                ends[0][0],
-                ">=",
-                rp_min,
-                ends[0][1],
-                paper=REF["rp_small"],
+        for (value, se), n, end, ref in zip(
+            ends, (ns[0], ns[-1]), ("smallest", "largest"), ("rp_small", "rp_large")
+        ):
+            rows.append(
+                check(
+                    f"pairwise RP, {end} N",
+                    f"{setting}, {pair}, N={n}",
+                    value,
+                    ">=",
+                    rp_min,
+                    se,
+                    paper=REF[ref],
+                )
             )
-        )
-        rows.append(
-            check(
-                "pairwise RP, largest N",
-                f"{setting}, {pair}, N={ns[-1]}",
-                ends[1][0],
-                ">=",
-                rp_min,
-                ends[1][1],
-                paper=REF["rp_large"],
-            )
-        )
         inner = [(n, *_at(sub, "rp", n=n)) for n in ns[1:-1]]
         if inner:
             n_dip, dip, se_dip = min(inner, key=lambda t: t[1])
