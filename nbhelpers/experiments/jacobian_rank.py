@@ -727,7 +727,7 @@ def plot_rank(table: pd.DataFrame, profile: str, n: int, K: int, d: int):
     panels = [p for p in ("real", "molrg") if (summ.panel == p).any()]
     axes_spec = [(p, "ratio") for p in panels] + ([("real", "rank")] if "real" in panels else [])
     with style():
-        fig, axes = plt.subplots(1, len(axes_spec), figsize=(4.3 * len(axes_spec), 3.8), squeeze=False)
+        fig, axes = plt.subplots(1, len(axes_spec), figsize=(4.3 * len(axes_spec), 4.6), squeeze=False)
         for ax, (panel, what) in zip(axes[0], axes_spec):
             s = summ[summ.panel == panel]
             labels = list(dict.fromkeys(s["label"]))
@@ -794,7 +794,7 @@ def plot_rank(table: pd.DataFrame, profile: str, n: int, K: int, d: int):
             ax.invert_xaxis()
             ax.set_xlabel("SNR = 1/sigma")
             ax.set_ylabel("rank ratio (rank / n)" if what == "ratio" else "rank (directions)")
-            ax.legend(fontsize=6.5, loc="lower left")
+            ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
         fig.tight_layout()
         profile_badge(fig, profile)
     return fig
