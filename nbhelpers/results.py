@@ -74,11 +74,13 @@ def check(
     value = float(value)
     passed = bool(_OPS[op](value, threshold)) if math.isfinite(value) else False
     margin = None
-    if se is not None and math.isfinite(value):
-        gap = value - threshold if op in (">=", ">") else threshold - value
+    gap = (value - threshold if op in (">=", ">") else threshold - value) if math.isfinite(value) else None
+    if se is not None and gap is not None:
         margin = gap / se if se > 0 else None  # no spread measured: no margin
     if se is not None and math.isfinite(se):
         note = f"se {se:.{digits}f}" + (f"; {note}" if note else "")
+    elif gap is not None:  # no standard error: the margin in the value's own units
+        note = f"margin {gap:+.{digits}g} (no se)" + (f"; {note}" if note else "")
     return row(
         quantity,
         setting,
@@ -290,7 +292,9 @@ def findings(rows: list[dict[str, Any]]) -> str:
                 f"- sanity check FAILED: {r['quantity']} ({r['setting']}): {r['measured']} ({r['check']})"
             )
     for r in pheno:
-        margin = "" if r.get("margin") is None else f", margin {r['margin']} se"
+        raw = str(r.get("note") or "").split(";")[0] if str(r.get("note") or "").startswith("margin ") else ""
+        margin = f", {raw}" if r.get("margin") is None and raw else ""
+        margin = margin if r.get("margin") is None else f", margin {r['margin']} se"
         paper = "" if r.get("paper") is None else f"; paper: {r['paper']}"
         lines.append(
             f"- **{_verdict(r)}**: {r['quantity']} ({r['setting']}): {r['measured']} "

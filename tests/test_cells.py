@@ -48,5 +48,7 @@ def test_result_check_rows_report_margin_in_standard_errors():
     bad = results.check("RP", "N=4096", 0.5, ">=", 0.6, se=0.05)
     assert bad["passed"] is False and bad["margin"] == pytest.approx(-2.0)
     assert results.check("x", "", float("nan"), ">=", 0.0, se=0.1)["passed"] is False
+    raw = results.check("SNR of the minimum", "", 0.307, "<=", 0.12)  # no se: the margin in the value's units
+    assert raw["margin"] is None and raw["note"].startswith("margin -0.187 (no se)")
     with pytest.raises(ValueError, match="kind"):
         results.row("x", "", 1.0, kind="other")
