@@ -164,7 +164,8 @@ def test_jacobian_rank(tmp_path, assets):
     assert len(real) == len(P.checkpoints) == 2
     for _, c in cells:
         ratio = c["arrays"]["rank_ratio"]
-        assert len(ratio) and ((ratio > 0) & (ratio <= 1)).all()
+        low = 0 if c["model"] == "optimal" else 1e-12  # D* has rank 0 where it returns a training point
+        assert len(ratio) and ((ratio >= low) & (ratio <= 1)).all()
     assert nb["figures"] >= 2
     rows = check_results(tmp_path / "rank.json", "jacobian_rank")
     assert any(r["setting"] == "real images" for r in rows)
