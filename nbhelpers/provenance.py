@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import math
 import os
 import platform
 import socket
@@ -201,24 +202,29 @@ def cells_digest(records: Iterable[Mapping[str, Any]]) -> str:
         text += ", " + (commits[0] if len(commits) == 1 else f"{len(commits)} commits")
     span = _fill_span(known)
     if span is not None:
-        text += f", filled in {duration(span)} of wall time (first cell's start to last cell's end)"
+        text += f", filled in {duration(span)} of wall time (while any of its cells computed)"
     if len(known) < len(records):
         text += f", {len(records) - len(known)} without provenance"
     return text
 
 
 def _fill_span(records: Sequence[Mapping[str, Any]]) -> float | None:
-    """Seconds from the first cell's start (``created`` minus its ``wall_seconds``) to the last cell's
-    end: the wall time a run took to fill the store from empty, when one run made every cell."""
-    ends, starts = [], []
+    """Seconds of wall time during which at least one cell was computing: the union of the cells'
+    [start, end] intervals (end ``created``, start ``created`` minus ``wall_seconds``), so that the
+    pauses of an interrupted run do not count. For a store filled by one run: its from-scratch time."""
+    spans = []
     for r in records:
         try:
             end = datetime.fromisoformat(str(r["created"])).timestamp()
         except (KeyError, TypeError, ValueError):
             return None
-        ends.append(end)
-        starts.append(end - float(r.get("wall_seconds") or 0))
-    return max(ends) - min(starts) if ends else None
+        spans.append((end - float(r.get("wall_seconds") or 0), end))
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total if spans else None
 
 
 def show(profile: str, t0: float | None = None) -> None:
