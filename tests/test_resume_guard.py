@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,6 +163,17 @@ def test_stale_tmp_files_of_killed_writers_are_removed(tmp_path):
     assert {mine.name, elsewhere.name, folder.name} <= left
 
 
+def _killed_writer(script: str, leftovers: Path) -> Path:
+    """Run ``script`` (which dies with os._exit) in a child and return its one leftover matching the
+    glob ``leftovers``, aged ten minutes (past the grace period for a dead writer's files)."""
+    env = dict(os.environ, PYTHONPATH=str(os.path.dirname(os.path.dirname(__file__))))
+    subprocess.run(["python", "-c", script], env=env, check=False)
+    (leftover,) = leftovers.parent.glob(leftovers.name)
+    past = time.time() - 600
+    os.utime(leftover, (past, past))
+    return leftover
+
+
 def test_a_killed_snapshot_write_leaves_a_file_the_next_run_removes(tmp_path):
     """A writer killed between creating its temporary file and the rename leaves ``.tmp-*``."""
     out = tmp_path / "run"
@@ -172,11 +184,7 @@ def test_a_killed_snapshot_write_leaves_a_file_the_next_run_removes(tmp_path):
         "    tmp.write_bytes(b'half')\n"
         "    os._exit(9)\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(os.path.dirname(os.path.dirname(__file__))))
-    subprocess.run(["python", "-c", script], env=env, check=False)
-    (leftover,) = out.glob(".tmp-*")
-    past = time.time() - 600
-    os.utime(leftover, (past, past))
+    _killed_writer(script, out / ".tmp-*")
     run(config(total_steps=2), data(), outdir=out)
     assert not list(out.glob(".tmp-*"))
 
@@ -196,11 +204,7 @@ def test_a_killed_dataset_write_leaves_a_staging_folder_the_next_write_removes(t
         "(d / '00000000.png').write_bytes(b'half')\n"
         "os._exit(9)\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(os.path.dirname(os.path.dirname(__file__))))
-    subprocess.run(["python", "-c", script], env=env, check=False)
-    (leftover,) = tmp_path.glob(".tmp-images-*")
-    past = time.time() - 600
-    os.utime(leftover, (past, past))
+    leftover = _killed_writer(script, tmp_path / ".tmp-images-*")
     live = atomic.staging_dir(tmp_path / "other")  # this process's: not stale
     write_dataset(np.zeros((2, 1, 4, 4), np.uint8), dest)
     assert not leftover.exists() and live.exists()
