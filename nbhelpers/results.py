@@ -292,9 +292,13 @@ def findings(rows: list[dict[str, Any]]) -> str:
                 f"- sanity check FAILED: {r['quantity']} ({r['setting']}): {r['measured']} ({r['check']})"
             )
     for r in pheno:
-        raw = str(r.get("note") or "").split(";")[0] if str(r.get("note") or "").startswith("margin ") else ""
-        margin = f", {raw}" if r.get("margin") is None and raw else ""
-        margin = margin if r.get("margin") is None else f", margin {r['margin']} se"
+        note = str(r.get("note") or "")
+        if r.get("margin") is not None:
+            margin = f", margin {r['margin']} se"
+        elif note.startswith("margin "):  # a check without se: its margin in the value's units
+            margin = ", " + note.split(";")[0]
+        else:
+            margin = ""
         paper = "" if r.get("paper") is None else f"; paper: {r['paper']}"
         lines.append(
             f"- **{_verdict(r)}**: {r['quantity']} ({r['setting']}): {r['measured']} "
