@@ -25,6 +25,12 @@ _HOST = re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:32] or "host"
 _TMP = re.compile(r"^\.(tmp|old)-.*-@(?P<host>[A-Za-z0-9.-]+)@(?P<pid>\d+)@[a-z0-9_]{8}(\.\w+)?$")
 
 
+def _prefix(name: str, kind: str = "tmp") -> str:
+    """``.<kind>-<name>-@<host>@<pid>@``: the name prefix of this process's temporaries, which
+    :func:`remove_stale_tmp` reads back (``_TMP``) to tell a dead writer's leftovers."""
+    return f".{kind}-{name[:80]}-@{_HOST}@{os.getpid()}@"
+
+
 def _named(e: OSError, dest: Path) -> OSError:
     """``e`` with ``dest`` as its file name when the OS did not name one (e.g. ENOSPC on write)."""
     if e.errno is None or e.filename is not None:
@@ -58,8 +64,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "", fsync: bool = True) -
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".tmp-{dest.name[:80]}-@{_HOST}@{os.getpid()}@"
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix or dest.suffix, dir=dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_prefix(dest.name), suffix=suffix or dest.suffix, dir=dest.parent)
     except OSError as e:
         raise _named(e, dest) from None
     os.close(fd)
@@ -98,7 +103,7 @@ def check_writable(dest: str | os.PathLike, folder: bool = False) -> Path:
     except OSError as e:
         raise _named(e, dest) from None
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".tmp-probe-@{_HOST}@{os.getpid()}@", dir=where)
+        fd, probe = tempfile.mkstemp(prefix=_prefix("probe"), dir=where)
         try:
             os.write(fd, b"probe")
         finally:
@@ -132,9 +137,7 @@ def staging_dir(dest: str | os.PathLike, kind: str = "tmp") -> Path:
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        return Path(
-            tempfile.mkdtemp(prefix=f".{kind}-{dest.name[:80]}-@{_HOST}@{os.getpid()}@", dir=dest.parent)
-        )
+        return Path(tempfile.mkdtemp(prefix=_prefix(dest.name, kind), dir=dest.parent))
     except OSError as e:
         raise _named(e, dest) from None
 

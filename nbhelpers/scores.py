@@ -405,6 +405,14 @@ def noisy_copies(train: Any, count: int, noise: float, generator: torch.Generato
     return y + noise * y.norm(dim=1, keepdim=True) * e / math.sqrt(y.shape[1])
 
 
+def share_se(p: float, count: int) -> float:
+    """Binomial standard error of a share ``p`` of ``count`` trials, kept off zero at 0 and 1 (as if
+    the share were 1/2 of a quarter as many trials: sqrt(max(p (1 - p), 1/4) / count) at worst)."""
+    if count < 1:
+        raise ValueError("share_se needs at least one trial")
+    return math.sqrt(max(p * (1 - p), 0.25 / count) / count)
+
+
 def rate_se(rates: Sequence[float] | np.ndarray, count: int) -> float:
     """Standard error of the mean of per-repeat rates (each a share of ``count`` trials): the binomial
     error of the pooled rate, kept off 0 and 1, plus the spread between repeats (conservative)."""

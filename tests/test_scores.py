@@ -249,3 +249,10 @@ def test_nn_relative_distance_and_noisy_copies():
     u8 = ((train.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     rel_u, _ = S.nn_relative_distance(u8[:4], u8)
     assert rel_u.tolist() == [0.0] * 4
+
+
+def test_share_se_is_binomial_and_kept_off_zero():
+    assert S.share_se(0.5, 100) == pytest.approx(0.05)
+    assert S.share_se(0.0, 100) == pytest.approx(np.sqrt(0.25 / 100 / 100))
+    with pytest.raises(ValueError):
+        S.share_se(0.5, 0)

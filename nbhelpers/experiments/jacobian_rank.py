@@ -24,6 +24,7 @@ import torch
 
 from ..data import model_space
 from ..jacobian import AUTHORS_SNR_GRID, effective_rank
+from ..scores import share_se
 from . import cells, paper
 
 KIND_RANK = "jacobian-rank"
@@ -409,7 +410,7 @@ def rank_generalization(cells_: Sequence[Mapping[str, Any]], cal: Any) -> pd.Dat
         t = pd.DataFrame({"train_steps": a["copies_train_steps"].astype(int), "rel": a["copies_rel"]})
         for s, g in t.groupby("train_steps"):
             gl = 1.0 - float(cal.criterion.flags(g.rel.to_numpy()).mean())
-            se = math.sqrt(max(gl * (1 - gl), 0.25 / len(g)) / len(g))
+            se = share_se(gl, len(g))
             rows.append(
                 {
                     "label": c["label"],

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..scores import share_se
 from . import cells
 from .paper import P2_PHASE as PAPER  # the authors' numbers (re-exported: the notebook reads them here)
 
@@ -449,7 +450,7 @@ def lowrank_checks(table: pd.DataFrame, trans: pd.DataFrame) -> list[dict[str, A
             s = t[sel]
             if len(s):
                 p = float(s.success.mean())
-                se = math.sqrt(max(p * (1 - p), 0.25 / len(s)) / len(s))
+                se = share_se(p, len(s))
                 out.append(
                     check(
                         f"low-rank, trained: success rate at {label}",
@@ -610,7 +611,7 @@ def unet_table(cells_: Sequence[Mapping[str, Any]], cals: Mapping[int, Any]) -> 
                 "ratio": c["ratio"],
                 "seed": c["seed"],
                 "gl": gl,
-                "gl_se": math.sqrt(max(gl * (1 - gl), 0.25 / len(a["rel"])) / len(a["rel"])),
+                "gl_se": share_se(gl, len(a["rel"])),
                 "gl_fresh": 1.0 - float(null.get(size, math.nan)),
                 "off_subspace": float(np.median(a["off_subspace"])),
                 "samples": len(a["rel"]),
