@@ -16,6 +16,7 @@ import math
 import os
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,22 +47,25 @@ def _sigma_column(sigma, batch: int, device: torch.device, dtype: torch.dtype) -
 
 
 def posterior_mean(x: torch.Tensor, bases: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """E[x0 | x] for the MoLRG with orthonormal ``bases`` (K, n, d): x (N, n), sigma (N, 1) -> (N, n).
+    """E[x0 | x] for the MoLRG with orthonormal ``bases`` (..., K, n, d): x (..., N, n), sigma (N, 1) ->
+    (..., N, n); leading axes index independent mixtures (a stack of models).
 
     Computed in the dtype of ``x``; the class weights use a max-shifted softmax (log-sum-exp).
     sigma = 0 projects onto the best-fitting subspace; sigma = inf gives 0.
     """
-    coef = torch.einsum("knd,bn->bkd", bases, x)  # U_k^T x, (N, K, d)
-    energy = coef.square().sum(-1)  # ||U_k^T x||^2, (N, K)
+    k, n, d = bases.shape[-3:]
+    side = bases.movedim(-3, -2).reshape(*bases.shape[:-3], n, k * d)  # [U_1 ... U_K], (..., n, K d)
+    coef = (x @ side).unflatten(-1, (k, d))  # U_k^T x, (..., N, K, d)
+    energy = coef.square().sum(-1)  # ||U_k^T x||^2, (..., N, K)
     s2 = sigma.square()
     positive = s2 > 0
     scale = 1 / (2 * torch.where(positive, s2, torch.ones_like(s2)) * (1 + s2))
-    weights = torch.softmax(energy * scale, dim=1)
+    weights = torch.softmax(energy * scale, dim=-1)
     if not bool(positive.all()):
-        hard = torch.nn.functional.one_hot(energy.argmax(dim=1), energy.shape[1]).to(weights.dtype)
+        hard = torch.nn.functional.one_hot(energy.argmax(dim=-1), k).to(weights.dtype)
         weights = torch.where(positive, weights, hard)
-    proj = torch.einsum("knd,bkd->bkn", bases, coef)  # U_k U_k^T x, (N, K, n)
-    return torch.einsum("bk,bkn->bn", weights, proj) / (1 + s2)
+    # sum_k w_k U_k U_k^T x: weight each class's coefficients, then one product with [U_1 ... U_K]^T
+    return ((coef * weights.unsqueeze(-1)).flatten(-2) @ side.transpose(-1, -2)) / (1 + s2)
 
 
 class _SubspaceDenoiser(torch.nn.Module):
@@ -99,9 +103,11 @@ class _SubspaceDenoiser(torch.nn.Module):
                 f"expected x of shape (N, {shape[0]}, {shape[1]}, {shape[2]}), got {tuple(x.shape)}"
             )
         dtype = _compute_dtype(x.device)
-        flat = x.reshape(x.shape[0], -1).to(dtype)
+        bases = self._bases_for(dtype)  # (K, n, d), or (M, K, n, d) for a stack of M models
+        lead = bases.shape[:-3]
+        flat = x.reshape(x.shape[0], *lead, -1).to(dtype).movedim(0, -2)  # (N, n) or (M, N, n)
         s = _sigma_column(sigma, x.shape[0], x.device, dtype)
-        out = posterior_mean(flat, self._bases_for(dtype), s)
+        out = posterior_mean(flat, bases, s).movedim(-2, 0)
         return out.reshape(x.shape).to(x.dtype)
 
 
@@ -168,6 +174,40 @@ class LowRankDenoiser(_SubspaceDenoiser):
         """QR-orthonormalised learned bases (K, n, d), detached, in the compute dtype."""
         with torch.no_grad():
             return self._bases_for(_compute_dtype(self.U.device)).detach()
+
+
+class LowRankStack(_SubspaceDenoiser):
+    """M independent :class:`LowRankDenoiser` trained as one module: bases U (M, K, n, d), and images
+    that hold the M models' inputs side by side on the channel axis, (N, M*C, R, R).
+
+    Model m reads and writes only channels [m*C, (m+1)*C), so with a loss summed over elements (the
+    training loop's) its gradient is exactly its own loss's, and an elementwise optimizer such as Adam
+    moves each model as it would move alone on the same batches and noise.
+    """
+
+    def __init__(self, members: Sequence[LowRankDenoiser]):
+        if not members:
+            raise ValueError("LowRankStack needs at least one LowRankDenoiser")
+        shapes = {(tuple(m.U.shape), m.img_resolution, m.img_channels) for m in members}
+        if len(shapes) != 1:
+            raise ValueError(f"stacked models must share K, n, d and the image shape, got {sorted(shapes)}")
+        first = members[0]
+        super().__init__(img_resolution=first.img_resolution, img_channels=len(members) * first.img_channels)
+        self._member_kwargs = dict(first._init_kwargs)
+        self.U = torch.nn.Parameter(torch.stack([m.U.detach() for m in members]))
+
+    def _bases_for(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.linalg.qr(self.U.to(dtype)).Q
+
+    def members(self) -> list[LowRankDenoiser]:
+        """The M models, each a :class:`LowRankDenoiser` holding a copy of its bases (K, n, d)."""
+        out = []
+        for u in self.U.detach():
+            net = LowRankDenoiser(**self._member_kwargs)
+            with torch.no_grad():
+                net.U.copy_(u.to(net.U.dtype))
+            out.append(net.to(u.device))
+        return out
 
 
 @dataclass

@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from nbhelpers.molrg import LowRankDenoiser, MoLRG, MoLRGDenoiser, _assignment, subspace_distance
+from nbhelpers.molrg import (
+    LowRankDenoiser,
+    LowRankStack,
+    MoLRG,
+    MoLRGDenoiser,
+    _assignment,
+    subspace_distance,
+)
 
 
 @pytest.fixture
@@ -269,6 +276,32 @@ def test_lowrank_with_true_bases_is_the_closed_form(mix):
     assert net.U.grad is not None and net.U.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="augmentation"):
         net(x, 0.5, None, augment_labels=torch.zeros(3, 9))
+
+
+def test_lowrank_stack_is_its_members_side_by_side():
+    """A stack of M low-rank models on (N, M*C, R, R) gives each member's output on its own channels."""
+    members = [LowRankDenoiser(2, 3, 4, 3, generator=seed) for seed in range(3)]
+    stack = LowRankStack(members)
+    assert (stack.img_channels, stack.img_resolution, stack.U.shape) == (9, 4, (3, 2, 48, 3))
+    x = torch.randn(5, 9, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.0, 0.1, 1.0, 10.0, 100.0], dtype=torch.float64)
+    out = stack(x, sigma)
+    for m, net in enumerate(members):
+        block = slice(3 * m, 3 * m + 3)
+        torch.testing.assert_close(out[:, block], net(x[:, block], sigma), atol=1e-12, rtol=0)
+    # members() gives independent copies that reproduce the stack.
+    copies = stack.members()
+    for m, net in enumerate(copies):
+        torch.testing.assert_close(
+            net(x[:, 3 * m : 3 * m + 3], sigma), out[:, 3 * m : 3 * m + 3], atol=1e-6, rtol=0
+        )
+    with torch.no_grad():
+        copies[0].U.zero_()
+    assert stack.U.abs().sum() > 0
+    with pytest.raises(ValueError, match="share K, n, d"):
+        LowRankStack([members[0], LowRankDenoiser(2, 2, 4, 3)])
+    with pytest.raises(ValueError, match="at least one"):
+        LowRankStack([])
 
 
 def _train_restarts(

@@ -117,6 +117,54 @@ def test_train_restarts_keeps_the_lowest_training_loss_not_the_best_recovery(mon
     assert dists[0] < 1e-5 < dists[1]  # the best recovery was not kept
 
 
+def _lowrank_train(steps: int = 30, **changes) -> dict:
+    section = {
+        "total_steps": steps,
+        "lr": 0.05,
+        "lr_rampup_kimg": 0,
+        "ema_beta": 0.9,
+        "loss": "ve",
+        **changes,
+    }
+    return cells.train_config("lowrank", "edm", {}, section, batch_size=8, seed=0)
+
+
+def test_stacked_fits_do_not_interact():
+    """Trained in one stack, a fit ends where it ends beside any other fit: members share batch
+    positions and sigma draws, never data, noise or parameters."""
+    xs = [small_mixture(2, seed=s).sample(6, generator=s)[0] for s in range(3)]
+    a, b, c = (LowRankDenoiser(2, 2, 4, 3, generator=s) for s in range(3))
+    cpu = torch.device("cpu")
+    with_b, info = cells.train_stacked(_lowrank_train(), [xs[0], xs[1]], [a, b], cpu)
+    with_c, _ = cells.train_stacked(_lowrank_train(), [xs[0], xs[2]], [a, c], cpu)
+    assert info["steps"] == 30 and len(with_b) == 2
+    torch.testing.assert_close(with_b[0].U, with_c[0].U, atol=0, rtol=0)
+    assert not torch.equal(with_b[0].U, a.U)  # it did train
+    assert not torch.equal(with_b[1].U, with_c[1].U)
+    with pytest.raises(ValueError, match="grad_clip"):
+        cells.train_stacked(_lowrank_train(grad_clip=1.0), [xs[0]], [a], cpu)
+    with pytest.raises(ValueError, match="one data set per net"):
+        cells.train_stacked(_lowrank_train(), [xs[0]], [a, b], cpu)
+
+
+def test_longer_fits_repeat_the_shorter_fits_step_for_step():
+    """The 'more steps' variant's claim: a longer run of the same stack takes the same first steps
+    (batches and noise are seeded per step, not per run length), so its per-step losses agree."""
+    from nbhelpers.molrg import LowRankStack
+    from nbhelpers.training import TrainConfig, train
+
+    xs = [small_mixture(2, seed=s).sample(6, generator=s)[0] for s in range(2)]
+    nets = [LowRankDenoiser(2, 2, 4, 3, generator=s) for s in range(2)]
+    data = torch.cat(xs, dim=1)
+    cpu = torch.device("cpu")
+    hist = {}
+    for steps in (10, 20):
+        cfg = TrainConfig.from_dict({**_lowrank_train(steps), "log_every": 1})
+        result = train(cfg, data, device=cpu, progress=False, net=LowRankStack(nets))
+        hist[steps] = [h["loss"] for h in result.history]
+    assert len(hist[10]) == 10 and hist[10] == hist[20][:10]
+
+
 def test_training_loss_uses_common_random_numbers():
     mix = small_mixture(2)
     x, _ = mix.sample(5, generator=0)
@@ -150,6 +198,19 @@ def test_lowrank_cell_trains_restarts_and_keeps_the_lowest_loss(tmp_path):
     table = pt.lowrank_table([{**result, "arrays": arrays}], 0.1)
     assert table.solver_success.all()  # 8 points per class, d = 2: the solver recovers
     assert table.success.any()  # and 200 steps of training do too, on at least one of the 2 mixtures
+
+
+def test_lowrank_cell_in_stacks_of_one_trial(tmp_path, monkeypatch):
+    """With a stack bound below one trial's fits, each trial trains in its own stack; the cell's
+    tables keep their shape and selection by loss."""
+    params = {**ci_params(), "lowrank_resolutions": [4], "lowrank_dims": [2], "lowrank_ratios": [2]}
+    (config,) = pt.lowrank_configs(params)
+    monkeypatch.setattr(pt, "STACK_ELEMENTS", 1)
+    result, arrays = pt.run_lowrank_cell(config, tmp_path)
+    fits = pt.fits_table([{**result, "arrays": arrays}])
+    assert len(fits) == config["trials"] * config["restarts"]
+    for _, t in fits.groupby("trial"):
+        assert t.kept.sum() == 1 and t[t.kept].loss.iloc[0] == t.loss.min()
 
 
 # ----------------------------------------------------------------------------
@@ -212,6 +273,59 @@ def test_success_table_failure_causes_transitions_and_checks():
         r for r in rows.values() if r["quantity"].startswith("low-rank, trained: N_k*/d at the largest n")
     ]
     assert spread[0]["passed"] is True and spread[0]["measured"] == 1.0
+
+
+def test_generated_prose_follows_the_numbers():
+    """The chapter's prose: numbers from the tables, and the words change when the numbers do."""
+    from nbhelpers.experiments import phase_text
+
+    poor = {
+        0.5: [False] * 4,
+        1.0: [False, False, False, True],
+        2.0: [True, True, True, False],
+        4.0: [True] * 4,
+    }
+    good = {0.5: [False] * 4, 1.0: [True] * 4, 2.0: [True] * 4, 4.0: [True] * 4}
+    texts = {}
+    for name, grid in (("poor", poor), ("good", good)):
+        t = pd.concat([_fake_table(grid, 48), _fake_table(grid, 192)], ignore_index=True)
+        trans = pt.lowrank_transitions(t, reps=20)
+        texts[name] = phase_text.lowrank_text(t, trans, 0.1, 4, 500)
+        causes = pt.failure_causes(t)
+        texts[name + " paper"] = phase_text.against_paper(t, causes, (50, 60), 2.2, (45.0, 22.5))
+    assert (
+        "succeeds in fewer than half of the trials (rate 0.25" in texts["poor"]
+        and "succeeds reliably (rate 1.00" in texts["good"]
+    )
+    assert "no fit succeeds, trained or solved" in texts["poor"]
+    assert "share 0.88 of the trials (0.88 at n = 48, 0.88 at n = 192)" in texts["poor"]
+    assert "at N_k = d the loss itself does not single out the truth" in texts["poor paper"]
+    assert "measured reasons" not in texts["good paper"]  # nothing failed at or above N_k = d
+    assert "moves it up" in texts["good paper"]
+    t = pd.concat([_fake_table(poor, 48)], ignore_index=True)
+    causes, single = pt.failure_causes(t), pd.DataFrame({"ratio": [2.0, 4.0], "single_fit_rate": [0.3, 0.6]})
+    text = phase_text.causes_text(causes, single, pd.Series([1.0, 1.0, 2.0]), t, 4)
+    assert "At N_k = d, 3 of the 3 failed trials" in text and "so restarts matter" in text
+    assert "a share 0.67 sit at distance sqrt(1/d)" in text
+    var = pd.DataFrame(
+        {
+            "variant": ["this chapter", "EDM loss", "4x the steps", "init from data points"],
+            "loss": ["ve", "edm", "ve", "ve"],
+            "loss weight at sigma < 0.01": [0.0, 0.33, 0.0, 0.0],
+            "lr": [0.05] * 4,
+            "steps": [500, 500, 2000, 500],
+            "init": ["gaussian", "gaussian", "gaussian", "data"],
+            "single fit": [0.5, 0.2, 0.9, 0.4],
+            "kept": [0.75, 0.5, 1.0, 0.75],
+            "kept 95% low": [0.3] * 4,
+            "kept 95% high": [0.9] * 4,
+        }
+    )
+    text = phase_text.variants_text(var, {"d": 4, "nk": 8, "n": 48}, (7, 10))
+    assert "- **EDM loss**: single fits 0.20 (-0.30)" in text and "\n\n- **EDM loss**" in text
+    assert "0.33 (EDM loss) of their weight" in text and "recover less" in text
+    assert "4 times the steps give single fits 0.90" in text and "7 of the 10 fits" in text
+    assert "no better than a Gaussian start" in text
 
 
 def test_transition_point():

@@ -374,22 +374,56 @@ def train_restarts(
     loss_seed: int = 0,
 ) -> tuple[list[Any], int, list[dict[str, Any]]]:
     """Train each of ``nets`` (restart i with seed ``train['seed'] + i``) and keep the one with the lowest
-    training loss (:func:`training_loss`, the same draws for all); nothing else enters the choice.
+    training loss (:func:`lowest_loss`); nothing else enters the choice.
 
     Returns every restart's trained EMA network, the index of the kept one and one fact dict per
     restart (``loss`` and train_model's facts).
     """
     if not nets:
         raise ValueError("train_restarts needs at least one network")
-    loss = str(train.get("loss") or train.get("precond", "edm"))
     trained, facts = [], []
     for i, net in enumerate(nets):
         ema, info = train_model({**dict(train), "seed": int(train.get("seed", 0)) + i}, data, device, net=net)
-        info["loss"] = training_loss(ema, data, loss, device, draws=loss_draws, seed=loss_seed)
         trained.append(ema)
         facts.append(info)
-    best = min(range(len(facts)), key=lambda i: facts[i]["loss"])
+    best, losses = lowest_loss(train, trained, data, device, loss_draws, loss_seed)
+    for info, value in zip(facts, losses):
+        info["loss"] = value
     return trained, best, facts
+
+
+def lowest_loss(
+    train: Mapping[str, Any],
+    nets: Sequence[Any],
+    data: torch.Tensor,
+    device: torch.device,
+    draws: int = 64,
+    seed: int = 0,
+) -> tuple[int, list[float]]:
+    """The index of the net with the lowest training loss on ``data`` (the loss of ``train``, the same
+    ``draws`` for every net: :func:`training_loss`), and every net's loss."""
+    loss = str(train.get("loss") or train.get("precond", "edm"))
+    losses = [training_loss(net, data, loss, device, draws=draws, seed=seed) for net in nets]
+    return min(range(len(losses)), key=losses.__getitem__), losses
+
+
+def train_stacked(
+    train: Mapping[str, Any], datasets: Sequence[torch.Tensor], nets: Sequence[Any], device: torch.device
+) -> tuple[list[Any], dict[str, Any]]:
+    """Train low-rank models, ``nets[i]`` on ``datasets[i]`` (float, all of one shape), as one
+    :class:`nbhelpers.molrg.LowRankStack`: one optimizer step moves all of them at once.
+
+    The models share batch positions and sigma draws, never data, noise or parameters. Returns the
+    trained EMA members in order and train_model's facts for the stack.
+    """
+    from ..molrg import LowRankStack
+
+    if len(datasets) != len(nets) or not nets:
+        raise ValueError(f"train_stacked needs one data set per net, got {len(datasets)} for {len(nets)}")
+    if train.get("grad_clip") is not None:
+        raise ValueError("grad_clip would clip the stack's joint gradient norm and couple its models")
+    ema, info = train_model(train, torch.cat(list(datasets), dim=1), device, net=LowRankStack(nets))
+    return ema.members(), info
 
 
 def num_steps(train: Mapping[str, Any]) -> int:

@@ -4,9 +4,10 @@ the diffusion loss, and a U-Net's memorization-to-generalization transition.
 Grid cells are module-level functions for :meth:`nbhelpers.runs.RunStore.run_grid`:
 
 - ``run_lowrank_cell``: for one (n, d, N_k), ``trials`` independent mixtures; on each, train
-  ``restarts`` randomly initialised :class:`nbhelpers.molrg.LowRankDenoiser` with the project's training
-  loop and the diffusion loss, keep the restart with the lowest *training loss*
-  (:func:`cells.train_restarts`), and store every restart's loss and subspace distance, the training
+  ``restarts`` randomly initialised :class:`nbhelpers.molrg.LowRankDenoiser` with the project's
+  training loop and the diffusion loss (all fits of the cell as one stack:
+  :func:`cells.train_stacked`), keep the restart with the lowest *training loss*
+  (:func:`cells.lowest_loss`), and store every restart's loss and subspace distance, the training
   loss of the true subspaces (same draws) and the K-subspaces solver's distance as a reference.
 - ``run_unet_cell``: train a U-Net on K N_k MoLRG samples, sample it, and store the threshold-free
   statistic of the copy criterion (relative distance to the nearest training point) for its samples,
@@ -44,8 +45,9 @@ from .paper import P2_PHASE as PAPER  # the authors' numbers (re-exported: the n
 
 KIND_LOWRANK = "phase-lowrank"
 KIND_UNET = "phase-unet"
-VERSION = 1
+VERSION = 2
 
+STACK_ELEMENTS = 2**25  # a stack of low-rank fits holds at most this many batch elements (whole trials)
 _NOISE_STREAM = 3  # seed stream of the off-subspace noise of (a) (cells: 1 pool, 2 fresh)
 
 
@@ -209,6 +211,43 @@ def variant_configs(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def variant_table(
+    variants: Mapping[str, Mapping[str, Any]], var_cells: Sequence[Mapping[str, Any]], threshold: float
+) -> pd.DataFrame:
+    """One row per training variant (:func:`variant_configs`, in order, with its cell): loss, its weight
+    share below sigma 0.01, lr, steps, init, single-fit and kept success with a 95 % Wilson interval."""
+    rows = []
+    for (label, cfg), cell in zip(variants.items(), var_cells):
+        t, f = lowrank_table([cell], threshold), fits_table([cell])
+        k = int(t.success.sum())
+        lo, hi = wilson_interval(k, len(t))
+        loss = str(cfg["train"].get("loss") or "edm")
+        rows.append(
+            {
+                "variant": label,
+                "loss": loss,
+                "loss weight at sigma < 0.01": loss_weight_share(loss, 0.01),
+                "lr": cfg["train"]["lr"],
+                "steps": cells.num_steps(cfg["train"]),
+                "init": cfg["init"],
+                "single fit": float((f.distance < threshold).mean()),
+                "kept": k / len(t),
+                "kept 95% low": float(lo),
+                "kept 95% high": float(hi),
+                "seconds": cell["seconds"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def escaped_fits(short: Mapping[str, Any], long: Mapping[str, Any], threshold: float) -> tuple[int, int]:
+    """Of the fits of cell ``short`` that failed, how many succeed in cell ``long`` (the same fits trained
+    longer); returns (escaped, failed)."""
+    a = fits_table([short]).set_index(["trial", "restart"]).distance
+    b = fits_table([long]).set_index(["trial", "restart"]).distance.reindex(a.index)
+    return int(((a >= threshold) & (b < threshold)).sum()), int((a >= threshold).sum())
+
+
 def init_lowrank(spec: Mapping[str, Any], x: torch.Tensor, init: str, seed: int):
     """A :class:`LowRankDenoiser` for ``spec``: Gaussian random bases ('gaussian') or bases spanned by
     K d distinct training points drawn at random ('data'), from ``seed``."""
@@ -229,36 +268,54 @@ def init_lowrank(spec: Mapping[str, Any], x: torch.Tensor, init: str, seed: int)
 
 
 def run_lowrank_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Train the low-rank model (``restarts`` random starts, kept by training loss) on each trial's data;
-    store per fit its training loss and subspace distance, per trial the true subspaces' training loss
-    and the K-subspaces solver's distance."""
+    """Train the low-rank model (``restarts`` random starts per trial, kept by training loss) on each
+    trial's data; store per fit its training loss and subspace distance, per trial the true subspaces'
+    training loss and the K-subspaces solver's distance.
+
+    All trials x restarts train together as one :class:`nbhelpers.molrg.LowRankStack` (one optimizer
+    step for all; each fit sees only its own trial's data).
+    """
     from ..molrg import subspace_distance
 
     device = cells.device()
-    K, d, R = config["num_classes"], config["intrinsic_dim"], config["restarts"]
-    loss = str(config["train"].get("loss") or "edm")
+    K, d, R, T = config["num_classes"], config["intrinsic_dim"], config["restarts"], config["trials"]
+    t0 = time.perf_counter()
+    # 1. Data and random starts: trial t's mixture and points; restart r starts from seed 1000 t + r.
+    specs = [trial_spec(config, t) for t in range(T)]
+    xs = [noisy_molrg(spec, config["per_class"], config["noise"]) for spec in specs]
+    nets = [
+        init_lowrank(spec, x, config["init"], 1000 * t + r)
+        for t, (spec, x) in enumerate(zip(specs, xs))
+        for r in range(R)
+    ]
+    # 2. Train the fits of whole trials at once, each on its trial's points, in stacks of bounded size.
+    train = {**config["train"], "seed": int(config["seed"])}
+    per_stack = max(1, STACK_ELEMENTS // (int(train["batch_size"]) * R * xs[0][0].numel()))
+    trained = []
+    for lo in range(0, T, per_stack):
+        chunk = range(lo, min(T, lo + per_stack))
+        data = [xs[t] for t in chunk for _ in range(R)]
+        trained += cells.train_stacked(train, data, nets[lo * R : chunk.stop * R], device)[0]
+    # 3. Per trial: keep the restart with the lowest training loss; score everything against the truth.
     cols: dict[str, list] = {k: [] for k in ("trial", "restart", "loss", "distance", "kept")}
     truth, solver = [], []
-    t0 = time.perf_counter()
-    for trial in range(config["trials"]):
-        spec = trial_spec(config, trial)
+    loss = str(config["train"].get("loss") or "edm")
+    for t, (spec, x) in enumerate(zip(specs, xs)):
         mix = cells.make_molrg(spec)
-        x = noisy_molrg(spec, config["per_class"], config["noise"])
-        seed = 1000 * trial
-        nets = [init_lowrank(spec, x, config["init"], seed + r) for r in range(R)]
-        trained, kept, facts = cells.train_restarts({**config["train"], "seed": seed}, x, nets, device)
-        for r, (net, f) in enumerate(zip(trained, facts)):
-            cols["trial"].append(trial)
-            cols["restart"].append(r)
-            cols["loss"].append(f["loss"])
-            cols["distance"].append(subspace_distance(net.orthonormal_bases(), mix.bases)[1])
-            cols["kept"].append(r == kept)
+        group = trained[t * R : (t + 1) * R]
+        kept, losses = cells.lowest_loss(train, group, x, device)
+        cols["trial"] += [t] * R
+        cols["restart"] += list(range(R))
+        cols["loss"] += losses
+        cols["distance"] += [subspace_distance(net.orthonormal_bases(), mix.bases)[1] for net in group]
+        cols["kept"] += [r == kept for r in range(R)]
         truth.append(cells.training_loss(mix.denoiser(), x, loss, device))
-        bases, _, _ = subspace_clustering(x, K, d, restarts=R, generator=torch.Generator().manual_seed(seed))
-        solver.append(subspace_distance(bases, mix.bases)[1])
-    n = config["channels"] * config["resolution"] ** 2
+        g = torch.Generator().manual_seed(1000 * t)
+        solver.append(
+            subspace_distance(subspace_clustering(x, K, d, restarts=R, generator=g)[0], mix.bases)[1]
+        )
     info = {
-        "n": n,
+        "n": config["channels"] * config["resolution"] ** 2,
         "d": d,
         "per_class": config["per_class"],
         "ratio": config["ratio"],
