@@ -194,18 +194,27 @@ def cells_digest(records: Iterable[Mapping[str, Any]]) -> str:
     known = [r for r in records if r]
     seconds = sum(float(r.get("wall_seconds") or 0) for r in known)
     devices = sorted({str(r.get("device")) for r in known})
-    commits = sorted({_commit_text(r) for r in known})
     text = f"Grid cells: {len(records)}, {duration(seconds)} of compute"
     if devices:
         text += " on " + ", ".join(devices)
-    if commits:
-        text += ", " + (commits[0] if len(commits) == 1 else f"{len(commits)} commits")
+    if known:
+        text += ", " + _commits_text(known)
     span = _fill_span(known)
     if span is not None:
         text += f", filled in {duration(span)} of wall time (while any of its cells computed)"
     if len(known) < len(records):
         text += f", {len(records) - len(known)} without provenance"
     return text
+
+
+def _commits_text(records: Sequence[Mapping[str, Any]]) -> str:
+    """The commits the cells were made at, and how many of them came from a dirty tree."""
+    shas = sorted({str(r.get("commit"))[:10] if r.get("commit") else "unknown" for r in records})
+    dirty = sum(bool(r.get("dirty")) for r in records)
+    text = ("commit " + shas[0]) if len(shas) == 1 else f"{len(shas)} commits"
+    if dirty == len(records):
+        return text + " (dirty tree)"
+    return text + (f" ({dirty} of {len(records)} cells from a dirty tree)" if dirty else "")
 
 
 def _fill_span(records: Sequence[Mapping[str, Any]]) -> float | None:

@@ -102,6 +102,7 @@ class TrainConfig:
     arch: str = "ddpmpp"  # make_network preset: 'ddpmpp', 'ncsnpp', 'adm', 'mlp'.
     precond: str = "edm"  # Preconditioning: 'vp', 've', 'edm'.
     loss: str | None = None  # Loss: 'vp', 've', 'edm'; None = same as precond.
+    loss_kwargs: dict = field(default_factory=dict)  # Loss constructor overrides (EDM: P_mean, P_std).
     network: dict = field(default_factory=dict)  # Extra make_network arguments (model_channels, ...).
     img_resolution: int | None = None  # None = from the data.
     img_channels: int | None = None  # None = from the data.
@@ -137,11 +138,19 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         self.network = dict(self.network)
         self.augment_kwargs = dict(self.augment_kwargs)
+        self.loss_kwargs = dict(self.loss_kwargs)
         errors = []
         if self.precond not in ("vp", "ve", "edm"):
             errors.append(f"precond must be 'vp', 've' or 'edm', got {self.precond!r}")
         if self.loss is not None and self.loss not in LOSSES:
             errors.append(f"loss must be one of {sorted(LOSSES)} or None, got {self.loss!r}")
+        elif self.loss_kwargs:
+            try:
+                make_loss(self.loss or self.precond, **self.loss_kwargs)
+            except (TypeError, ValueError) as e:
+                errors.append(
+                    f"loss_kwargs {self.loss_kwargs} do not fit the {self.loss or self.precond} loss: {e}"
+                )
         if (self.duration_kimg is None) == (self.total_steps is None):
             errors.append("give exactly one of duration_kimg and total_steps")
         if self.duration_kimg is not None and not self.duration_kimg > 0:
@@ -574,7 +583,7 @@ def _setup_model(config: TrainConfig, net: torch.nn.Module | None, device: torch
     """The network (built from ``config`` unless given) in train mode on ``device``, an EMA copy, the
     optimizer, the loss and the augmentation pipe of a complete ``config``."""
     augment_pipe = make_augment_pipe(config.augment_p, **config.augment_kwargs)
-    loss_fn = make_loss(config.loss or config.precond)
+    loss_fn = make_loss(config.loss or config.precond, **config.loss_kwargs)
     if net is None:
         net = _build_network(config, augment_pipe)
     for name in ("img_resolution", "img_channels"):

@@ -66,27 +66,79 @@ def test_nearest_paper_snr_and_paper_table():
 def test_rank_configs_from_the_ci_profile():
     params = ci_params()
     configs = jr.rank_configs(params)
+    # the trainings first, longest first (20, 20, then the probe's 10 steps)
     assert [(c["panel"], c["model"]) for c in configs] == [
+        ("real", "unet"),
+        ("molrg", "unet"),
         ("real", "unet"),
         ("real", "optimal"),
         ("molrg", "closed_form"),
         ("molrg", "lowrank"),
-        ("molrg", "unet"),
         ("molrg", "optimal"),
     ]
     assert configs[0]["points"]["snr_grid"] == list(AUTHORS_SNR_GRID)  # empty snr_grid: the authors' axis
-    assert configs[3]["train"]["loss"] == "ve" and configs[3]["restarts"] == 2
-    assert configs[4]["rank_steps"] == [10] and configs[4]["train"]["precond"] == "edm"
+    assert configs[5]["train"]["loss"] == "ve" and configs[5]["restarts"] == 2
+    assert configs[1]["rank_steps"] == [10] and configs[1]["train"]["precond"] == "edm"
+    probe = configs[2]
+    assert probe["label"].startswith(jr.PROBE_LABEL) and probe["train"]["total_steps"] == 10
+    assert probe["train"]["loss_kwargs"]["P_std"] == 1.2 and probe["train"]["lr"] == configs[0]["train"]["lr"]
+    assert "image_probe" in params and not any(
+        c["label"].startswith(jr.PROBE_LABEL) for c in jr.rank_configs({**params, "image_probe": {}})
+    )
     ckpt = jr.rank_configs(
         {**params, "checkpoints": ["https://example.org/edm-cifar10-32x32-uncond-vp.pkl"], "image_train": {}}
     )
-    assert ckpt[0]["label"] == "edm-cifar10-32x32-uncond-vp" and ckpt[0]["model"] == "checkpoint"
+    ckpt = [c for c in ckpt if c["model"] == "checkpoint"]
+    assert [c["label"] for c in ckpt] == ["edm-cifar10-32x32-uncond-vp"]
     with pytest.raises(ValueError, match="MoLRG model"):
         jr.rank_configs({**params, "molrg_models": ["transformer"]})
     with pytest.raises(ValueError, match="unknown keys"):
         jr.rank_configs({**params, "molrg_train": {"total_steps": 1, "warmup": 3}})
     with pytest.raises(ValueError, match="points"):
         jr.rank_configs({**params, "points": "random"})
+
+
+def test_the_probe_sees_as_many_high_noise_samples_as_the_reference():
+    """matched_p_mean moves EDM's ln-sigma mean so that the probe's count of samples at SNR <= snr
+    equals the reference's; probe_exposure tabulates it; an impossible match is an error."""
+    params = ci_params()
+    params["image_probe"] = {"total_steps": 2000, "snr": 0.04, "reference_kimg": 200000}
+    params["image_train"] = {**params["image_train"], "batch_size": 64}
+    configs = jr.rank_configs(params)
+    t = jr.probe_exposure(configs, 0.04, 200000).set_index("model")
+    counts = t["kimg at SNR <= snr"]
+    probe = next(c["label"] for c in configs if c["label"].startswith(jr.PROBE_LABEL))
+    assert counts.iloc[0] == pytest.approx(23.1, abs=0.1)  # 200 Mimg x P(sigma >= 25) at N(-1.2, 1.2^2)
+    assert counts[probe] == pytest.approx(counts.iloc[0], rel=1e-3) and t.loc[probe, "P_mean"] > 1.5
+    with pytest.raises(ValueError, match="cannot hold"):
+        jr.matched_p_mean(1.0, 200000, 0.04)
+    with pytest.raises(ValueError, match="image_precond 'edm'"):
+        jr.rank_configs({**params, "image_precond": "vp"})
+
+
+def test_probe_text_says_whether_the_minimum_moved():
+    main = _curve("U-Net, Fashion-MNIST 8x8", "real", {500.0: 0.98, 1.0: 0.3, 0.3: 0.1, 0.05: 0.2}, n=64)
+    exposure = pd.DataFrame(
+        {
+            "model": [
+                "reference (200000 kimg)",
+                "U-Net, Fashion-MNIST 8x8",
+                "U-Net probe, Fashion-MNIST 8x8",
+            ],
+            "kimg": [200000.0, 512.0, 128.0],
+            "P_mean": [-1.2, -1.2, 2.0],
+            "P_std": [1.2, 1.2, 1.2],
+            "kimg at SNR <= snr": [23.1, 0.06, 23.1],
+        }
+    )
+    for curve, word in (
+        ({500.0: 0.98, 0.3: 0.2, 0.05: 0.05}, "moves toward low SNR"),
+        ({500.0: 0.98, 0.3: 0.05, 0.05: 0.2}, "does not move it"),
+    ):
+        probe = _curve("U-Net probe, Fashion-MNIST 8x8", "real", curve, n=64)
+        text = jr.probe_text(jr.rank_summary(pd.concat([main, probe], ignore_index=True)), exposure, 0.04)
+        assert word in text and "23.1k noisy samples at SNR <= 0.04" in text
+    assert jr.probe_text(jr.rank_summary(main), exposure, 0.04) == ""
 
 
 def test_paper_profile_is_consistent():

@@ -292,7 +292,7 @@ def test_generated_prose_follows_the_numbers():
         trans = pt.lowrank_transitions(t, reps=20)
         texts[name] = phase_text.lowrank_text(t, trans, 0.1, 4, 500)
         causes = pt.failure_causes(t)
-        texts[name + " paper"] = phase_text.against_paper(t, causes, (50, 60), 2.2, (45.0, 22.5))
+        texts[name + " paper"] = phase_text.against_paper(t, causes, (50, 60), 2.2, (45.0, 22.5, 4000, 2000))
     assert (
         "succeeds in fewer than half of the trials (rate 0.25" in texts["poor"]
         and "succeeds reliably (rate 1.00" in texts["good"]
@@ -301,7 +301,9 @@ def test_generated_prose_follows_the_numbers():
     assert "share 0.88 of the trials (0.88 at n = 48, 0.88 at n = 192)" in texts["poor"]
     assert "at N_k = d the loss itself does not single out the truth" in texts["poor paper"]
     assert "measured reasons" not in texts["good paper"]  # nothing failed at or above N_k = d
-    assert "moves it up" in texts["good paper"]
+    assert "Training longer moves the transition up, towards the paper" in texts["good paper"]
+    assert phase_text._length_verdict(2.0, 2.0, 10, 20) == "Training shorter does not move the transition"
+    assert phase_text._length_verdict(1.0, 2.0, 40, 20) == "Training longer moves the transition down"
     t = pd.concat([_fake_table(poor, 48)], ignore_index=True)
     causes, single = pt.failure_causes(t), pd.DataFrame({"ratio": [2.0, 4.0], "single_fit_rate": [0.3, 0.6]})
     text = phase_text.causes_text(causes, single, pd.Series([1.0, 1.0, 2.0]), t, 4)

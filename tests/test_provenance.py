@@ -270,6 +270,12 @@ def test_provenance_line_names_profile_versions_commit_device_and_wall_time(monk
     line = provenance.line("companion", time.time() - 125, info)  # 9:50-10:01 and 10:29-10:30: not the pause
     assert "filled in 12 min" in line and "while any of its cells computed" in line, line
     assert "commit unknown" in provenance.line("ci", None, {**info, "commit": None})
+    clean, dirty = {"commit": "abcdef012345", "dirty": False}, {"commit": "abcdef012345", "dirty": True}
+    assert ", commit abcdef0123 (1 of 3 cells from a dirty tree)" in provenance.cells_digest(
+        [clean, clean, dirty]
+    )
+    assert ", commit abcdef0123 (dirty tree)" in provenance.cells_digest([dirty])
+    assert ", 2 commits (1 of 2" in provenance.cells_digest([dirty, {"commit": "f" * 12, "dirty": False}])
     assert 0 < provenance.process_seconds() < 1e6
 
 

@@ -22,6 +22,7 @@ from nbhelpers.training import (
     TrainConfig,
     TrainingDivergedError,
     _batch_layout,
+    _complete_config,
     _EpochOrder,
     _saves_due,
     _setup_model,
@@ -276,6 +277,16 @@ def test_config_roundtrip_and_validation():
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_dict(dict(d, colour="red"))
     assert TrainConfig(duration_kimg=1.0, batch_size=64).num_steps() == 16
+    moved = base_config(loss_kwargs={"P_mean": 1.0, "P_std": 1.2})
+    assert TrainConfig.from_dict(json.loads(json.dumps(moved.to_dict()))) == moved
+    with pytest.raises(ValueError, match="loss_kwargs"):
+        base_config(loss_kwargs={"P_meen": 1.0})
+
+
+def test_loss_kwargs_reach_the_training_loss():
+    cfg = _complete_config(base_config(loss_kwargs={"P_mean": 1.5}), torch.zeros(4, 3, 8, 8), None)
+    m = _setup_model(cfg, None, torch.device("cpu"))
+    assert m.loss_fn.P_mean == 1.5 and m.loss_fn.P_std == 1.2
 
 
 # ----------------------------------------------------------------------------

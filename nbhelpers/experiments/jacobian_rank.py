@@ -175,6 +175,8 @@ def rank_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "label": f"U-Net, Fashion-MNIST {r}x{r}",
             }
         )
+        if params["image_probe"]:
+            configs.append({**base, **_probe_config(params, train), "data": spec})
         if params["optimal_reference"]:
             configs.append(
                 {
@@ -213,7 +215,67 @@ def rank_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
         configs.append(
             {**base, "panel": "molrg", "model": "optimal", "label": "D* (MoLRG samples)", "data": mspec}
         )
-    return configs
+    # the longest trainings first (two workers: the MoLRG U-Net beside the image U-Nets); stable otherwise
+    return sorted(configs, key=lambda c: -cells.num_steps(c["train"]) if c.get("model") == "unet" else 0)
+
+
+PROBE_LABEL = "U-Net probe"  # label prefix of the high-noise probe (real images)
+
+
+def matched_p_mean(
+    kimg: float, reference_kimg: float, snr: float, p_mean: float = -1.2, p_std: float = 1.2
+) -> float:
+    """The P_mean of EDM's ln-sigma distribution (``p_std`` kept) at which ``kimg`` thousand noisy samples
+    hold as many at SNR <= ``snr`` (sigma >= 1/snr) as ``reference_kimg`` drawn at (p_mean, p_std)."""
+    from statistics import NormalDist
+
+    z = math.log(1 / snr)
+    tail = 1 - NormalDist(p_mean, p_std).cdf(z)  # P(ln sigma >= z) of the reference
+    share = tail * reference_kimg / kimg
+    if not 0 < share < 1:
+        raise ValueError(f"{kimg} kimg cannot hold the {tail * reference_kimg:.0f}k samples of the reference")
+    return z - p_std * NormalDist().inv_cdf(1 - share)
+
+
+def _probe_config(params: Mapping[str, Any], train: Mapping[str, Any]) -> dict[str, Any]:
+    """The real-image probe: the chapter's U-Net trained ``image_probe['total_steps']`` steps with EDM's
+    ln-sigma mean moved so that it sees as many samples at SNR <= ``image_probe['snr']`` as a model
+    trained ``reference_kimg`` at EDM's (-1.2, 1.2)."""
+    probe = params["image_probe"]
+    if str(params["image_precond"]) != "edm" or train.get("loss") not in (None, "edm"):
+        raise ValueError("image_probe moves the EDM loss's noise distribution: it needs image_precond 'edm'")
+    steps, batch = int(probe["total_steps"]), int(train["batch_size"])
+    pm = matched_p_mean(steps * batch / 1000, float(probe["reference_kimg"]), float(probe["snr"]))
+    ptrain = {k: v for k, v in train.items() if k not in ("total_steps", "duration_kimg")}
+    ptrain.update(total_steps=steps, loss_kwargs={"P_mean": round(pm, 4), "P_std": 1.2})
+    r = int(params["image_resolution"])
+    label = f"{PROBE_LABEL}, Fashion-MNIST {r}x{r}"
+    return {"panel": "real", "model": "unet", "train": ptrain, "label": label, "probe": dict(probe)}
+
+
+def probe_exposure(configs: Sequence[Mapping[str, Any]], snr: float, reference_kimg: float) -> pd.DataFrame:
+    """Per trained real-image U-Net and the reference: kimg, the EDM ln-sigma mean and std, and how many
+    thousand noisy samples fall at SNR <= ``snr``."""
+    from statistics import NormalDist
+
+    z = math.log(1 / snr)
+    rows = [
+        {
+            "model": f"reference ({reference_kimg:g} kimg)",
+            "kimg": reference_kimg,
+            "P_mean": -1.2,
+            "P_std": 1.2,
+        }
+    ]
+    for c in configs:
+        if c.get("panel") == "real" and c.get("model") == "unet":
+            kw = {"P_mean": -1.2, "P_std": 1.2, **c["train"].get("loss_kwargs", {})}
+            kimg = cells.num_steps(c["train"]) * int(c["train"]["batch_size"]) / 1000
+            rows.append({"model": c["label"], "kimg": kimg, **kw})
+    t = pd.DataFrame(rows)
+    t["share at SNR <= snr"] = [1 - NormalDist(m, sd).cdf(z) for m, sd in zip(t.P_mean, t.P_std)]
+    t["kimg at SNR <= snr"] = t.kimg * t["share at SNR <= snr"]
+    return t
 
 
 # ----------------------------------------------------------------------------
@@ -708,6 +770,34 @@ def rank_floor_rows(
                 )
             )
     return out
+
+
+def probe_text(summ: pd.DataFrame, exposure: pd.DataFrame, snr: float) -> str:
+    """Where the probe's minimum lands beside the chapter's U-Net's, in markdown (``summ``:
+    :func:`rank_summary`; ``exposure``: :func:`probe_exposure`)."""
+    real = summ[(summ.panel == "real") & ~summ.label.str.startswith("D*")]
+    probes = [lab for lab in real.label.unique() if lab.startswith(PROBE_LABEL)]
+    mains = [lab for lab in real.label.unique() if not lab.startswith(PROBE_LABEL)]
+    if not probes or not mains:
+        return ""
+    lows = {lab: real[real.label == lab].loc[lambda t: t["mean"].idxmin()] for lab in (mains[0], probes[0])}
+    m, q = lows[mains[0]], lows[probes[0]]
+    ex = exposure.set_index("model")
+    e_ref, e_main, e_probe = ex.iloc[0], ex.loc[mains[0]], ex.loc[probes[0]]
+    col = "kimg at SNR <= snr"
+    moved = (
+        "lower: the minimum moves toward low SNR when the model is trained where the noise is high"
+        if q.snr < m.snr / 1.5
+        else "not lower by more than a factor 1.5: more training at high noise alone does not move it"
+    )
+    return (
+        f"**What it shows.** The probe trains the same U-Net for {e_probe.kimg:g} kimg with "
+        f"ln sigma ~ N({e_probe.P_mean:.2f}, {e_probe.P_std:g}^2), so it sees "
+        f"{e_probe[col]:.3g}k noisy samples at SNR <= {snr:g}, as many as the reference's {e_ref[col]:.3g}k "
+        f"({e_ref.kimg:g} kimg at EDM's N(-1.2, 1.2^2)); the chapter's U-Net sees {e_main[col]:.3g}k. "
+        f"The probe's minimum is {q['rank']:.1f} directions (ratio {q['mean']:.3f}) at SNR {q.snr:.2f}, the "
+        f"chapter's U-Net's {m['rank']:.1f} at SNR {m.snr:.2f}: the SNR of the minimum is {moved}."
+    )
 
 
 # ----------------------------------------------------------------------------
