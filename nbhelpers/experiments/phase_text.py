@@ -1,5 +1,6 @@
-"""The generated prose of ``molrg_phase_transition.ipynb``: panel (a)'s "what it shows" paragraphs and
-the comparison with the paper.
+"""The generated prose of ``molrg_phase_transition.ipynb`` (re-exported by ``phase_transition``, the
+module the notebook calls): the "what it shows" paragraphs of panels (a) and (b), and the comparison
+with the paper.
 
 Each function turns the chapter's tables into markdown whose every number and every qualitative word
 ("rarely", "most") follows from the measured values, so a re-run with other results reads true.

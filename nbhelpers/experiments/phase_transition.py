@@ -42,6 +42,7 @@ import torch
 from ..scores import share_se
 from . import cells
 from .paper import P2_PHASE as PAPER  # the authors' numbers (re-exported: the notebook reads them here)
+from .phase_text import against_paper, causes_text, lowrank_text, unet_text, variants_text  # noqa: F401
 
 KIND_LOWRANK = "phase-lowrank"
 KIND_UNET = "phase-unet"
