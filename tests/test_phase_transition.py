@@ -306,9 +306,13 @@ def test_generated_prose_follows_the_numbers():
     assert phase_text._length_verdict(1.0, 2.0, 40, 20) == "Training longer moves the transition down"
     t = pd.concat([_fake_table(poor, 48)], ignore_index=True)
     causes, single = pt.failure_causes(t), pd.DataFrame({"ratio": [2.0, 4.0], "single_fit_rate": [0.3, 0.6]})
-    text = phase_text.causes_text(causes, single, pd.Series([1.0, 1.0, 2.0]), t, 4)
+    text = phase_text.causes_text(causes, single, pd.Series([1.0, 1.0, 2.0, np.nan]), t, 4)
     assert "At N_k = d, 3 of the 3 failed trials" in text and "so restarts matter" in text
-    assert "a share 0.67 sit at distance sqrt(1/d)" in text
+    assert (
+        "Of the 4 single fits" in text
+        and "a share 0.50 sit at distance sqrt(1/d) " in text
+        and "0.25 at sqrt(2/d)" in text
+    )
     var = pd.DataFrame(
         {
             "variant": ["this chapter", "EDM loss", "4x the steps", "init from data points"],

@@ -87,7 +87,8 @@ def causes_text(
     causes: pd.DataFrame, single: pd.DataFrame, directions: pd.Series, table: pd.DataFrame, restarts: int
 ) -> str:
     """Why fits fail, from :func:`phase_transition.failure_causes` (``causes``), the single-fit rates, the
-    wrong-direction counts of the fits stuck above the truth's loss (``directions``) and ``table``."""
+    wrong-direction counts of every fit stuck above the truth's loss (``directions``:
+    :func:`phase_transition.wrong_directions`, NaN where no count fits) and ``table``."""
     low, at, high = causes[causes.ratio < 1], causes[causes.ratio == 1], causes[causes.ratio >= 1.5]
     out = ["**What it shows.**"]
     if len(low) and int(low.failed.sum()):
