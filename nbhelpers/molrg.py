@@ -36,6 +36,11 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _qr_bases(U: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Learned bases (..., K, n, d) orthonormalised by QR (differentiably), in ``dtype``."""
+    return torch.linalg.qr(U.to(dtype)).Q
+
+
 def _sigma_column(sigma, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """sigma as a python float, 0-d, (N,) or (N,1,1,1) tensor -> (N, 1) tensor."""
     s = torch.as_tensor(sigma, dtype=dtype, device=device).reshape(-1)
@@ -168,7 +173,7 @@ class LowRankDenoiser(_SubspaceDenoiser):
         return self.U.shape[2]
 
     def _bases_for(self, dtype: torch.dtype) -> torch.Tensor:
-        return torch.linalg.qr(self.U.to(dtype)).Q
+        return _qr_bases(self.U, dtype)
 
     def orthonormal_bases(self) -> torch.Tensor:
         """QR-orthonormalised learned bases (K, n, d), detached, in the compute dtype."""
@@ -197,7 +202,7 @@ class LowRankStack(_SubspaceDenoiser):
         self.U = torch.nn.Parameter(torch.stack([m.U.detach() for m in members]))
 
     def _bases_for(self, dtype: torch.dtype) -> torch.Tensor:
-        return torch.linalg.qr(self.U.to(dtype)).Q
+        return _qr_bases(self.U, dtype)
 
     def members(self) -> list[LowRankDenoiser]:
         """The M models, each a :class:`LowRankDenoiser` holding a copy of its bases (K, n, d)."""

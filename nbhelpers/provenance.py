@@ -209,9 +209,9 @@ def cells_digest(records: Iterable[Mapping[str, Any]]) -> str:
 
 def _commits_text(records: Sequence[Mapping[str, Any]]) -> str:
     """The commits the cells were made at, and how many of them came from a dirty tree."""
-    shas = sorted({str(r.get("commit"))[:10] if r.get("commit") else "unknown" for r in records})
+    shas = {r.get("commit") or None for r in records}
     dirty = sum(bool(r.get("dirty")) for r in records)
-    text = ("commit " + shas[0]) if len(shas) == 1 else f"{len(shas)} commits"
+    text = _commit_text({"commit": next(iter(shas))}) if len(shas) == 1 else f"{len(shas)} commits"
     if dirty == len(records):
         return text + " (dirty tree)"
     return text + (f" ({dirty} of {len(records)} cells from a dirty tree)" if dirty else "")

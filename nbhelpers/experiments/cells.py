@@ -392,6 +392,11 @@ def train_restarts(
     return trained, best, facts
 
 
+def loss_name(train: Mapping[str, Any]) -> str:
+    """The denoising loss a training-config dict trains with: ``loss``, else its ``precond`` ('edm')."""
+    return str(train.get("loss") or train.get("precond", "edm"))
+
+
 def lowest_loss(
     train: Mapping[str, Any],
     nets: Sequence[Any],
@@ -402,8 +407,7 @@ def lowest_loss(
 ) -> tuple[int, list[float]]:
     """The index of the net with the lowest training loss on ``data`` (the loss of ``train``, the same
     ``draws`` for every net: :func:`training_loss`), and every net's loss."""
-    loss = str(train.get("loss") or train.get("precond", "edm"))
-    losses = [training_loss(net, data, loss, device, draws=draws, seed=seed) for net in nets]
+    losses = [training_loss(net, data, loss_name(train), device, draws=draws, seed=seed) for net in nets]
     return min(range(len(losses)), key=losses.__getitem__), losses
 
 

@@ -24,6 +24,7 @@ import torch
 
 from ..data import model_space
 from ..jacobian import AUTHORS_SNR_GRID, effective_rank
+from ..losses import EDMLoss
 from ..scores import share_se
 from . import cells, paper
 
@@ -222,15 +223,25 @@ def rank_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
 PROBE_LABEL = "U-Net probe"  # label prefix of the high-noise probe (real images)
 
 
+EDM_P_MEAN, EDM_P_STD = EDMLoss().P_mean, EDMLoss().P_std  # EDM's ln-sigma distribution (-1.2, 1.2)
+
+
+def high_noise_share(snr: float, p_mean: float = EDM_P_MEAN, p_std: float = EDM_P_STD) -> float:
+    """Share of EDM-loss draws, ln sigma ~ N(p_mean, p_std^2), at SNR <= ``snr`` (sigma >= 1/snr)."""
+    from statistics import NormalDist
+
+    return 1 - NormalDist(p_mean, p_std).cdf(math.log(1 / snr))
+
+
 def matched_p_mean(
-    kimg: float, reference_kimg: float, snr: float, p_mean: float = -1.2, p_std: float = 1.2
+    kimg: float, reference_kimg: float, snr: float, p_mean: float = EDM_P_MEAN, p_std: float = EDM_P_STD
 ) -> float:
     """The P_mean of EDM's ln-sigma distribution (``p_std`` kept) at which ``kimg`` thousand noisy samples
     hold as many at SNR <= ``snr`` (sigma >= 1/snr) as ``reference_kimg`` drawn at (p_mean, p_std)."""
     from statistics import NormalDist
 
     z = math.log(1 / snr)
-    tail = 1 - NormalDist(p_mean, p_std).cdf(z)  # P(ln sigma >= z) of the reference
+    tail = high_noise_share(snr, p_mean, p_std)  # of the reference
     share = tail * reference_kimg / kimg
     if not 0 < share < 1:
         raise ValueError(f"{kimg} kimg cannot hold the {tail * reference_kimg:.0f}k samples of the reference")
@@ -247,7 +258,7 @@ def _probe_config(params: Mapping[str, Any], train: Mapping[str, Any]) -> dict[s
     steps, batch = int(probe["total_steps"]), int(train["batch_size"])
     pm = matched_p_mean(steps * batch / 1000, float(probe["reference_kimg"]), float(probe["snr"]))
     ptrain = {k: v for k, v in train.items() if k not in ("total_steps", "duration_kimg")}
-    ptrain.update(total_steps=steps, loss_kwargs={"P_mean": round(pm, 4), "P_std": 1.2})
+    ptrain.update(total_steps=steps, loss_kwargs={"P_mean": round(pm, 4), "P_std": EDM_P_STD})
     r = int(params["image_resolution"])
     label = f"{PROBE_LABEL}, Fashion-MNIST {r}x{r}"
     return {"panel": "real", "model": "unet", "train": ptrain, "label": label, "probe": dict(probe)}
@@ -256,24 +267,15 @@ def _probe_config(params: Mapping[str, Any], train: Mapping[str, Any]) -> dict[s
 def probe_exposure(configs: Sequence[Mapping[str, Any]], snr: float, reference_kimg: float) -> pd.DataFrame:
     """Per trained real-image U-Net and the reference: kimg, the EDM ln-sigma mean and std, and how many
     thousand noisy samples fall at SNR <= ``snr``."""
-    from statistics import NormalDist
-
-    z = math.log(1 / snr)
-    rows = [
-        {
-            "model": f"reference ({reference_kimg:g} kimg)",
-            "kimg": reference_kimg,
-            "P_mean": -1.2,
-            "P_std": 1.2,
-        }
-    ]
+    edm = {"P_mean": EDM_P_MEAN, "P_std": EDM_P_STD}
+    rows = [{"model": f"reference ({reference_kimg:g} kimg)", "kimg": reference_kimg, **edm}]
     for c in configs:
         if c.get("panel") == "real" and c.get("model") == "unet":
-            kw = {"P_mean": -1.2, "P_std": 1.2, **c["train"].get("loss_kwargs", {})}
+            kw = {**edm, **c["train"].get("loss_kwargs", {})}
             kimg = cells.num_steps(c["train"]) * int(c["train"]["batch_size"]) / 1000
             rows.append({"model": c["label"], "kimg": kimg, **kw})
     t = pd.DataFrame(rows)
-    t["share at SNR <= snr"] = [1 - NormalDist(m, sd).cdf(z) for m, sd in zip(t.P_mean, t.P_std)]
+    t["share at SNR <= snr"] = [high_noise_share(snr, m, sd) for m, sd in zip(t.P_mean, t.P_std)]
     t["kimg at SNR <= snr"] = t.kimg * t["share at SNR <= snr"]
     return t
 

@@ -222,7 +222,7 @@ def variant_table(
         t, f = lowrank_table([cell], threshold), fits_table([cell])
         k = int(t.success.sum())
         lo, hi = wilson_interval(k, len(t))
-        loss = str(cfg["train"].get("loss") or "edm")
+        loss = cells.loss_name(cfg["train"])
         rows.append(
             {
                 "variant": label,
@@ -300,7 +300,7 @@ def run_lowrank_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, A
     # 3. Per trial: keep the restart with the lowest training loss; score everything against the truth.
     cols: dict[str, list] = {k: [] for k in ("trial", "restart", "loss", "distance", "kept")}
     truth, solver = [], []
-    loss = str(config["train"].get("loss") or "edm")
+    loss = cells.loss_name(train)
     for t, (spec, x) in enumerate(zip(specs, xs)):
         mix = cells.make_molrg(spec)
         group = trained[t * R : (t + 1) * R]
