@@ -281,12 +281,16 @@ def test_killed_generate_keeps_its_batches_and_resumes(tmp_path, mlp):
     proc = subprocess.Popen(
         [sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
+
+    def finished() -> list:  # written images, not a write in flight (its .tmp-* also ends in .png)
+        return sorted(p for p in out.glob("*.png") if not p.name.startswith("."))
+
     deadline = time.time() + 120
-    while len(list(out.glob("*.png"))) < 3 and time.time() < deadline and proc.poll() is None:
+    while len(finished()) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    kept = sorted(p for p in out.glob("*.png") if not p.name.startswith("."))  # not the killed write's .tmp-*
+    kept = finished()
     assert 3 <= len(kept) < 12, kept
     for p in kept:
         np.asarray(Image.open(p))  # every image that is there is a complete PNG
