@@ -176,6 +176,17 @@ def test_training_loss_uses_common_random_numbers():
     assert cells.training_loss(wrong, x, "ve", torch.device("cpu"), draws=8, seed=3) > a
 
 
+def test_restarts_are_compared_with_the_loss_they_trained_with():
+    # A config that moves EDM's ln-sigma distribution is judged by that loss, not by the default one.
+    mix = small_mixture(2)
+    x, _ = mix.sample(5, generator=0)
+    nets = [mix.denoiser(), LowRankDenoiser(2, 2, 4, 3, generator=5)]
+    cpu, moved = torch.device("cpu"), {"P_mean": 1.0, "P_std": 0.5}
+    _, losses = cells.lowest_loss({"loss": "edm", "loss_kwargs": moved}, nets, x, cpu, draws=8, seed=3)
+    assert losses == [cells.training_loss(n, x, "edm", cpu, 8, 3, loss_kwargs=moved) for n in nets]
+    assert losses != cells.lowest_loss({"loss": "edm"}, nets, x, cpu, draws=8, seed=3)[1]
+
+
 def test_lowrank_cell_trains_restarts_and_keeps_the_lowest_loss(tmp_path):
     params = {
         **ci_params(),

@@ -337,9 +337,11 @@ def training_loss(
     draws: int = 64,
     seed: int = 0,
     batch_size: int = 4096,
+    loss_kwargs: Mapping[str, Any] | None = None,
 ) -> float:
-    """The training objective of ``net`` on ``data``: the denoising loss ``loss`` ('edm', 've', 'vp')
-    averaged over ``draws`` noise draws (sigma and noise) per point, per element, float.
+    """The training objective of ``net`` on ``data``: the denoising loss ``loss`` ('edm', 've', 'vp', with
+    a train config's ``loss_kwargs``) averaged over ``draws`` noise draws (sigma and noise) per point,
+    per element, float.
 
     The draws come from ``seed`` alone, so every model evaluated with the same seed sees the same
     noise (common random numbers): differences between models are not sampling noise.
@@ -347,7 +349,7 @@ def training_loss(
     from ..data import model_space
     from ..losses import make_loss
 
-    fn = make_loss(loss)
+    fn = make_loss(loss, **dict(loss_kwargs or {}))
     x = model_space(data, device)
     x = x.repeat(int(draws), *([1] * (x.ndim - 1)))
     g = torch.Generator(device=device).manual_seed(int(seed))
@@ -405,9 +407,10 @@ def lowest_loss(
     draws: int = 64,
     seed: int = 0,
 ) -> tuple[int, list[float]]:
-    """The index of the net with the lowest training loss on ``data`` (the loss of ``train``, the same
-    ``draws`` for every net: :func:`training_loss`), and every net's loss."""
-    losses = [training_loss(net, data, loss_name(train), device, draws=draws, seed=seed) for net in nets]
+    """The index of the net with the lowest training loss on ``data`` (the loss of ``train`` with its
+    ``loss_kwargs``, the same ``draws`` for every net: :func:`training_loss`), and every net's loss."""
+    kw = train.get("loss_kwargs")
+    losses = [training_loss(net, data, loss_name(train), device, draws, seed, loss_kwargs=kw) for net in nets]
     return min(range(len(losses)), key=losses.__getitem__), losses
 
 

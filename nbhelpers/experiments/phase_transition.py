@@ -300,7 +300,7 @@ def run_lowrank_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, A
     # 3. Per trial: keep the restart with the lowest training loss; score everything against the truth.
     cols: dict[str, list] = {k: [] for k in ("trial", "restart", "loss", "distance", "kept")}
     truth, solver = [], []
-    loss = cells.loss_name(train)
+    loss, loss_kw = cells.loss_name(train), train.get("loss_kwargs")
     for t, (spec, x) in enumerate(zip(specs, xs)):
         mix = cells.make_molrg(spec)
         group = trained[t * R : (t + 1) * R]
@@ -310,7 +310,7 @@ def run_lowrank_cell(config: dict[str, Any], staging: Path) -> tuple[dict[str, A
         cols["loss"] += losses
         cols["distance"] += [subspace_distance(net.orthonormal_bases(), mix.bases)[1] for net in group]
         cols["kept"] += [r == kept for r in range(R)]
-        truth.append(cells.training_loss(mix.denoiser(), x, loss, device))
+        truth.append(cells.training_loss(mix.denoiser(), x, loss, device, loss_kwargs=loss_kw))
         g = torch.Generator().manual_seed(1000 * t)
         solver.append(
             subspace_distance(subspace_clustering(x, K, d, restarts=R, generator=g)[0], mix.bases)[1]
