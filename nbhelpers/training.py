@@ -146,11 +146,9 @@ class TrainConfig:
             errors.append(f"loss must be one of {sorted(LOSSES)} or None, got {self.loss!r}")
         elif self.loss_kwargs:
             try:
-                make_loss(self.loss or self.precond, **self.loss_kwargs)
+                make_loss(self.loss_name, **self.loss_kwargs)
             except (TypeError, ValueError) as e:
-                errors.append(
-                    f"loss_kwargs {self.loss_kwargs} do not fit the {self.loss or self.precond} loss: {e}"
-                )
+                errors.append(f"loss_kwargs {self.loss_kwargs} do not fit the {self.loss_name} loss: {e}")
         if (self.duration_kimg is None) == (self.total_steps is None):
             errors.append("give exactly one of duration_kimg and total_steps")
         if self.duration_kimg is not None and not self.duration_kimg > 0:
@@ -181,6 +179,11 @@ class TrainConfig:
             errors.append(f"log_every must be at least 1, got {self.log_every}")
         if errors:
             raise ValueError("TrainConfig: " + "; ".join(errors))
+
+    @property
+    def loss_name(self) -> str:
+        """The loss this config trains with: ``loss``, else the one of its ``precond``."""
+        return self.loss or self.precond
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of all fields."""
@@ -583,7 +586,7 @@ def _setup_model(config: TrainConfig, net: torch.nn.Module | None, device: torch
     """The network (built from ``config`` unless given) in train mode on ``device``, an EMA copy, the
     optimizer, the loss and the augmentation pipe of a complete ``config``."""
     augment_pipe = make_augment_pipe(config.augment_p, **config.augment_kwargs)
-    loss_fn = make_loss(config.loss or config.precond, **config.loss_kwargs)
+    loss_fn = make_loss(config.loss_name, **config.loss_kwargs)
     if net is None:
         net = _build_network(config, augment_pipe)
     for name in ("img_resolution", "img_channels"):

@@ -395,8 +395,11 @@ def train_restarts(
 
 
 def loss_name(train: Mapping[str, Any]) -> str:
-    """The denoising loss a training-config dict trains with: ``loss``, else its ``precond`` ('edm')."""
-    return str(train.get("loss") or train.get("precond", "edm"))
+    """The denoising loss a training-config dict trains with (:attr:`TrainConfig.loss_name`, with
+    TrainConfig's default precond where the dict gives none)."""
+    from ..training import TrainConfig
+
+    return str(train.get("loss") or train.get("precond", TrainConfig.precond))
 
 
 def lowest_loss(
