@@ -490,3 +490,6 @@ def test_loss_weight_share():
     assert (
         pt.loss_weight_share("vp", 0.01, draws=10_000) > pt.loss_weight_share("edm", 0.01, draws=10_000) > 0
     )
+    # A train config's loss_kwargs move the sigma distribution: EDM centred lower puts more weight below 0.01.
+    low = pt.loss_weight_share("edm", 0.01, draws=10_000, loss_kwargs={"P_mean": -4.0})
+    assert low > pt.loss_weight_share("edm", 0.01, draws=10_000)

@@ -227,7 +227,9 @@ def variant_table(
             {
                 "variant": label,
                 "loss": loss,
-                "loss weight at sigma < 0.01": loss_weight_share(loss, 0.01),
+                "loss weight at sigma < 0.01": loss_weight_share(
+                    loss, 0.01, loss_kwargs=cfg["train"].get("loss_kwargs")
+                ),
                 "lr": cfg["train"]["lr"],
                 "steps": cells.num_steps(cfg["train"]),
                 "init": cfg["init"],
@@ -414,12 +416,19 @@ def failure_causes(table: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def loss_weight_share(loss: str, below: float, draws: int = 1_000_000, seed: int = 0) -> float:
+def loss_weight_share(
+    loss: str,
+    below: float,
+    draws: int = 1_000_000,
+    seed: int = 0,
+    loss_kwargs: Mapping[str, Any] | None = None,
+) -> float:
     """Share of a denoising loss's total weight E[lambda(sigma)] that falls on sigma < ``below``, by Monte
-    Carlo over the loss's own sigma distribution (``draws`` draws from ``seed``)."""
+    Carlo over the loss's own sigma distribution (``loss_kwargs`` as in a train config; ``draws`` draws
+    from ``seed``)."""
     from ..losses import make_loss
 
-    fn = make_loss(loss)
+    fn = make_loss(loss, **dict(loss_kwargs or {}))
     sigma = fn.sample_sigma(int(draws), torch.Generator().manual_seed(int(seed)), "cpu").double()
     weight = fn.weight(sigma)
     return float((weight * (sigma < below)).sum() / weight.sum())
