@@ -257,14 +257,17 @@ def _fake_table(success: dict[float, list[bool]], n: int = 48, d: int = 2) -> pd
     return pd.DataFrame(rows)
 
 
+# success per trial by N_k / d: never below d, rarely at d, mostly at 2d, always at 4d
+_MIXED = {
+    0.5: [False] * 4,
+    1.0: [False, False, False, True],
+    2.0: [True, True, True, False],
+    4.0: [True] * 4,
+}
+
+
 def test_success_table_failure_causes_transitions_and_checks():
-    grid = {
-        0.5: [False] * 4,
-        1.0: [False, False, False, True],
-        2.0: [True, True, True, False],
-        4.0: [True] * 4,
-    }
-    t = pd.concat([_fake_table(grid, 48), _fake_table(grid, 192)], ignore_index=True)
+    t = pd.concat([_fake_table(_MIXED, 48), _fake_table(_MIXED, 192)], ignore_index=True)
     s = pt.success_table(t)
     assert (
         list(s[s.n == 48].rate) == [0.0, 0.25, 0.75, 1.0]
@@ -290,15 +293,9 @@ def test_generated_prose_follows_the_numbers():
     """The chapter's prose: numbers from the tables, and the words change when the numbers do."""
     from nbhelpers.experiments import phase_text
 
-    poor = {
-        0.5: [False] * 4,
-        1.0: [False, False, False, True],
-        2.0: [True, True, True, False],
-        4.0: [True] * 4,
-    }
     good = {0.5: [False] * 4, 1.0: [True] * 4, 2.0: [True] * 4, 4.0: [True] * 4}
     texts = {}
-    for name, grid in (("poor", poor), ("good", good)):
+    for name, grid in (("poor", _MIXED), ("good", good)):
         t = pd.concat([_fake_table(grid, 48), _fake_table(grid, 192)], ignore_index=True)
         trans = pt.lowrank_transitions(t, reps=20)
         texts[name] = phase_text.lowrank_text(t, trans, 0.1, 4, 500)
@@ -315,7 +312,7 @@ def test_generated_prose_follows_the_numbers():
     assert "Training longer moves the transition up, towards the paper" in texts["good paper"]
     assert phase_text._length_verdict(2.0, 2.0, 10, 20) == "Training shorter does not move the transition"
     assert phase_text._length_verdict(1.0, 2.0, 40, 20) == "Training longer moves the transition down"
-    t = pd.concat([_fake_table(poor, 48)], ignore_index=True)
+    t = pd.concat([_fake_table(_MIXED, 48)], ignore_index=True)
     causes, single = pt.failure_causes(t), pd.DataFrame({"ratio": [2.0, 4.0], "single_fit_rate": [0.3, 0.6]})
     text = phase_text.causes_text(causes, single, pd.Series([1.0, 1.0, 2.0, np.nan]), t, 4)
     assert "At N_k = d, 3 of the 3 failed trials" in text and "so restarts matter" in text
