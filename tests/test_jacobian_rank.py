@@ -82,6 +82,13 @@ def test_rank_configs_from_the_ci_profile():
     probe = configs[2]
     assert probe["label"].startswith(jr.PROBE_LABEL) and probe["train"]["total_steps"] == 10
     assert probe["train"]["loss_kwargs"]["P_std"] == 1.2 and probe["train"]["lr"] == configs[0]["train"]["lr"]
+    # the real panel's roles, whatever the order of its labels (at companion scale the probe sorts first)
+    real = [c["label"] for c in configs if c["panel"] == "real"]
+    roles = jr.real_roles(real[::-1] + real)
+    assert roles["probe"] == [probe["label"]] and roles["unet"] == [configs[0]["label"]]
+    assert roles["optimal"] == [
+        c["label"] for c in configs if c["model"] == "optimal" and c["panel"] == "real"
+    ]
     assert "image_probe" in params and not any(
         c["label"].startswith(jr.PROBE_LABEL) for c in jr.rank_configs({**params, "image_probe": {}})
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,7 @@ def rank_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "panel": "real",
                     "model": "optimal",
                     "data": spec,
-                    "label": f"D*, Fashion-MNIST {r}x{r}",
+                    "label": f"{OPTIMAL_LABEL}, Fashion-MNIST {r}x{r}",
                 }
             )
     mspec = cells.molrg_spec(
@@ -214,13 +214,31 @@ def rank_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
         configs.append(cfg)
     if params["optimal_reference"] and "unet" in params["molrg_models"]:
         configs.append(
-            {**base, "panel": "molrg", "model": "optimal", "label": "D* (MoLRG samples)", "data": mspec}
+            {
+                **base,
+                "panel": "molrg",
+                "model": "optimal",
+                "label": f"{OPTIMAL_LABEL} (MoLRG samples)",
+                "data": mspec,
+            }
         )
     # the longest trainings first (two workers: the MoLRG U-Net beside the image U-Nets); stable otherwise
     return sorted(configs, key=lambda c: -cells.num_steps(c["train"]) if c.get("model") == "unet" else 0)
 
 
 PROBE_LABEL = "U-Net probe"  # label prefix of the high-noise probe (real images)
+OPTIMAL_LABEL = "D*"  # label prefix of the empirical optimal denoiser (both panels)
+
+
+def real_roles(labels: Iterable[str]) -> dict[str, list[str]]:
+    """The real-image panel's labels by role, in order of first appearance: 'unet' (the EDM-recipe
+    U-Nets), 'probe' (the high-noise probes) and 'optimal' (D*)."""
+    labels = list(dict.fromkeys(labels))
+    return {
+        "unet": [lab for lab in labels if not lab.startswith((PROBE_LABEL, OPTIMAL_LABEL))],
+        "probe": [lab for lab in labels if lab.startswith(PROBE_LABEL)],
+        "optimal": [lab for lab in labels if lab.startswith(OPTIMAL_LABEL)],
+    }
 
 
 EDM_P_MEAN, EDM_P_STD = EDMLoss().P_mean, EDMLoss().P_std  # EDM's ln-sigma distribution (-1.2, 1.2)
@@ -635,7 +653,7 @@ def _identity_rows(summ: pd.DataFrame) -> list[dict[str, Any]]:
     for label in summ["label"].unique():
         r = summ[summ.label == label]
         top = r.loc[[r.snr.idxmax()]]
-        if label.startswith("D*"):
+        if label.startswith(OPTIMAL_LABEL):
             out.append(
                 check(
                     f"{label}: rank at SNR {float(top.snr.iloc[0]):.0f}",
@@ -706,7 +724,7 @@ def _real_minimum_rows(summ: pd.DataFrame) -> list[dict[str, Any]]:
     from ..results import check
 
     out = []
-    for label in summ[(summ.panel == "real") & ~summ.label.str.startswith("D*")]["label"].unique():
+    for label in summ[(summ.panel == "real") & ~summ.label.str.startswith(OPTIMAL_LABEL)]["label"].unique():
         r = summ[summ.label == label]
         low = r.loc[[r["mean"].idxmin()]]
         out.append(
@@ -780,9 +798,8 @@ def probe_text(summ: pd.DataFrame, exposure: pd.DataFrame, snr: float) -> str:
     (``summ``: :func:`rank_summary`; ``exposure``: :func:`probe_exposure`)."""
     real = summ[summ.panel == "real"]
     labels = list(real.label.unique())
-    probes = [lab for lab in labels if lab.startswith(PROBE_LABEL)]
-    mains = [lab for lab in labels if not lab.startswith((PROBE_LABEL, "D*"))]
-    opt = [lab for lab in labels if lab.startswith("D*")]
+    roles = real_roles(labels)
+    mains, probes, opt = roles["unet"], roles["probe"], roles["optimal"]
     if not probes or not mains:
         return ""
     curve = {lab: real[real.label == lab].sort_values("snr", ascending=False) for lab in labels}
@@ -850,7 +867,7 @@ def plot_rank(table: pd.DataFrame, profile: str, n: int, K: int, d: int):
                 t = s[s.label == label].sort_values("snr")
                 y, err = (t["mean"], t["std"]) if what == "ratio" else (t["rank"], t["rank_sd"])
                 wide = label == "closed-form"  # drawn wide and pale: the low-rank model lies on top of it
-                ls = ":" if label.startswith("D*") else "-"
+                ls = ":" if label.startswith(OPTIMAL_LABEL) else "-"
                 ax.errorbar(
                     t["snr"],
                     y.clip(lower=1e-3 if what == "ratio" else 0.1),
